@@ -1,0 +1,294 @@
+"""The research protocol's data: beneficial / malicious halves of three splits.
+
+``load_protocol(spec)`` returns, for one dataset, the beneficial and malicious
+halves of the *pre-training*, *fine-tuning* and *test* splits as host arrays
+(``uint8`` images, ``int32`` labels) ready to be put on the device once.
+
+Labels of each half are remapped to ``0..n-1`` by the position of the original
+class in the half's class list: with ``malicious_classes=(5, 6, 7, 8, 9)``,
+CIFAR-10 class 7 ("horse") becomes malicious label 2. The original class ids are
+kept in ``Subset.original_labels``.
+
+Data goes through TensorFlow Datasets (``tfds.data_source``: array_record, random
+access, no tf.data). TFDS/TensorFlow are imported lazily, inside the loading
+functions, so ``import trm_jax`` works on machines without them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+
+class DatasetInfo(NamedTuple):
+    """What the protocol needs to know about a dataset before loading it."""
+
+    tfds_name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    train_split: str
+    test_split: str
+    offline: bool  # True when it can be prepared with no network
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo("cifar10", (32, 32, 3), 10, "train", "test", False),
+    "mnist": DatasetInfo("mnist", (28, 28, 1), 10, "train", "test", False),
+    # TFDS omniglot: 105x105x3 images, `label` is the character (1,623 classes).
+    "omniglot": DatasetInfo("omniglot", (105, 105, 3), 1623, "train", "test", False),
+    "digits": DatasetInfo("sklearn_digits", (8, 8, 1), 10, "train", "test", True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolSpec:
+    """Which dataset, which classes are beneficial / malicious, and how to split.
+
+    Pre-training is ``train[:pretrain_size]``, fine-tuning is
+    ``train[pretrain_size : pretrain_size + finetune_size]`` (``None``: the rest),
+    test is the dataset's test split (``test_size=None``: all of it).
+    """
+
+    dataset: str = "cifar10"
+    beneficial_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
+    malicious_classes: tuple[int, ...] = (5, 6, 7, 8, 9)
+    pretrain_size: int = 40_000
+    finetune_size: int | None = None
+    test_size: int | None = None
+
+
+def preset(dataset: str) -> ProtocolSpec:
+    """The protocol's defaults for a dataset (CIFAR-10: the paper's 40k / 10k / 10k)."""
+    info = dataset_info(dataset)
+    half = info.num_classes // 2
+    ben, mal = tuple(range(half)), tuple(range(half, 2 * half))
+    sizes = {"cifar10": 40_000, "mnist": 50_000, "omniglot": 15_000, "digits": 800}
+    return ProtocolSpec(dataset, ben, mal, sizes[dataset])
+
+
+class Subset(NamedTuple):
+    """One half of one split.
+
+    Attributes:
+      images: ``uint8[N, H, W, C]``.
+      labels: ``int32[N]`` in ``0..len(classes)-1`` (position in ``classes``).
+      original_labels: ``int32[N]``, the dataset's class ids.
+      classes: the dataset class ids of this half, in label order.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    original_labels: np.ndarray
+    classes: tuple[int, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class Halves(NamedTuple):
+    beneficial: Subset
+    malicious: Subset
+
+
+class ProtocolData(NamedTuple):
+    """The six subsets: ``data.pretrain.beneficial``, ..., ``data.test.malicious``."""
+
+    pretrain: Halves
+    finetune: Halves
+    test: Halves
+    spec: ProtocolSpec
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.test.beneficial.images.shape[1:])
+
+    def sizes(self) -> dict[str, dict[str, int]]:
+        return {split: {half: len(getattr(getattr(self, split), half))
+                        for half in Halves._fields} for split in ("pretrain", "finetune", "test")}
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A dataset that is neither prepared locally nor downloadable here."""
+
+
+def dataset_info(dataset: str) -> DatasetInfo:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known datasets: {sorted(DATASETS)}")
+    return DATASETS[dataset]
+
+
+def validate_spec(spec: ProtocolSpec, train_size: int | None = None,
+                  test_size: int | None = None) -> None:
+    """Raises ``ValueError`` naming the bad value and what is allowed.
+
+    Checks class lists (non-empty, no duplicates, in range, disjoint) and, when
+    the split sizes are given, that the requested sizes fit in the data.
+    """
+    info = dataset_info(spec.dataset)
+    for name in ("beneficial_classes", "malicious_classes"):
+        classes = tuple(getattr(spec, name))
+        if not classes:
+            raise ValueError(f"{name} is empty; give at least one class id in 0..{info.num_classes - 1}")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"{name}={classes} lists a class twice")
+        bad = [c for c in classes if not 0 <= int(c) < info.num_classes]
+        if bad:
+            raise ValueError(f"{name} has class ids {bad} out of range for {spec.dataset!r}: "
+                             f"allowed 0..{info.num_classes - 1}")
+    overlap = sorted(set(spec.beneficial_classes) & set(spec.malicious_classes))
+    if overlap:
+        raise ValueError(f"beneficial_classes and malicious_classes overlap on {overlap}; "
+                         "they must be disjoint")
+    if spec.pretrain_size < 1:
+        raise ValueError(f"pretrain_size must be >= 1, got {spec.pretrain_size}")
+    for name in ("finetune_size", "test_size"):
+        value = getattr(spec, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 or None (all), got {value}")
+    if train_size is not None:
+        need = spec.pretrain_size + (spec.finetune_size or 1)
+        if need > train_size:
+            raise ValueError(
+                f"pretrain_size={spec.pretrain_size} + finetune_size={spec.finetune_size} needs "
+                f"{need} training examples, but {spec.dataset!r} has {train_size}; "
+                f"allowed: pretrain_size + finetune_size <= {train_size} (and >= 1 left to fine-tune)")
+    if test_size is not None and spec.test_size is not None and spec.test_size > test_size:
+        raise ValueError(f"test_size={spec.test_size} exceeds the {test_size} test examples of "
+                         f"{spec.dataset!r}")
+
+
+def split_by_class(images: np.ndarray, labels: np.ndarray,
+                   classes: Sequence[int]) -> Subset:
+    """Keeps the examples of ``classes`` and remaps their labels to positions in it."""
+    classes = tuple(int(c) for c in classes)
+    lookup = np.full(max(max(classes), int(labels.max(initial=0))) + 1, -1, np.int32)
+    lookup[list(classes)] = np.arange(len(classes), dtype=np.int32)
+    keep = np.isin(labels, classes)
+    original = labels[keep].astype(np.int32)
+    return Subset(np.ascontiguousarray(images[keep]), lookup[original], original, classes)
+
+
+def protocol_from_arrays(spec: ProtocolSpec, train: tuple[np.ndarray, np.ndarray],
+                         test: tuple[np.ndarray, np.ndarray]) -> ProtocolData:
+    """Cuts in-memory ``(images, labels)`` train/test arrays by the protocol."""
+    validate_spec(spec, len(train[1]), len(test[1]))
+    start, end = spec.pretrain_size, (None if spec.finetune_size is None
+                                      else spec.pretrain_size + spec.finetune_size)
+    parts = {"pretrain": (train[0][:start], train[1][:start]),
+             "finetune": (train[0][start:end], train[1][start:end]),
+             "test": (test[0][:spec.test_size], test[1][:spec.test_size])}
+    out = {}
+    for split, (images, labels) in parts.items():
+        halves = Halves(split_by_class(images, labels, spec.beneficial_classes),
+                        split_by_class(images, labels, spec.malicious_classes))
+        for half, subset in zip(Halves._fields, halves):
+            if len(subset) == 0:
+                raise ValueError(
+                    f"the {half} half of the {split} split is empty (classes {subset.classes} "
+                    f"have no examples in it); choose other classes or larger splits")
+        out[split] = halves
+    return ProtocolData(spec=spec, **out)
+
+
+def load_protocol(spec: ProtocolSpec, data_dir: str | None = None,
+                  download: bool = True) -> ProtocolData:
+    """Loads a dataset through TFDS and cuts it by the protocol.
+
+    Args:
+      spec: the protocol (see :func:`preset` for per-dataset defaults).
+      data_dir: TFDS data dir; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+      download: let TFDS download a dataset that is not prepared yet (``digits``
+        is always built locally, from scikit-learn).
+
+    Returns:
+      ``ProtocolData`` with six non-empty subsets.
+
+    Raises:
+      ValueError: bad classes or split sizes (before any loading where possible).
+      DatasetUnavailableError: the dataset is not prepared and cannot be downloaded.
+    """
+    validate_spec(spec)
+    info = dataset_info(spec.dataset)
+    train = load_split(spec.dataset, info.train_split, data_dir, download)
+    test = load_split(spec.dataset, info.test_split, data_dir, download)
+    return protocol_from_arrays(spec, train, test)
+
+
+def load_split(dataset: str, split: str, data_dir: str | None = None,
+               download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One TFDS split as ``(uint8[N, H, W, C], int32[N])`` host arrays."""
+    info = dataset_info(dataset)
+    source = _data_source(dataset, split, data_dir, download)
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"split {split!r} of {dataset!r} is empty")
+    images = np.empty((n, *info.image_shape), np.uint8)
+    labels = np.empty((n,), np.int32)
+    chunk = 4096
+    for start in range(0, n, chunk):  # batched random access, no tf.data
+        rows = _read_rows(source, range(start, min(n, start + chunk)))
+        for i, row in enumerate(rows, start):
+            image = np.asarray(row["image"])
+            images[i] = image.reshape(info.image_shape) if image.size == images[i].size else image
+            labels[i] = int(row["label"])
+    return images, labels
+
+
+def _read_rows(source: Any, keys: range) -> Sequence[Any]:
+    try:
+        return source.__getitems__(list(keys))
+    except TypeError:  # TFDS's mock data source has no working batched read
+        return [source[i] for i in keys]
+
+
+def default_data_dir() -> str:
+    return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def prepare_digits(data_dir: str | None = None) -> Any:
+    """Prepares the offline digits dataset (array_record) and returns its builder (~10 s once)."""
+    from trm_jax.data.digits import SklearnDigits
+
+    builder = SklearnDigits(data_dir=data_dir or default_data_dir(), file_format="array_record")
+    builder.download_and_prepare()
+    return builder
+
+
+def _data_source(dataset: str, split: str, data_dir: str | None, download: bool) -> Any:
+    import tensorflow_datasets as tfds
+
+    info = dataset_info(dataset)
+    data_dir = data_dir or default_data_dir()
+    if dataset == "digits":
+        from trm_jax.data.digits import SklearnDigits  # registers the builder with TFDS
+
+        if not _is_mocked(tfds):
+            prepare_digits(data_dir)
+    try:
+        # array_record: the random-access format data_source reads without tf.data.
+        return tfds.data_source(info.tfds_name, split=split, data_dir=data_dir,
+                                download=download or info.offline,
+                                builder_kwargs={"file_format": "array_record"})
+    except Exception as err:  # TFDS raises many types when offline; all mean "not available"
+        if info.offline:
+            raise
+        raise DatasetUnavailableError(
+            f"could not load {dataset!r} (TFDS {info.tfds_name!r}, split {split!r}) from "
+            f"data_dir={data_dir!r}: {type(err).__name__}: {err}\n"
+            f"This machine may be offline. To prepare it manually, on a machine with internet run\n"
+            f"  python -c \"import tensorflow_datasets as tfds; tfds.data_source('{info.tfds_name}', "
+            f"data_dir='{data_dir}')\"\n"
+            f"and copy {data_dir}/{info.tfds_name} here (or set TFDS_DATA_DIR / --data-dir; see "
+            f"https://www.tensorflow.org/datasets/overview for manual downloads). "
+            f"The 'digits' dataset works offline.") from err
+
+
+def _is_mocked(tfds: Any) -> bool:
+    # Inside tfds.testing.mock_data, data_source is patched: nothing to prepare.
+    return type(tfds.data_source).__module__.startswith("unittest.mock")

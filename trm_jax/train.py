@@ -1,0 +1,384 @@
+"""The one supervised training engine: teacher, reference, head-only, repair.
+
+Written for ONE seed, lifted over seeds with ``jax.vmap``:
+
+* :func:`train_step` — one optax step on one batch (pure).
+* :func:`train_epoch` — one epoch as a ``lax.scan`` over shuffled batches, with
+  the data resident on the device (``strategy="scan"``).
+* :func:`fit` — the Python loop over epochs: progress bar, per-epoch metrics,
+  evaluation, NaN/Inf check. It trains a *stack* of seeds (leading axis) in one
+  compiled program per epoch (``"scan"``) or per step (``"step"``).
+
+Execution strategy is an option because the fastest choice differs by backend:
+on GPU the epoch-as-scan removes per-step dispatch, while on XLA:CPU conv
+gradients inside ``lax.scan`` run slower than the same step jitted alone
+(see BENCHMARKS.md). ``"auto"`` picks ``"scan"`` on GPU/TPU and ``"step"`` on CPU.
+Both give the same numbers (tested).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Params = Any
+Batch = Any  # a pytree of arrays with a common leading batch axis
+LossFn = Callable[[Params, Batch], tuple[jax.Array, Mapping[str, jax.Array]]]
+STRATEGIES = ("auto", "scan", "step")
+OPTIMIZERS = ("adam", "sgd", "momentum")
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training, for one seed (or a stack of seeds)."""
+
+    params: Params
+    opt_state: optax.OptState
+    key: jax.Array  # consumed once per epoch for the shuffle
+    step: jax.Array  # int32 number of optimizer steps taken
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced NaN/Inf; ``state`` holds the last good (finite) state."""
+
+    def __init__(self, message: str, state: TrainState, epoch: int):
+        super().__init__(message)
+        self.state = state
+        self.epoch = epoch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Supervised training settings (hashable, so usable as a static argument).
+
+    Attributes:
+      epochs: passes over the data.
+      batch_size: examples per step; the last partial batch of an epoch is dropped.
+      learning_rate: optimizer step size (> 0).
+      optimizer: ``"adam"`` (b1, b2=0.999), ``"sgd"`` or ``"momentum"`` (SGD with momentum).
+      b1: Adam's first-moment decay.
+      momentum: for ``"momentum"``.
+      trainable: ``"all"`` or path prefixes such as ``("head",)`` or
+        ``("head", "features/fc2")``; everything else stays bitwise frozen.
+      strategy: ``"scan"``, ``"step"`` or ``"auto"`` (see module docstring).
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    b1: float = 0.9
+    momentum: float = 0.9
+    trainable: str | tuple[str, ...] = "all"
+    strategy: str = "auto"
+
+    def __post_init__(self):
+        validate_config(self)
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Raises ``ValueError`` naming the bad value and what is allowed."""
+    if config.epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {config.epochs}")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    if not config.learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; allowed: {OPTIMIZERS}")
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {config.strategy!r}; allowed: {STRATEGIES}")
+
+
+def make_optimizer(name: str, learning_rate: float, *, b1: float = 0.9,
+                   momentum: float = 0.9) -> optax.GradientTransformation:
+    """``"adam"`` | ``"sgd"`` | ``"momentum"`` as an optax transformation."""
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    if name == "adam":
+        return optax.adam(learning_rate, b1=b1)
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: {OPTIMIZERS}")
+
+
+def trainable_mask(params: Params, trainable: str | Sequence[str]) -> Params:
+    """A pytree of Python bools: True where a leaf's path starts with a prefix.
+
+    ``trainable="all"`` marks everything; ``("head", "features/fc2")`` marks the
+    head and the penultimate layer. A prefix that matches nothing is an error
+    (a typo would otherwise silently freeze the whole model).
+    """
+    if trainable == "all":
+        return jax.tree.map(lambda _: True, params)
+    prefixes = (trainable,) if isinstance(trainable, str) else tuple(trainable)
+    paths = ["/".join(_key_name(k) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for prefix in prefixes:
+        if not any(p == prefix or p.startswith(prefix + "/") for p in paths):
+            raise ValueError(f"trainable prefix {prefix!r} matches no parameter; "
+                             f"parameter paths: {sorted(paths)}")
+    flags = [any(p == q or p.startswith(q + "/") for q in prefixes) for p in paths]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), flags)
+
+
+def masked_optimizer(optimizer: optax.GradientTransformation,
+                     mask: Params) -> optax.GradientTransformation:
+    """Applies ``optimizer`` to the leaves where ``mask`` is True, zero updates elsewhere.
+
+    Frozen leaves carry no optimizer state (``optax.set_to_zero``).
+    """
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+
+
+def classification_loss(apply_fn: Callable[[Params, jax.Array], jax.Array]) -> LossFn:
+    """Softmax cross-entropy over ``batch = (images[B, ...], labels int32[B])``.
+
+    Returns ``loss_fn(params, batch) -> (mean loss, {"loss", "accuracy"})``.
+    """
+    def loss_fn(params: Params, batch: Batch):
+        images, labels = batch
+        logits = apply_fn(params, images)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return loss, {"loss": loss, "accuracy": accuracy}
+    return loss_fn
+
+
+def init_state(key: chex.PRNGKey, params: Params,
+               optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh ``TrainState`` for one seed; ``jax.vmap`` it over keys and params."""
+    return TrainState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32))
+
+
+def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
+               optimizer: optax.GradientTransformation,
+               mask: Params | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on one batch. Leaves with ``mask`` False keep their exact bits."""
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if mask is not None:  # x + 0.0 may flip -0.0: select the old leaf instead
+        params = jax.tree.map(lambda m, new, old: new if m else old, mask, params, state.params)
+    return state._replace(params=params, opt_state=opt_state, step=state.step + 1), dict(metrics)
+
+
+def epoch_batches(key: chex.PRNGKey, num_examples: int, batch_size: int) -> jax.Array:
+    """``int32[num_batches, batch_size]`` shuffled indices; the remainder is dropped."""
+    num_batches = num_examples // batch_size
+    if num_batches < 1:
+        raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} examples; "
+                         f"allowed: 1..{num_examples}")
+    perm = jax.random.permutation(key, num_examples)
+    return perm[: num_batches * batch_size].reshape(num_batches, batch_size)
+
+
+def _gather(data: Batch, idx: jax.Array) -> Batch:
+    return jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
+
+
+def train_epoch(state: TrainState, data: Batch, *, loss_fn: LossFn,
+                optimizer: optax.GradientTransformation, batch_size: int,
+                mask: Params | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One shuffled epoch over ``data`` (resident pytree, leading axis N) as one ``lax.scan``.
+
+    Returns the new state and the epoch's mean of every per-step metric.
+    """
+    key, shuffle_key = jax.random.split(state.key)
+    batches = epoch_batches(shuffle_key, _num_examples(data), batch_size)
+
+    def body(state, idx):
+        return train_step(state, _gather(data, idx), loss_fn=loss_fn, optimizer=optimizer, mask=mask)
+
+    state, metrics = jax.lax.scan(body, state._replace(key=key), batches)
+    return state, jax.tree.map(jnp.mean, metrics)
+
+
+def evaluate(apply_fn: Callable[[Params, jax.Array], jax.Array], params: Params,
+             images: jax.Array, labels: jax.Array, batch_size: int = 1024) -> dict[str, jax.Array]:
+    """Accuracy and mean cross-entropy over a whole set, in fixed-size chunks.
+
+    Args:
+      images: ``[N, H, W, C]``; labels: ``int32[N]``. N need not divide ``batch_size``.
+    """
+    n = labels.shape[0]
+    batch_size = min(batch_size, n)
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+    padded = _gather((images, labels), jnp.concatenate(
+        [jnp.arange(n), jnp.zeros((pad,), jnp.int32)]).reshape(num_batches, batch_size))
+    valid = (jnp.arange(num_batches * batch_size) < n).reshape(num_batches, batch_size)
+
+    def chunk(args):
+        (x, y), v = args
+        logits = apply_fn(params, x)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum((jnp.argmax(logits, -1) == y) * v), jnp.sum(ce * v)
+
+    correct, ce = jax.lax.map(chunk, (padded, valid))
+    return {"accuracy": correct.sum() / n, "loss": ce.sum() / n}
+
+
+def resolve_strategy(strategy: str) -> str:
+    """``"auto"`` -> ``"scan"`` on GPU/TPU, ``"step"`` on CPU (measured; BENCHMARKS.md)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; allowed: {STRATEGIES}")
+    if strategy != "auto":
+        return strategy
+    return "step" if jax.default_backend() == "cpu" else "scan"
+
+
+def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
+        optimizer: optax.GradientTransformation, epochs: int, batch_size: int,
+        mask: Params | None = None, strategy: str = "auto", start_epoch: int = 0,
+        eval_fn: Callable[[Params], Mapping[str, jax.Array]] | None = None,
+        on_epoch: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
+        progress: bool | str = True) -> tuple[TrainState, list[dict[str, np.ndarray]]]:
+    """Trains a stack of seeds for ``epochs - start_epoch`` epochs.
+
+    Args:
+      state: a ``TrainState`` whose leaves have a leading seed axis ``S``
+        (``jax.vmap(init_state)(keys, params)``).
+      data: pytree of arrays with leading axis ``N``, shared by all seeds; put it
+        on the device once (``jax.device_put``) before calling.
+      eval_fn: ``params -> metrics`` for ONE seed (vmapped here), run after every epoch.
+      on_epoch: called as ``on_epoch(epoch, state, metrics)`` after every epoch
+        (logging, checkpoints); ``epoch`` counts from 1.
+      start_epoch: epochs already done (for resuming).
+      progress: show a tqdm bar (a string sets its description).
+
+    Returns:
+      The final state and one metrics dict per epoch (numpy arrays of shape ``[S]``).
+
+    Raises:
+      NonFiniteError: a loss became NaN/Inf; ``err.state`` is the last finite state.
+    """
+    chex.assert_tree_has_only_ndarrays(data)
+    n = _num_examples(data)
+    num_seeds = int(jax.tree_util.tree_leaves(state.key)[0].shape[0])
+    epoch_batches(jax.random.key(0), n, batch_size)  # validate sizes before compiling
+    step_fn = _compiled_step(loss_fn, optimizer, mask)
+    epoch_fn = _compiled_epoch(loss_fn, optimizer, batch_size, mask)
+    strategy = resolve_strategy(strategy)
+    evaluate_all = jax.jit(jax.vmap(eval_fn)) if eval_fn is not None else None
+
+    history = []
+    epochs_iter = range(start_epoch + 1, epochs + 1)
+    bar = _progress(epochs_iter, progress)
+    for epoch in bar:
+        if strategy == "scan":
+            new_state, metrics = epoch_fn(state, data)
+        else:
+            new_state, metrics = _epoch_by_steps(step_fn, state, data, batch_size, num_seeds)
+        metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        if evaluate_all is not None:
+            metrics.update({f"eval_{k}": np.asarray(v)
+                            for k, v in evaluate_all(new_state.params).items()})
+        bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+        if bad:
+            seeds = sorted({int(i) for k in bad for i in np.flatnonzero(~np.isfinite(metrics[k]))})
+            raise NonFiniteError(
+                f"non-finite {bad} at epoch {epoch} (seed indices {seeds}); training stopped, "
+                f"the state after epoch {epoch - 1} is kept in err.state", state, epoch - 1)
+        state = new_state
+        history.append(metrics)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix({k: f"{float(np.mean(v)):.4f}" for k, v in metrics.items()})
+        if on_epoch is not None:
+            on_epoch(epoch, state, metrics)
+    return state, history
+
+
+def _compiled_epoch(loss_fn, optimizer, batch_size, mask):
+    def one_seed(state, data):
+        return train_epoch(state, data, loss_fn=loss_fn, optimizer=optimizer,
+                           batch_size=batch_size, mask=mask)
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, None)))
+
+
+def _compiled_step(loss_fn, optimizer, mask):
+    def one_seed(state, data, idx):
+        return train_step(state, _gather(data, idx), loss_fn=loss_fn, optimizer=optimizer, mask=mask)
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, None, 0)))
+
+
+def _epoch_by_steps(step_fn, state, data, batch_size, num_seeds):
+    """The same epoch as :func:`train_epoch`, one jitted call per step (fast on CPU)."""
+    n = _num_examples(data)
+    keys = jax.vmap(jax.random.split)(state.key)
+    batches = _seed_batches(keys[:, 1], n, batch_size)  # [S, num_batches, B]
+    state = state._replace(key=keys[:, 0])
+    per_step = []
+    for i in range(batches.shape[1]):
+        state, metrics = step_fn(state, data, batches[:, i])
+        per_step.append(metrics)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs, 1), *per_step)
+    return state, jax.tree.map(lambda a: a.mean(1), stacked)
+
+
+_seed_batches = jax.jit(jax.vmap(epoch_batches, in_axes=(0, None, None)), static_argnums=(1, 2))
+
+
+def _num_examples(data: Batch) -> int:
+    sizes = {int(a.shape[0]) for a in jax.tree_util.tree_leaves(data)}
+    if len(sizes) != 1:
+        raise ValueError(f"all data arrays must share their leading (example) axis, got sizes {sizes}")
+    return sizes.pop()
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _progress(iterable, progress):
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=progress if isinstance(progress, str) else "train",
+                leave=False, dynamic_ncols=True)
+
+
+def fit_classifier(keys: jax.Array, params: Params, apply_fn: Callable[[Params, jax.Array], jax.Array],
+                   images: jax.Array, labels: jax.Array, config: TrainConfig, *,
+                   eval_data: tuple[jax.Array, jax.Array] | None = None,
+                   state: TrainState | None = None, start_epoch: int = 0,
+                   on_epoch: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
+                   progress: bool | str = True) -> tuple[TrainState, list[dict[str, np.ndarray]]]:
+    """Supervised cross-entropy training of a stack of seeds: the common case of :func:`fit`.
+
+    Used for the unprotected reference, the SKD teacher and head, and UNSIR's
+    original and repair stages.
+
+    Args:
+      keys: ``[S]`` PRNG keys (one per seed; they drive the shuffles).
+      params: ``[S, ...]`` initial params (e.g. ``jax.vmap(model.init)(keys)``).
+      images, labels: ``[N, H, W, C]``, ``int32[N]`` training data (device-resident).
+      config: a :class:`TrainConfig` (``trainable`` masks what may change).
+      eval_data: optional ``(images, labels)`` evaluated after every epoch
+        (``eval_accuracy`` / ``eval_loss`` in the metrics).
+      state: resume from this state instead of initialising one.
+    """
+    mask = trainable_mask(jax.tree.map(lambda x: x[0], params), config.trainable)
+    base = make_optimizer(config.optimizer, config.learning_rate, b1=config.b1,
+                          momentum=config.momentum)
+    optimizer = base if config.trainable == "all" else masked_optimizer(base, mask)
+    if state is None:
+        state = jax.vmap(init_state, in_axes=(0, 0, None))(keys, params, optimizer)
+    eval_fn = None
+    if eval_data is not None:
+        eval_images, eval_labels = eval_data
+        eval_fn = lambda p: evaluate(apply_fn, p, eval_images, eval_labels)
+    return fit(state, (images, labels), loss_fn=classification_loss(apply_fn),
+               optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
+               mask=None if config.trainable == "all" else mask, strategy=config.strategy,
+               start_epoch=start_epoch, eval_fn=eval_fn, on_epoch=on_epoch, progress=progress)
