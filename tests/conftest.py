@@ -1,0 +1,30 @@
+"""Shared fixtures: the offline digits protocol, prepared once per test session."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax
+import pytest
+
+# Catch silent broadcasting bugs (equinox does the same in its test-suite).
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory) -> str:
+    """A TFDS data dir with the scikit-learn digits prepared in it (~5 s, once)."""
+    from trm_jax import data
+
+    path = str(tmp_path_factory.mktemp("tfds"))
+    data.prepare_digits(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_protocol(digits_data_dir):
+    """The digits protocol with its preset (pretrain 800 / finetune 497 / test 500)."""
+    from trm_jax import data
+
+    return data.load_protocol(data.preset("digits"), data_dir=digits_data_dir)

@@ -1,0 +1,106 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trm_jax import data
+
+
+def test_digits_protocol_has_six_nonempty_subsets_with_disjoint_classes(digits_protocol):
+    p = digits_protocol
+    for split in (p.pretrain, p.finetune, p.test):
+        ben, mal = split.beneficial, split.malicious
+        assert len(ben) > 0 and len(mal) > 0
+        assert set(ben.original_labels) <= {0, 1, 2, 3, 4}
+        assert set(mal.original_labels) <= {5, 6, 7, 8, 9}
+        assert ben.images.dtype == np.uint8 and ben.labels.dtype == np.int32
+        assert ben.images.shape[1:] == (8, 8, 1)
+        assert set(np.unique(ben.labels)) == set(range(5)) == set(np.unique(mal.labels))
+    sizes = p.sizes()
+    assert sum(sizes["pretrain"].values()) == 800
+    assert sum(sizes["finetune"].values()) == 497
+    assert sum(sizes["test"].values()) == 500  # 50 per class, stratified
+
+
+def test_labels_are_positions_in_the_class_list():
+    images = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1)
+    labels = np.array([7, 2, 9, 2, 5, 7])
+    subset = data.split_by_class(images, labels, (9, 7))
+    np.testing.assert_array_equal(subset.labels, [1, 0, 1])  # 9 -> 0, 7 -> 1
+    np.testing.assert_array_equal(subset.original_labels, [7, 9, 7])
+    np.testing.assert_array_equal(subset.images.ravel(), [0, 2, 5])
+
+
+def test_digits_split_is_fixed_and_stratified():
+    from trm_jax.data.digits import digits_split
+
+    a, b = digits_split(), digits_split()
+    np.testing.assert_array_equal(a["train"][1], b["train"][1])
+    assert len(a["train"][1]) == 1297 and len(a["test"][1]) == 500
+    assert np.all(np.bincount(a["test"][1]) == 50)
+    assert a["train"][0].max() == 255 and a["train"][0].min() == 0
+
+
+@pytest.mark.parametrize("spec, message", [
+    (data.ProtocolSpec("imagenet"), r"unknown dataset 'imagenet'; known datasets: \['cifar10', 'digits', 'mnist', 'omniglot'\]"),
+    (data.ProtocolSpec("digits", (0, 1, 2), (2, 3)), r"overlap on \[2\]"),
+    (data.ProtocolSpec("digits", (0, 1), (5, 12)), r"\[12\] out of range .* allowed 0..9"),
+    (data.ProtocolSpec("digits", (), (5,)), "beneficial_classes is empty"),
+    (data.ProtocolSpec("digits", (0, 0), (5,)), "lists a class twice"),
+    (data.ProtocolSpec("digits", pretrain_size=0), "pretrain_size must be >= 1"),
+])
+def test_bad_specs_name_the_value_and_what_is_allowed(spec, message):
+    with pytest.raises(ValueError, match=message):
+        data.validate_spec(spec)
+
+
+def test_split_sizes_beyond_the_data_are_rejected(digits_data_dir):
+    spec = data.ProtocolSpec("digits", pretrain_size=1200, finetune_size=500)
+    with pytest.raises(ValueError, match=r"needs 1700 training examples, but 'digits' has 1297"):
+        data.load_protocol(spec, data_dir=digits_data_dir)
+    with pytest.raises(ValueError, match="test_size=900 exceeds the 500"):
+        data.load_protocol(data.ProtocolSpec("digits", pretrain_size=800, test_size=900),
+                           data_dir=digits_data_dir)
+
+
+def test_empty_subset_is_rejected():
+    images = np.zeros((6, 2, 2, 1), np.uint8) + 3
+    train = (images, np.array([0, 0, 0, 1, 1, 1]))
+    test = (images, np.array([0, 1, 0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="malicious half of the pretrain split is empty"):
+        data.protocol_from_arrays(data.ProtocolSpec("digits", (0,), (1,), pretrain_size=3), train, test)
+
+
+def test_cifar10_loads_through_tfds_with_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=200):
+        p = data.load_protocol(data.ProtocolSpec("cifar10", pretrain_size=120), data_dir=str(tmp_path))
+    assert p.image_shape == (32, 32, 3)
+    assert sum(p.sizes()["pretrain"].values()) == 120
+    assert sum(p.sizes()["finetune"].values()) == 80
+    assert set(p.pretrain.malicious.original_labels) <= set(range(5, 10))
+
+
+@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("omniglot", (105, 105, 3))])
+def test_other_tfds_datasets_load_with_mock_data(tmp_path, name, shape):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=30):
+        images, labels = data.load_split(name, "train", data_dir=str(tmp_path))
+    assert images.shape == (30, *shape) and images.dtype == np.uint8
+    assert labels.dtype == np.int32 and labels.max() < data.DATASETS[name].num_classes
+
+
+def test_unprepared_dataset_offline_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(data.DatasetUnavailableError) as err:
+        data.load_protocol(data.preset("mnist"), data_dir=str(tmp_path), download=False)
+    message = str(err.value)
+    assert "'mnist'" in message and "tfds.data_source('mnist'" in message
+    assert "'digits' dataset works offline" in message
+
+
+def test_import_does_not_load_tensorflow():
+    code = ("import sys, trm_jax, trm_jax.data, experiments.common, experiments.train_reference; "
+            "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

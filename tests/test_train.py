@@ -1,0 +1,132 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from trm_jax import models, train
+
+
+def tiny_problem(n=96, seed=0):
+    """A small learnable 3-class problem on 8x8x1 uint8 images (random, never zeros)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n).astype(np.int32)
+    images = rng.integers(0, 256, (n, 8, 8, 1)).astype(np.uint8)
+    images[:, :, :, 0] = np.clip(images[:, :, :, 0] // 4 + 60 * labels[:, None, None], 1, 255)
+    return jnp.asarray(images), jnp.asarray(labels)
+
+
+MODEL = models.lenet(3, (8, 8, 1), padding="SAME")
+LOSS = train.classification_loss(MODEL.apply)
+
+
+def stacked_state(seeds, optimizer):
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    params = jax.vmap(MODEL.init)(keys)
+    return jax.vmap(train.init_state, in_axes=(0, 0, None))(keys, params, optimizer)
+
+
+def run(state, optimizer, epochs=3, strategy="scan", **kw):
+    return train.fit(state, tiny_problem(), loss_fn=LOSS, optimizer=optimizer, epochs=epochs,
+                     batch_size=16, strategy=strategy, progress=False, **kw)
+
+
+def test_vmapped_seeds_equal_separate_runs():
+    opt = optax.adam(1e-2)
+    together, _ = run(stacked_state([0, 1, 2], opt), opt)
+    for i, seed in enumerate([0, 1, 2]):
+        alone, _ = run(stacked_state([seed], opt), opt)
+        # Batched convs sum in another order: Adam lets float32 rounding drift slightly.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b[0], rtol=1e-3, atol=3e-4),
+                     together.params, alone.params)
+
+
+def test_scan_and_step_strategies_agree_and_learn():
+    opt = optax.adam(1e-2)
+    scanned, hist_scan = run(stacked_state([0, 1], opt), opt, epochs=4, strategy="scan")
+    stepped, hist_step = run(stacked_state([0, 1], opt), opt, epochs=4, strategy="step")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=3e-4),
+                 scanned.params, stepped.params)
+    assert np.all(hist_scan[-1]["loss"] < hist_scan[0]["loss"])
+    np.testing.assert_allclose(hist_scan[-1]["loss"], hist_step[-1]["loss"], rtol=1e-3)
+    assert int(scanned.step[0]) == 4 * (96 // 16)
+
+
+@pytest.mark.parametrize("strategy", ["scan", "step"])
+def test_head_only_training_leaves_features_bitwise_unchanged(strategy):
+    params0 = jax.vmap(MODEL.init)(jax.vmap(jax.random.key)(jnp.arange(2)))
+    config = train.TrainConfig(epochs=2, batch_size=16, learning_rate=0.05,
+                               trainable=("head",), strategy=strategy)
+    state, _ = train.fit_classifier(jax.vmap(jax.random.key)(jnp.arange(2)), params0, MODEL.apply,
+                                    *tiny_problem(), config, progress=False)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+                 state.params["features"], params0["features"])
+    assert not np.allclose(state.params["head"]["dense"]["kernel"], params0["head"]["dense"]["kernel"])
+
+
+def test_trainable_mask_prefixes():
+    params = MODEL.init(jax.random.key(0))
+    mask = train.trainable_mask(params, ("head", "features/fc2"))
+    assert mask["head"]["dense"]["kernel"] and mask["features"]["fc2"]["bias"]
+    assert not mask["features"]["fc1"]["kernel"]
+    with pytest.raises(ValueError, match="'features/fc9' matches no parameter"):
+        train.trainable_mask(params, ("features/fc9",))
+
+
+def test_nan_stops_training_naming_the_epoch_and_keeps_last_good_state():
+    opt = optax.sgd(1e-2)
+    state = stacked_state([0, 1], opt)
+    images, labels = tiny_problem()
+
+    calls = {"n": 0}
+
+    def on_epoch(epoch, state, metrics):
+        calls["n"] = epoch
+
+    good, _ = train.fit(state, (images, labels), loss_fn=LOSS, optimizer=opt, epochs=2,
+                        batch_size=16, strategy="scan", progress=False)
+    bad_images = images.astype(jnp.float32).at[0].set(jnp.nan)  # poisons epoch 3
+    with pytest.raises(train.NonFiniteError, match=r"at epoch 3 .*state after epoch 2") as err:
+        train.fit(good, (bad_images, labels), loss_fn=LOSS, optimizer=opt, epochs=5,
+                  batch_size=96, start_epoch=2, strategy="scan", on_epoch=on_epoch, progress=False)
+    assert err.value.epoch == 2 and calls["n"] == 0
+    jax.tree.map(np.testing.assert_array_equal, err.value.state.params, good.params)
+
+
+def test_evaluate_handles_sizes_that_do_not_divide_the_chunk():
+    images, labels = tiny_problem(n=50)
+    params = MODEL.init(jax.random.key(0))
+    logits = MODEL.apply(params, images)
+    expected = float(jnp.mean(jnp.argmax(logits, -1) == labels))
+    got = train.evaluate(MODEL.apply, params, images, labels, batch_size=16)
+    np.testing.assert_allclose(float(got["accuracy"]), expected, rtol=1e-6)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    np.testing.assert_allclose(float(got["loss"]), float(ce), rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(learning_rate=0.0), "learning_rate must be > 0, got 0.0"),
+    (dict(learning_rate=-1e-3), "learning_rate must be > 0"),
+    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(optimizer="adamw2"), r"unknown optimizer 'adamw2'; allowed: \('adam', 'sgd', 'momentum'\)"),
+    (dict(strategy="fast"), "unknown strategy 'fast'"),
+    (dict(epochs=-1), "epochs must be >= 0"),
+])
+def test_bad_train_config_is_rejected(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(train.TrainConfig(), **change)
+
+
+def test_batch_larger_than_data_is_rejected_before_compiling():
+    opt = optax.adam(1e-3)
+    with pytest.raises(ValueError, match="batch_size=500 exceeds the 96 examples"):
+        train.fit(stacked_state([0], opt), tiny_problem(), loss_fn=LOSS, optimizer=opt, epochs=1,
+                  batch_size=500, progress=False)
+
+
+def test_auto_strategy_is_per_backend():
+    expected = "step" if jax.default_backend() == "cpu" else "scan"
+    assert train.resolve_strategy("auto") == expected
+    assert train.resolve_strategy("scan") == "scan"
