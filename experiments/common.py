@@ -74,10 +74,15 @@ def add_common_args(parser: argparse.ArgumentParser, default_dataset: str = "cif
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def add_train_args(parser: argparse.ArgumentParser, prefix: str = "", what: str = "training") -> None:
-    """``--{prefix}epochs`` etc. for one supervised phase (defaults per dataset)."""
+def add_train_args(parser: argparse.ArgumentParser, prefix: str = "", what: str = "training",
+                   epochs_type: Callable[[str], Any] = int) -> None:
+    """``--{prefix}epochs`` etc. for one supervised phase (defaults per dataset).
+
+    ``epochs_type=int_list`` lets ``--{prefix}epochs`` take a list (an ablation);
+    pass the chosen value to :func:`train_config` as ``epochs=``.
+    """
     g = parser.add_argument_group(what)
-    g.add_argument(f"--{prefix}epochs", type=int, default=None)
+    g.add_argument(f"--{prefix}epochs", type=epochs_type, default=None)
     g.add_argument(f"--{prefix}batch-size", type=positive_int, default=None)
     g.add_argument(f"--{prefix}lr", type=float, default=None)
     g.add_argument(f"--{prefix}optimizer", default="adam", choices=train.OPTIMIZERS)
@@ -96,6 +101,43 @@ def train_config(args: argparse.Namespace, prefix: str = "", **overrides: Any) -
         optimizer=get("optimizer"), strategy=get("strategy"))
     values.update(overrides)
     return train.TrainConfig(**values)
+
+
+def add_attack_args(parser: argparse.ArgumentParser) -> None:
+    """``--attacks`` etc.: the fine-tuning evaluation run at the end of an experiment."""
+    a = parser.add_argument_group("attack (trm_jax.attack; defaults: the evaluator's)")
+    a.add_argument("--attacks", default="linear_probe",
+                   help="comma-separated attack names, or 'all' (default: linear_probe, the paper's)")
+    a.add_argument("--attack-lrs", type=float_list, default=None, help="e.g. 0.1,0.01")
+    a.add_argument("--attack-optimizers", default=None, help="comma-separated, e.g. adam,momentum")
+    a.add_argument("--attack-epochs", type=positive_int, default=None)
+    a.add_argument("--attack-batch-size", type=positive_int, default=64)
+    a.add_argument("--no-scratch", action="store_true", help="skip the from-scratch reference")
+
+
+def attack_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``add_attack_args`` flags -> ``attack_report`` keyword arguments, validated before any compute.
+
+    Raises:
+      ValueError: unknown attack or optimizer names, empty lists, non-positive learning rates.
+    """
+    from trm_jax import attack  # the evaluator; imported only by experiments that attack
+
+    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip())
+    attacks = "all" if args.attacks == "all" else split(args.attacks)
+    if not attacks:
+        raise ValueError("--attacks is empty; give attack names or 'all'")
+    attack.resolve_attacks(attacks)
+    optimizers = None if args.attack_optimizers is None else split(args.attack_optimizers)
+    bad = [o for o in optimizers or () if o not in attack.OPTIMIZERS]
+    if bad or optimizers == ():
+        raise ValueError(f"--attack-optimizers {args.attack_optimizers!r}: unknown or empty; "
+                         f"allowed: {attack.OPTIMIZERS}")
+    if args.attack_lrs is not None:
+        attack.validate_learning_rates(args.attack_lrs)
+    return dict(attacks=attacks, learning_rates=args.attack_lrs, optimizers=optimizers,
+                epochs=args.attack_epochs, batch_size=args.attack_batch_size,
+                include_scratch=not args.no_scratch)
 
 
 def protocol_spec(args: argparse.Namespace) -> data.ProtocolSpec:
@@ -144,16 +186,20 @@ def device_subset(subset: data.Subset) -> tuple[jax.Array, jax.Array]:
 def train_phase(run: runs.RunDir, phase: str, keys: jax.Array, params: Any,
                 apply_fn: Callable, train_data: tuple[jax.Array, jax.Array],
                 config: train.TrainConfig, *, eval_data=None, resume: bool = False,
-                checkpoint_every: int = 5, progress: bool = True) -> train.TrainState:
+                checkpoint_every: int = 5, progress: bool = True,
+                per_seed_data: bool | Any = False,
+                loss_fn: train.LossFn | None = None) -> train.TrainState:
     """One resumable supervised phase: fit, log per-epoch metrics, checkpoint.
 
     The checkpoint under ``checkpoints/<phase>`` is written only after an epoch
     whose metrics are finite, so the last good state survives a NaN.
+    ``per_seed_data``: ``train_data`` has a leading seed axis (see ``train.fit``).
+    ``loss_fn``: replaces the cross-entropy of ``apply_fn`` (see ``train.fit_classifier``).
     """
     ckpt = checkpoint.Checkpointer(run.checkpoint_dir / phase)
     start_epoch, state = 0, None
     if resume and ckpt.latest_step() is not None:
-        template = _initial_state(keys, params, apply_fn, train_data, config)
+        template = _initial_state(keys, params, apply_fn, train_data, config, per_seed_data)
         state, meta = ckpt.restore(template)
         start_epoch = int(meta["epoch"])
         run.truncate_metrics(lambda r: r.get("phase") != phase or r.get("epoch", 0) <= start_epoch)
@@ -169,20 +215,22 @@ def train_phase(run: runs.RunDir, phase: str, keys: jax.Array, params: Any,
     try:
         state, _ = train.fit_classifier(
             keys, params, apply_fn, *train_data, config, eval_data=eval_data, state=state,
-            start_epoch=start_epoch, on_epoch=on_epoch, progress=phase if progress else False)
+            start_epoch=start_epoch, on_epoch=on_epoch, progress=phase if progress else False,
+            per_seed_data=per_seed_data, loss_fn=loss_fn)
     except train.NonFiniteError as err:
         ckpt.close()
         raise SystemExit(f"[{phase}] {err}. Last good checkpoint: {ckpt.directory} "
                          f"(step {ckpt.latest_step()}).")
     if state is None:  # nothing left to train and nothing restored: zero epochs
-        state = _initial_state(keys, params, apply_fn, train_data, config)
+        state = _initial_state(keys, params, apply_fn, train_data, config, per_seed_data)
     ckpt.close()
     return state
 
 
-def _initial_state(keys, params, apply_fn, train_data, config):
+def _initial_state(keys, params, apply_fn, train_data, config, per_seed_data=False):
     state, _ = train.fit_classifier(keys, params, apply_fn, *train_data,
-                                    dataclasses.replace(config, epochs=0), progress=False)
+                                    dataclasses.replace(config, epochs=0), progress=False,
+                                    per_seed_data=per_seed_data)
     return state
 
 

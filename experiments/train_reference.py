@@ -28,15 +28,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train_reference(run: runs.RunDir, protocol: data.ProtocolData, model, keys, config,
-                    *, resume: bool = False, checkpoint_every: int = 5, progress: bool = True):
+                    *, resume: bool = False, checkpoint_every: int = 5, progress: bool = True,
+                    phase: str = "reference"):
     """Trains ``model`` on the beneficial pre-training split for every seed.
 
+    ``phase`` names the checkpoints and metric records (SKD's teacher: ``"teacher"``).
     Returns the final params ``[S, ...]`` and per-seed beneficial test accuracy.
     """
     train_data = common.device_subset(protocol.pretrain.beneficial)
     test_data = common.device_subset(protocol.test.beneficial)
     params = jax.vmap(model.init)(keys)
-    state = common.train_phase(run, "reference", keys, params, model.apply, train_data, config,
+    state = common.train_phase(run, phase, keys, params, model.apply, train_data, config,
                                eval_data=test_data, resume=resume,
                                checkpoint_every=checkpoint_every, progress=progress)
     accuracy = jax.vmap(lambda p: common.train.evaluate(model.apply, p, *test_data))(state.params)

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from trm_jax import sharding
+
 Params = Any
 Batch = Any  # a pytree of arrays with a common leading batch axis
 LossFn = Callable[[Params, Batch], tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -94,10 +96,15 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(f"unknown strategy {config.strategy!r}; allowed: {STRATEGIES}")
 
 
-def make_optimizer(name: str, learning_rate: float, *, b1: float = 0.9,
+def make_optimizer(name: str, learning_rate: float | jax.Array, *, b1: float = 0.9,
                    momentum: float = 0.9) -> optax.GradientTransformation:
-    """``"adam"`` | ``"sgd"`` | ``"momentum"`` as an optax transformation."""
-    if not learning_rate > 0:
+    """``"adam"`` | ``"sgd"`` | ``"momentum"`` as an optax transformation.
+
+    ``learning_rate`` may be a traced scalar (e.g. vmapped over a learning-rate
+    grid, as :mod:`trm_jax.attack` does); only Python/NumPy numbers are
+    validated here, traced values are validated by the caller before tracing.
+    """
+    if not isinstance(learning_rate, jax.Array) and not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
     if name == "adam":
         return optax.adam(learning_rate, b1=b1)
@@ -240,7 +247,8 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
         mask: Params | None = None, strategy: str = "auto", start_epoch: int = 0,
         eval_fn: Callable[[Params], Mapping[str, jax.Array]] | None = None,
         on_epoch: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
-        progress: bool | str = True) -> tuple[TrainState, list[dict[str, np.ndarray]]]:
+        progress: bool | str = True,
+        per_seed_data: bool | Any = False) -> tuple[TrainState, list[dict[str, np.ndarray]]]:
     """Trains a stack of seeds for ``epochs - start_epoch`` epochs.
 
     Args:
@@ -248,6 +256,12 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
         (``jax.vmap(init_state)(keys, params)``).
       data: pytree of arrays with leading axis ``N``, shared by all seeds; put it
         on the device once (``jax.device_put``) before calling.
+      per_seed_data: if True, every leaf of ``data`` has a leading seed axis,
+        ``[S, N, ...]``, and seed ``s`` trains on ``data[s]`` (e.g. UNSIR's impair
+        set, whose noise is learned per seed). A pytree of bools that is a prefix
+        of ``data`` marks per-seed leaves one by one, e.g. ``(False, True)`` for
+        ``data = (images[N, ...], targets[S, N, D])``: images shared, targets per
+        seed (SKD's distillation data).
       eval_fn: ``params -> metrics`` for ONE seed (vmapped here), run after every epoch.
       on_epoch: called as ``on_epoch(epoch, state, metrics)`` after every epoch
         (logging, checkpoints); ``epoch`` counts from 1.
@@ -261,11 +275,24 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
       NonFiniteError: a loss became NaN/Inf; ``err.state`` is the last finite state.
     """
     chex.assert_tree_has_only_ndarrays(data)
-    n = _num_examples(data)
     num_seeds = int(jax.tree_util.tree_leaves(state.key)[0].shape[0])
+    data_axis = jax.tree.map(lambda flag: 0 if flag else None, per_seed_data)
+
+    def first_seed(flag, sub):
+        if not flag:
+            return sub
+        chex.assert_tree_shape_prefix(sub, (num_seeds,))
+        return jax.tree.map(lambda a: a[0], sub)
+
+    n = _num_examples(jax.tree.map(first_seed, per_seed_data, data))
     epoch_batches(jax.random.key(0), n, batch_size)  # validate sizes before compiling
-    step_fn = _compiled_step(loss_fn, optimizer, mask)
-    epoch_fn = _compiled_epoch(loss_fn, optimizer, batch_size, mask)
+    # Seeds across devices (a no-op on one device): state and per-seed data are
+    # sharded on the seed axis, shared data is replicated.
+    state = sharding.shard_seeds(state)
+    data = jax.tree.map(lambda flag, sub: sharding.shard_seeds(sub) if flag
+                        else sharding.replicate(sub, num_seeds), per_seed_data, data)
+    step_fn = _compiled_step(loss_fn, optimizer, mask, data_axis)
+    epoch_fn = _compiled_epoch(loss_fn, optimizer, batch_size, mask, data_axis)
     strategy = resolve_strategy(strategy)
     evaluate_all = jax.jit(jax.vmap(eval_fn)) if eval_fn is not None else None
 
@@ -276,7 +303,7 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
         if strategy == "scan":
             new_state, metrics = epoch_fn(state, data)
         else:
-            new_state, metrics = _epoch_by_steps(step_fn, state, data, batch_size, num_seeds)
+            new_state, metrics = _epoch_by_steps(step_fn, state, data, n, batch_size)
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
         if evaluate_all is not None:
             metrics.update({f"eval_{k}": np.asarray(v)
@@ -296,22 +323,21 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
     return state, history
 
 
-def _compiled_epoch(loss_fn, optimizer, batch_size, mask):
+def _compiled_epoch(loss_fn, optimizer, batch_size, mask, data_axis=None):
     def one_seed(state, data):
         return train_epoch(state, data, loss_fn=loss_fn, optimizer=optimizer,
                            batch_size=batch_size, mask=mask)
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, None)))
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, data_axis)))
 
 
-def _compiled_step(loss_fn, optimizer, mask):
+def _compiled_step(loss_fn, optimizer, mask, data_axis=None):
     def one_seed(state, data, idx):
         return train_step(state, _gather(data, idx), loss_fn=loss_fn, optimizer=optimizer, mask=mask)
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, None, 0)))
+    return jax.jit(jax.vmap(one_seed, in_axes=(0, data_axis, 0)))
 
 
-def _epoch_by_steps(step_fn, state, data, batch_size, num_seeds):
+def _epoch_by_steps(step_fn, state, data, n, batch_size):
     """The same epoch as :func:`train_epoch`, one jitted call per step (fast on CPU)."""
-    n = _num_examples(data)
     keys = jax.vmap(jax.random.split)(state.key)
     batches = _seed_batches(keys[:, 1], n, batch_size)  # [S, num_batches, B]
     state = state._replace(key=keys[:, 0])
@@ -353,7 +379,9 @@ def fit_classifier(keys: jax.Array, params: Params, apply_fn: Callable[[Params, 
                    eval_data: tuple[jax.Array, jax.Array] | None = None,
                    state: TrainState | None = None, start_epoch: int = 0,
                    on_epoch: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None,
-                   progress: bool | str = True) -> tuple[TrainState, list[dict[str, np.ndarray]]]:
+                   progress: bool | str = True,
+                   per_seed_data: bool | Any = False,
+                   loss_fn: LossFn | None = None) -> tuple[TrainState, list[dict[str, np.ndarray]]]:
     """Supervised cross-entropy training of a stack of seeds: the common case of :func:`fit`.
 
     Used for the unprotected reference, the SKD teacher and head, and UNSIR's
@@ -362,11 +390,15 @@ def fit_classifier(keys: jax.Array, params: Params, apply_fn: Callable[[Params, 
     Args:
       keys: ``[S]`` PRNG keys (one per seed; they drive the shuffles).
       params: ``[S, ...]`` initial params (e.g. ``jax.vmap(model.init)(keys)``).
-      images, labels: ``[N, H, W, C]``, ``int32[N]`` training data (device-resident).
+      images, labels: ``[N, H, W, C]``, ``int32[N]`` training data (device-resident);
+        with ``per_seed_data``, ``[S, N, H, W, C]`` and ``int32[S, N]`` (one set per seed).
       config: a :class:`TrainConfig` (``trainable`` masks what may change).
       eval_data: optional ``(images, labels)`` evaluated after every epoch
         (``eval_accuracy`` / ``eval_loss`` in the metrics).
       state: resume from this state instead of initialising one.
+      loss_fn: replaces the cross-entropy of ``apply_fn`` with any
+        ``loss_fn(params, (images, labels)) -> (loss, metrics)``, e.g. SKD's MSE
+        regression onto targets ``f32[N, D]`` (``labels`` then holds the targets).
     """
     mask = trainable_mask(jax.tree.map(lambda x: x[0], params), config.trainable)
     base = make_optimizer(config.optimizer, config.learning_rate, b1=config.b1,
@@ -378,7 +410,8 @@ def fit_classifier(keys: jax.Array, params: Params, apply_fn: Callable[[Params, 
     if eval_data is not None:
         eval_images, eval_labels = eval_data
         eval_fn = lambda p: evaluate(apply_fn, p, eval_images, eval_labels)
-    return fit(state, (images, labels), loss_fn=classification_loss(apply_fn),
+    return fit(state, (images, labels), loss_fn=loss_fn or classification_loss(apply_fn),
                optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
                mask=None if config.trainable == "all" else mask, strategy=config.strategy,
-               start_epoch=start_epoch, eval_fn=eval_fn, on_epoch=on_epoch, progress=progress)
+               start_epoch=start_epoch, eval_fn=eval_fn, on_epoch=on_epoch, progress=progress,
+               per_seed_data=per_seed_data)
