@@ -1,0 +1,174 @@
+"""The fine-tuning attack evaluator on the real (offline) digits protocol, small and CPU-fast.
+
+Compilation dominates: every test reuses one attack configuration where it can
+(``compiled_sweep`` is cached per model, config and batching).
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trm_jax import attack, plots, presets
+
+EPOCHS = 2
+SEEDS = 2
+LRS = (0.01, 0.1)
+
+
+@pytest.fixture(scope="module")
+def setup(digits_protocol):
+    model = presets.model_for("digits", 5, digits_protocol.image_shape)
+    keys = jax.vmap(jax.random.key)(jnp.arange(SEEDS))
+    params = jax.vmap(model.init)(keys)
+    return model, params, keys, attack.attack_data(digits_protocol)
+
+
+def config(name: str, **kw) -> attack.AttackConfig:
+    return attack.AttackConfig(name, num_classes=5, epochs=EPOCHS, batch_size=64, **kw)
+
+
+def looped(model, cfg, params, keys, lrs, data, return_params=False):
+    """The reference: a Python loop over (lr, seed) of the jitted single-run attack."""
+    one = jax.jit(attack.make_attack(model, cfg, return_params=return_params))
+    outs = [[one(None if params is None else jax.tree.map(lambda x: x[s], params), keys[s],
+                 jnp.float32(lr), data) for s in range(keys.shape[0])] for lr in lrs]
+    return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(len(lrs), keys.shape[0], *xs[0].shape),
+                        *[o for row in outs for o in row])
+
+
+def test_vmapped_sweep_equals_python_loop(setup):
+    model, params, keys, data = setup
+    cfg = config("linear_probe")
+    swept = attack.attack_sweep(model, params, keys, LRS, data, cfg, batching="vmap")
+    assert swept.curve.shape == (len(LRS), SEEDS, EPOCHS + 1) and swept.curve.dtype == jnp.float32
+    ref = looped(model, cfg, params, keys, LRS, data)
+    np.testing.assert_allclose(swept.curve, ref.curve, atol=1e-6)
+    assert bool(jnp.all(swept.finite))
+    # seeds give different heads/shuffles; the attack learns above chance (0.2) at lr 0.1
+    assert float(swept.curve[1, :, -1].mean()) > 0.3
+
+
+def test_linear_probe_keeps_features_bitwise_and_matches_precomputed_path(setup):
+    model, params, keys, data = setup
+    masked = config("linear_probe", precompute_features=False)
+    out = attack.attack_sweep(model, params, keys, LRS, data, masked, batching="vmap",
+                              return_params=True)
+    for lr_params in (jax.tree.map(lambda x: x[i], out.params) for i in range(len(LRS))):
+        same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), lr_params["features"], params["features"])
+        assert all(jax.tree.leaves(same)), same  # frozen features: exactly the input bits
+        assert not bool(jnp.all(lr_params["head"]["dense"]["kernel"] == 0))
+    # training the head on features computed once gives the same curves
+    fast = attack.attack_sweep(model, params, keys, LRS, data, config("linear_probe"), batching="vmap")
+    np.testing.assert_allclose(out.curve, fast.curve, atol=1e-6)
+
+
+def test_full_finetune_changes_features_and_map_equals_loop(setup):
+    model, params, keys, data = setup
+    cfg = config("full_finetune")
+    lrs = (1e-3, 1e-2)  # as many as SCRATCH_LEARNING_RATES: the CLI test reuses this program
+    swept = attack.attack_sweep(model, params, keys, lrs, data, cfg, batching="map")
+    assert swept.curve.shape == (len(lrs), SEEDS, EPOCHS + 1)
+    ref = looped(model, cfg, params, keys, lrs, data, return_params=True)
+    np.testing.assert_allclose(swept.curve, ref.curve, atol=1e-6)
+    for name in ("conv1", "conv2", "fc1", "fc2"):  # every layer is trained
+        assert not bool(jnp.all(ref.params["features"][name]["kernel"][0]
+                                == params["features"][name]["kernel"]))
+
+
+def test_head_and_penultimate_trains_only_the_last_two_layers(setup):
+    model, params, keys, data = setup
+    out = attack.attack_sweep(model, params, keys, (0.01,), data, config("head_and_penultimate"),
+                              batching="vmap", return_params=True)
+    after = jax.tree.map(lambda x: x[0], out.params["features"])
+    for name, layer in params["features"].items():
+        unchanged = all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(after[name]),
+                                                              jax.tree.leaves(layer)))
+        assert unchanged == (name != model.penultimate), name
+
+
+def test_bad_inputs_raise_before_compute(setup, digits_protocol, monkeypatch):
+    model, params, keys, data = setup
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("validation must happen before any compilation")
+
+    monkeypatch.setattr(attack, "compiled_sweep", no_compute)
+    monkeypatch.setattr(attack, "scratch_reference", no_compute)
+    report = lambda *a, **kw: attack.attack_report(model, params, keys, digits_protocol, *a, **kw)
+    with pytest.raises(ValueError, match=r"unknown attack.*'bogus'.*allowed.*linear_probe.*full_finetune"):
+        report(("linear_probe", "bogus"))
+    with pytest.raises(ValueError, match=r"> 0.*-0\.1"):
+        report(learning_rates=(0.1, -0.1))
+    with pytest.raises(ValueError, match=r"> 0.*0\.0"):
+        report(learning_rates=(0.0,))
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
+        report(epochs=0)
+    with pytest.raises(ValueError, match=r"unknown optimizer|bad optimizer.*allowed"):
+        report(optimizers=("rmsprop",))
+    with pytest.raises(ValueError, match="batch_size=1000 exceeds the 262"):
+        report(batch_size=1000)
+    with pytest.raises(ValueError, match="learning rates"):
+        attack.attack_sweep(model, params, keys, (float("nan"),), data, config("linear_probe"))
+    with pytest.raises(ValueError, match="unknown batching"):
+        attack.attack_sweep(model, params, keys, LRS, data, config("linear_probe"), batching="pmap")
+    with pytest.raises(ValueError, match="needs params"):
+        attack.attack_sweep(model, None, keys, LRS, data, config("full_finetune"))
+    with pytest.raises(ValueError, match="leading seed axis of 3"):  # 2 seeds of params, 3 keys
+        attack.attack_sweep(model, params, jax.vmap(jax.random.key)(jnp.arange(3)), LRS, data,
+                            config("linear_probe"))
+
+
+def test_attack_plan_suite_and_defaults():
+    plan = attack.attack_plan("all", num_classes=5)
+    assert list(plan) == [f"{a}/{o}" for a in attack.ATTACKS for o in ("adam", "momentum")]
+    assert all(lrs == attack.LEARNING_RATE_GRID for _, lrs in plan.values())
+    assert plan["full_finetune/momentum"][0].optimizer == "momentum"
+    paper = attack.attack_plan(num_classes=5)  # default: the paper's probe
+    (cfg, lrs), = paper.values()
+    assert list(paper) == ["linear_probe"] and lrs == (0.1,) and cfg.optimizer == "adam" and cfg.b1 == 0.9
+    mixed = attack.attack_plan(("linear_probe", "full_finetune"))
+    assert mixed["linear_probe"][1] == (0.1,) and mixed["full_finetune"][1] == attack.LEARNING_RATE_GRID
+
+
+def test_report_scratch_plot_and_cli(setup, digits_protocol, digits_data_dir, tmp_path, capsys):
+    """attack_report's shape, the scratch reference, the figure and the CLI on a saved run."""
+    from experiments import attack as cli
+    from experiments import common
+    from trm_jax import runs
+
+    model, params, keys, _ = setup
+    run = runs.RunDir.create(tmp_path / "run")
+    run.write_config({"experiment": "unit", "data_dir": digits_data_dir,
+                      "protocol": digits_protocol.spec})
+    common.save_model(run, model, params, list(range(SEEDS)))
+    result = cli.main(["--run", str(run.path), "--epochs", str(EPOCHS),
+                       "--learning-rates", ",".join(map(str, LRS))])
+    stored = json.loads((run.path / "attack.json").read_text())
+    assert (run.path / "attack.png").stat().st_size > 10_000
+    entry = stored["attacks"]["linear_probe"]
+    assert np.shape(entry["curves"]) == (len(LRS), SEEDS, EPOCHS + 1)
+    assert entry["learning_rates"] == list(LRS) and entry["optimizer"] == "adam"
+    for key in ("final", "auc", "best", "initial", "steps_to_reach", "relative_to_scratch", "per_lr"):
+        assert key in entry, key
+    scratch = stored["references"]["scratch"]
+    assert np.shape(scratch["curves"]) == (len(attack.SCRATCH_LEARNING_RATES), SEEDS, EPOCHS + 1)
+    assert scratch["final"]["mean"] > 0.3  # scratch training learns the malicious task
+    assert stored["summary"]["worst_case"]["final"]["attack"] == "linear_probe"
+    assert result["chance"] == pytest.approx(0.2)
+    assert "linear_probe" in capsys.readouterr().out
+    # never overwrite silently
+    with pytest.raises(SystemExit):
+        cli.main(["--run", str(run.path)])
+    # the library entry point with a precomputed scratch reference reuses it
+    report = attack.attack_report(model, params, keys, digits_protocol, learning_rates=LRS,
+                                  epochs=EPOCHS, scratch=scratch)
+    assert report["references"]["scratch"] == scratch
+    np.testing.assert_allclose(report["attacks"]["linear_probe"]["curves"], entry["curves"], atol=1e-6)
+    with pytest.raises(ValueError, match="same budget"):
+        attack.attack_report(model, params, keys, digits_protocol, epochs=EPOCHS + 1, scratch=scratch)
+    path = plots.plot_attack_curves({"a": entry}, tmp_path / "f.png", "t", chance=0.2, lr="all")
+    assert path.exists()

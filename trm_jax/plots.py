@@ -1,0 +1,71 @@
+"""Figures shared by the experiments (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_attack_curves(entries: Mapping[str, Mapping[str, Any]], path: str | os.PathLike,
+                       title: str, chance: float | None = None, *,
+                       lr: str = "best") -> pathlib.Path:
+    """Learning curves of fine-tuning attacks: mean +- std over seeds per entry.
+
+    Args:
+      entries: ``{label: entry}`` with ``entry["curves"]: [L][S][E+1]`` (as made by
+        :func:`trm_jax.attack.make_entry`); references (scratch) can be mixed in.
+      path: the PNG to write (parent folders are created).
+      title: figure title.
+      chance: chance accuracy (``1 / num_classes``), drawn as a dashed line.
+      lr: ``"best"`` draws each entry at its attacker's learning rate
+        (``entry["best_lr_index"]``, else the first); ``"all"`` draws every
+        learning rate of every entry.
+
+    Returns:
+      The path written.
+    """
+    if not entries:
+        raise ValueError("plot_attack_curves needs at least one entry")
+    if lr not in ("best", "all"):
+        raise ValueError(f"lr must be 'best' or 'all', got {lr!r}")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.5), dpi=120)
+    for label, entry in entries.items():
+        curves = np.asarray(entry["curves"], dtype=np.float64)  # [L, S, E+1]
+        if curves.ndim != 3:
+            raise ValueError(f"entry {label!r}: curves must be [lr][seed][epoch], got shape {curves.shape}")
+        lrs = entry.get("learning_rates", [None] * curves.shape[0])
+        indices = range(curves.shape[0]) if lr == "all" else [int(entry.get("best_lr_index", 0))]
+        for i in indices:
+            mean, std = curves[i].mean(0), curves[i].std(0)
+            epochs = np.arange(curves.shape[-1])
+            name = label if lrs[i] is None else f"{label} (lr {lrs[i]:g})"
+            line, = ax.plot(epochs, mean, marker="o", markersize=3, label=name)
+            ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+    num_seeds = {np.asarray(e["curves"]).shape[1] for e in entries.values()}
+    seeds = f"{num_seeds.pop()} seeds" if len(num_seeds) == 1 else "seeds"
+    ax.set_title(title)
+    ax.set_xlabel("attack fine-tuning epoch (0 = before fine-tuning)")
+    ax.set_ylabel(f"malicious test accuracy (fraction; mean ± std over {seeds})")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
