@@ -148,6 +148,20 @@ class Model:
         return self.features_module.apply({"params": features_params},
                                           to_float(images, self.param_dtype))
 
+    def features_chunked(self, features_params: Params, images: chex.Array,
+                         chunk: int = 1024) -> chex.Array:
+        """:meth:`features` of a whole set in chunks of ``chunk`` (bounded memory):
+        ``images[N, H, W, C] -> f[N, D]``, one ``lax.map`` (the last chunk zero-padded)."""
+        n = images.shape[0]
+        chunk = max(1, min(chunk, n))
+        num_chunks = -(-n // chunk)
+        pad = num_chunks * chunk - n
+        if pad:
+            images = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
+        out = jax.lax.map(lambda x: self.features(features_params, x),
+                          images.reshape(num_chunks, chunk, *images.shape[1:]))
+        return out.reshape(num_chunks * chunk, -1)[:n]
+
     def head(self, head_params: Params, features: chex.Array) -> chex.Array:
         """``features: f[B, D] -> logits f[B, K]`` (ReLU then linear); K from the params."""
         num_classes = head_params["dense"]["bias"].shape[-1]
