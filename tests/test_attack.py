@@ -172,3 +172,18 @@ def test_report_scratch_plot_and_cli(setup, digits_protocol, digits_data_dir, tm
         attack.attack_report(model, params, keys, digits_protocol, epochs=EPOCHS + 1, scratch=scratch)
     path = plots.plot_attack_curves({"a": entry}, tmp_path / "f.png", "t", chance=0.2, lr="all")
     assert path.exists()
+
+
+def test_reinit_penultimate_replaces_and_trains_only_the_last_two_layers(setup):
+    model, params, keys, data = setup
+    out = attack.attack_sweep(model, params, keys, (0.01,), data, config("reinit_penultimate"),
+                              batching="vmap", return_params=True)
+    after = jax.tree.map(lambda x: x[0, 0], out.params["features"])
+    for name, layer in params["features"].items():
+        same = all(bool(jnp.all(a == b[0])) for a, b in zip(jax.tree.leaves(after[name]),
+                                                            jax.tree.leaves(layer)))
+        assert same == (name != model.penultimate), name
+    # the penultimate layer is re-initialised, not the released one fine-tuned
+    fresh_init = model.init(jax.random.key(123))["features"][model.penultimate]["kernel"]
+    assert after[model.penultimate]["kernel"].shape == fresh_init.shape
+    assert np.all(np.isfinite(np.asarray(out.curve)))

@@ -13,6 +13,11 @@ accuracy before fine-tuning (epoch 0) and after every epoch: a learning curve
   (``model.penultimate``) trainable too: the adaptive attack against
   activation-masking defences such as SKD (it can re-learn the penultimate
   bias and weights).
+* ``reinit_penultimate`` -- fresh head AND a freshly initialised penultimate
+  layer, both trainable, on the frozen layers below: an activation-masking
+  defence (SKD drives malicious penultimate pre-activations to -100, so every
+  ReLU is dead and gradients vanish) cannot hide information that survives in
+  the layer below the mask.
 * ``full_finetune`` -- fresh head, every parameter trainable.
 * ``scratch`` (a *reference*, :func:`scratch_reference`) -- the same
   architecture from random init, trained on the same malicious data with the
@@ -55,7 +60,7 @@ from trm_jax import metrics, models, sharding, train
 
 Params = Any
 
-ATTACKS = ("linear_probe", "head_and_penultimate", "full_finetune")
+ATTACKS = ("linear_probe", "head_and_penultimate", "reinit_penultimate", "full_finetune")
 #: Optimizers of the ``"all"`` suite: Adam (b1 0.9, b2 0.999) and SGD with momentum 0.9.
 SUITE_OPTIMIZERS = ("adam", "momentum")
 OPTIMIZERS = train.OPTIMIZERS
@@ -221,6 +226,7 @@ def trainable_prefixes(model: models.Model, attack: str) -> str | tuple[str, ...
     """What each attack may change: a :func:`trm_jax.train.trainable_mask` spec."""
     return {"linear_probe": ("head",),
             "head_and_penultimate": ("head", f"features/{model.penultimate}"),
+            "reinit_penultimate": ("head", f"features/{model.penultimate}"),
             "full_finetune": "all"}[attack]
 
 
@@ -290,7 +296,11 @@ def attack_phases(model: models.Model, config: AttackConfig, *, return_params: b
             apply_fn, trained = model.head, head
         else:
             apply_fn = model.apply
-            trained = {"features": params["features"], "head": head}
+            features = params["features"]
+            if config.attack == "reinit_penultimate":  # a fresh layer under the fresh head
+                fresh = model.init(jax.random.fold_in(head_key, 1))["features"][model.penultimate]
+                features = {**features, model.penultimate: fresh}
+            trained = {"features": features, "head": head}
             if trainable != "all":
                 mask = train.trainable_mask(trained, trainable)
                 optimizer = train.masked_optimizer(optimizer, mask)
