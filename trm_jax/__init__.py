@@ -1,11 +1,22 @@
 """trm_jax: transfer-resistant training in JAX.
 
-Modules map to concepts: :mod:`~trm_jax.data` (the protocol's splits, TFDS),
-:mod:`~trm_jax.models` (features + head), :mod:`~trm_jax.train` (the training
-engine), :mod:`~trm_jax.checkpoint` (orbax), :mod:`~trm_jax.runs` (run folders).
-Importing ``trm_jax`` never imports TensorFlow or TFDS.
+Modules map to concepts:
+
+* :mod:`~trm_jax.data` -- the protocol's beneficial/malicious splits through TFDS
+* :mod:`~trm_jax.models` -- ``lenet``, ``conv4``: a features part and a head
+* :mod:`~trm_jax.train` -- the one supervised training engine
+* :mod:`~trm_jax.tasks`, :mod:`~trm_jax.meta` -- few-shot tasks, MAML / Reverse-MAML
+* :mod:`~trm_jax.skd` -- selective knowledge distillation
+* :mod:`~trm_jax.unlearning` -- the UNSIR machine-unlearning baseline
+* :mod:`~trm_jax.attack`, :mod:`~trm_jax.metrics` -- the fine-tuning attack and its metrics
+* :mod:`~trm_jax.checkpoint`, :mod:`~trm_jax.runs`, :mod:`~trm_jax.plots`,
+  :mod:`~trm_jax.sharding` -- orbax checkpoints, run folders, figures, seeds across devices
+
+Importing ``trm_jax`` never imports TensorFlow or TFDS (only loading a dataset does).
 """
-from trm_jax import checkpoint, data, models, runs, train
+from trm_jax import (attack, checkpoint, data, meta, metrics, models, plots, presets, runs,
+                     sharding, skd, tasks, train, unlearning)
 
 __version__ = "0.1.0"
-__all__ = ["checkpoint", "data", "models", "runs", "train"]
+__all__ = ["attack", "checkpoint", "data", "meta", "metrics", "models", "plots", "presets",
+           "runs", "sharding", "skd", "tasks", "train", "unlearning"]
