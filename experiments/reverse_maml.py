@@ -29,6 +29,7 @@ from experiments.train_reference import train_reference
 from trm_jax import attack, checkpoint, data, meta, plots, presets, runs, sharding, tasks
 
 NAME = "reverse_maml"
+META_STREAM = 0x3E7A  # fold_in tag of the meta-training keys (attack: 0x0A77, scratch: 0x5C7A)
 
 # Per-dataset meta-training defaults. CIFAR-10 follows the benchmark spec
 # (5-way, 10-shot, 15 queries, 5 inner SGD steps, outer Adam 1e-3). The digits
@@ -117,8 +118,10 @@ def meta_train(run: runs.RunDir, model, config: meta.MetaConfig, keys: jax.Array
                resume: bool = False, progress: bool = True):
     """Meta-trains one model per seed (vmapped); resumable; stops on NaN/Inf.
 
-    The step key of seed ``s`` at outer step ``t`` is ``fold_in(keys[s], t)``,
-    so a resumed run draws exactly the tasks an uninterrupted one would.
+    The step key of seed ``s`` at outer step ``t`` is
+    ``fold_in(fold_in(keys[s], META_STREAM), t)``: a resumed run draws exactly
+    the tasks an uninterrupted one would, and no step key can equal a key that
+    the attack or the init derive from the same seed key.
 
     Returns:
       ``(params[S, ...], last metrics dict of arrays [S])``.
@@ -139,6 +142,7 @@ def meta_train(run: runs.RunDir, model, config: meta.MetaConfig, keys: jax.Array
     good_pool, bad_pool = sharding.replicate((good_pool, bad_pool), int(keys.shape[0]))
     step_fn = jax.jit(jax.vmap(meta.make_meta_step(config, model, optimizer),
                                in_axes=(0, 0, 0, None, None)))
+    stream = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, META_STREAM)
     fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
     bar = range(start + 1, meta_steps + 1)
     if progress:
@@ -146,7 +150,7 @@ def meta_train(run: runs.RunDir, model, config: meta.MetaConfig, keys: jax.Array
         bar = tqdm(bar, desc="meta", initial=start, total=meta_steps, dynamic_ncols=True)
     metrics = {}
     for step in bar:
-        params, opt_state, metrics = step_fn(params, opt_state, fold(keys, step), good_pool, bad_pool)
+        params, opt_state, metrics = step_fn(params, opt_state, fold(stream, step), good_pool, bad_pool)
         if step % log_every == 0 or step == meta_steps:
             metrics = {k: np.asarray(v) for k, v in metrics.items()}
             bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]

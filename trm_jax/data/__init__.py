@@ -174,6 +174,119 @@ def split_by_class(images: np.ndarray, labels: np.ndarray,
     return Subset(np.ascontiguousarray(images[keep]), lookup[original], original, classes)
 
 
+def fewshot_classes(images: np.ndarray, labels: np.ndarray, min_examples: int = 1) -> Subset:
+    """Every class with at least ``min_examples`` examples, as a :class:`Subset`.
+
+    The few-shot view of a split whose classes are themselves the data (Omniglot:
+    every character is a class, 20 drawings each). Labels are remapped to
+    ``0..C-1`` in the order of the sorted class ids; ``Subset.classes`` keeps the
+    ids. Classes with fewer examples (none in real Omniglot; most in TFDS mock
+    data, whose labels are uniform over all 1,623 characters) are dropped:
+    compare ``len(np.unique(labels))`` with ``subset.num_classes`` to count them.
+
+    Args:
+      images: ``[N, H, W, C]``.
+      labels: ``int[N]`` class ids (any non-negative ints).
+      min_examples: ``>= 1``; e.g. ``shots + queries`` of the tasks to draw.
+
+    Returns:
+      ``Subset`` with ``labels int32[M]`` in ``0..C-1`` and ``classes`` of length ``C``.
+
+    Raises:
+      ValueError: ``min_examples < 1``, mismatched shapes, or no class has enough examples.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if not (isinstance(min_examples, (int, np.integer)) and min_examples >= 1):
+        raise ValueError(f"min_examples must be an integer >= 1, got {min_examples!r}")
+    if images.ndim != 4 or labels.shape != images.shape[:1]:
+        raise ValueError(f"fewshot_classes needs images [N, H, W, C] and labels [N]; got images "
+                         f"{images.shape} and labels {labels.shape}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"class ids must be >= 0, got {int(labels.min())}")
+    ids, counts = np.unique(labels, return_counts=True)
+    keep = ids[counts >= min_examples]
+    if keep.size == 0:
+        largest = int(counts.max()) if counts.size else 0
+        raise ValueError(f"no class has >= {min_examples} examples (the largest of {ids.size} "
+                         f"classes has {largest}); lower shots/queries or use more data")
+    return split_by_class(images, labels, keep.tolist())
+
+
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
+RESIZE_METHODS = ("bilinear", "nearest")
+
+
+def grey_resize(images: np.ndarray, size: int | tuple[int, int] | None = None, *,
+                invert: bool = False, method: str = "bilinear", chunk: int = 4096) -> np.ndarray:
+    """Converts images to grey, resizes them and returns ``uint8`` again.
+
+    ``grey = 0.299 R + 0.587 G + 0.114 B`` (BT.601; single-channel images pass
+    through), then ``jax.image.resize`` (``"bilinear"``: antialiased when
+    shrinking, e.g. Omniglot 105 -> 28; ``"nearest"``: blocky upsampling, e.g.
+    digits 8 -> 28), rounded and clipped to ``[0, 255]``; ``invert`` maps
+    ``v -> 255 - v`` (Omniglot's black strokes on white become white on black,
+    like MNIST and digits, as in MAML's Omniglot pipeline). Runs on the host
+    array in chunks of ``chunk`` images (bounded memory).
+
+    Args:
+      images: ``uint8[N, H, W, C]`` with ``C`` 1 or 3.
+      size: output ``S`` (square) or ``(S_h, S_w)``; ``None`` keeps ``H, W``.
+      invert: flip intensities after resizing.
+      method: one of :data:`RESIZE_METHODS`.
+      chunk: images per resize call (>= 1).
+
+    Returns:
+      ``uint8[N, S_h, S_w, 1]`` (a numpy array).
+
+    Raises:
+      ValueError: wrong rank, dtype, channel count, size or method, naming what is allowed.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"grey_resize needs images [N, H, W, C] with C = 1 or 3, got shape "
+                         f"{images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"grey_resize needs uint8 images (0..255), got dtype {images.dtype}")
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"unknown resize method {method!r}; allowed: {RESIZE_METHODS}")
+    size = images.shape[1:3] if size is None else (size, size) if np.ndim(size) == 0 else size
+    size = tuple(size)
+    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in size):
+        raise ValueError(f"size must be a positive int or a pair of them, got {size!r}")
+    if not (isinstance(chunk, (int, np.integer)) and chunk >= 1):
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    out = np.empty((images.shape[0], *size, 1), np.uint8)
+    weights = np.asarray(GREY_WEIGHTS, np.float32)
+    for start in range(0, images.shape[0], chunk):
+        x = images[start:start + chunk].astype(np.float32)
+        grey = x if x.shape[-1] == 1 else (x @ weights)[..., None]
+        if grey.shape[1:3] != size:
+            grey = np.asarray(jax.image.resize(
+                jnp.asarray(grey), (grey.shape[0], *size, 1),
+                method="linear" if method == "bilinear" else "nearest", antialias=True))
+        grey = np.clip(np.round(grey), 0, 255)
+        out[start:start + chunk] = (255 - grey) if invert else grey
+    return out
+
+
+def tfds_mock_active() -> bool:
+    """True inside ``tfds.testing.mock_data``: TFDS then serves random fake examples.
+
+    Experiments call it when they load a dataset, to label results on mock data
+    as such (never present mock numbers as real). False when TFDS is missing.
+    """
+    try:
+        from tensorflow_datasets.core import dataset_builder
+    except ImportError:
+        return False
+    # mock_data patches DatasetBuilder.download_and_prepare with a no-op from its module.
+    patched = dataset_builder.DatasetBuilder.download_and_prepare
+    return getattr(patched, "__module__", "") == "tensorflow_datasets.testing.mocking"
+
+
 def protocol_from_arrays(spec: ProtocolSpec, train: tuple[np.ndarray, np.ndarray],
                          test: tuple[np.ndarray, np.ndarray]) -> ProtocolData:
     """Cuts in-memory ``(images, labels)`` train/test arrays by the protocol."""
@@ -290,5 +403,6 @@ def _data_source(dataset: str, split: str, data_dir: str | None, download: bool)
 
 
 def _is_mocked(tfds: Any) -> bool:
-    # Inside tfds.testing.mock_data, data_source is patched: nothing to prepare.
-    return type(tfds.data_source).__module__.startswith("unittest.mock")
+    # Inside tfds.testing.mock_data, nothing to prepare. (TFDS 4.9 patches the
+    # builder methods, not tfds.data_source itself: see tfds_mock_active.)
+    return type(tfds.data_source).__module__.startswith("unittest.mock") or tfds_mock_active()
