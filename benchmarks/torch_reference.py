@@ -481,7 +481,7 @@ def make_torch_distill_epoch(
 # ----------------------------------------------------------------------------- CLI
 
 QUICK = {
-    "meta_step": dict(n_good=2, n_bad=2, shots=2, query_shots=3, inner_steps=2),
+    "meta_step": {},  # the full spec even in --quick: the JAX side times it, ratios need equal work
     "attack_sweep": dict(seeds=2, learning_rates=(1e-3, 1e-1), epochs=2, n_train=640, n_test=500),
     "train_epoch": dict(n_images=1280),
     "distill_epoch": dict(n_images=1280),

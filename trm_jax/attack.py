@@ -279,8 +279,8 @@ def attack_phases(model: models.Model, config: AttackConfig, *, return_params: b
 
     def prepare(params: Params, data: AttackData) -> tuple[jax.Array, jax.Array]:
         if config.frozen_features:
-            return (_chunked_features(model, params["features"], data.finetune_images, chunk),
-                    _chunked_features(model, params["features"], data.test_images, chunk))
+            return (model.features_chunked(params["features"], data.finetune_images, chunk),
+                    model.features_chunked(params["features"], data.test_images, chunk))
         return data.finetune_images, data.test_images
 
     def fit(params: Params, inputs: tuple[jax.Array, jax.Array], key: jax.Array,
@@ -324,20 +324,6 @@ def attack_phases(model: models.Model, config: AttackConfig, *, return_params: b
         return AttackOutput(curve, finite, final if return_params else None)
 
     return prepare, fit
-
-
-def _chunked_features(model: models.Model, features_params: Params, images: jax.Array,
-                      chunk: int) -> jax.Array:
-    """``model.features`` over ``images[N, ...]`` in chunks (bounded memory) -> ``f[N, D]``."""
-    n = images.shape[0]
-    chunk = min(chunk, n)
-    num_chunks = -(-n // chunk)
-    pad = num_chunks * chunk - n
-    if pad:
-        images = jnp.concatenate([images, jnp.zeros((pad, *images.shape[1:]), images.dtype)])
-    out = jax.lax.map(lambda x: model.features(features_params, x),
-                      images.reshape(num_chunks, chunk, *images.shape[1:]))
-    return out.reshape(num_chunks * chunk, -1)[:n]
 
 
 # ----------------------------------------------------------------------------- sweeps
