@@ -28,3 +28,29 @@ def digits_protocol(digits_data_dir):
     from trm_jax import data
 
     return data.load_protocol(data.preset("digits"), data_dir=digits_data_dir)
+
+
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """``with interrupt_at(key, value): ...`` raises KeyboardInterrupt when a run logs
+    a metrics record with ``record[key] == value`` (a simulated crash mid-run)."""
+    import contextlib
+
+    from trm_jax import runs
+
+    @contextlib.contextmanager
+    def patch(key, value):
+        original = runs.RunDir.log
+
+        def crash(self, record):
+            if record.get(key) == value:
+                raise KeyboardInterrupt("simulated interruption")
+            original(self, record)
+
+        monkeypatch.setattr(runs.RunDir, "log", crash)
+        try:
+            yield
+        finally:
+            monkeypatch.setattr(runs.RunDir, "log", original)
+
+    return patch

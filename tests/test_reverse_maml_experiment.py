@@ -30,21 +30,12 @@ def test_run_writes_results_with_the_designed_keys(tmp_path, digits_data_dir):
     assert results["seeds"] == [0, 1]
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, digits_data_dir, monkeypatch):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, digits_data_dir, interrupt_at):
     run(tmp_path, "full", digits_data_dir)
     _, full, _ = common.load_model(tmp_path / "full")
 
-    original_log = runs.RunDir.log
-
-    def crash_at_step_4(self, record):
-        if record.get("step") == 4:
-            raise KeyboardInterrupt("simulated interruption")
-        original_log(self, record)
-
-    monkeypatch.setattr(runs.RunDir, "log", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_at("step", 4), pytest.raises(KeyboardInterrupt):
         run(tmp_path, "cut", digits_data_dir)
-    monkeypatch.setattr(runs.RunDir, "log", original_log)
 
     run(tmp_path, "cut", digits_data_dir, "--resume")
     _, resumed, _ = common.load_model(tmp_path / "cut")

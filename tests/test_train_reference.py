@@ -45,21 +45,12 @@ def test_existing_run_folder_is_never_overwritten_silently(tmp_path, digits_data
     assert (tmp_path / "b" / "precious.txt").read_text() == "keep me"
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, digits_data_dir, monkeypatch):
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, digits_data_dir, interrupt_at):
     run(tmp_path, "full", digits_data_dir)
     _, full, _ = common.load_model(tmp_path / "full")
 
-    original_log = runs.RunDir.log
-
-    def crash_at_epoch_3(self, record):
-        if record.get("epoch") == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        original_log(self, record)
-
-    monkeypatch.setattr(runs.RunDir, "log", crash_at_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_at("epoch", 3), pytest.raises(KeyboardInterrupt):
         run(tmp_path, "cut", digits_data_dir)
-    monkeypatch.setattr(runs.RunDir, "log", original_log)
     assert not (tmp_path / "cut" / "results.json").exists()
 
     run(tmp_path, "cut", digits_data_dir, "--resume")
