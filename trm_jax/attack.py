@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trm_jax import data as data_lib
-from trm_jax import metrics, models, sharding, train
+from trm_jax import metrics, models, sharding, streams, train
 
 Params = Any
 
@@ -78,8 +78,8 @@ BATCHINGS = ("auto", "vmap", "map")
 #: Attacks whose trainable parameters include conv kernels (see :func:`resolve_batching`).
 CONV_TRAINING = ("full_finetune",)
 
-_ATTACK_STREAM = 0x0A77  # fold_in tags: attack keys never collide with training keys
-_SCRATCH_STREAM = 0x5C7A
+_ATTACK_STREAM = streams.ATTACK  # attack keys never collide with training keys
+_SCRATCH_STREAM = streams.SCRATCH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +298,7 @@ def attack_phases(model: models.Model, config: AttackConfig, *, return_params: b
             apply_fn = model.apply
             features = params["features"]
             if config.attack == "reinit_penultimate":  # a fresh layer under the fresh head
-                fresh = model.init(jax.random.fold_in(head_key, 1))["features"][model.penultimate]
+                fresh = model.init(jax.random.fold_in(head_key, streams.REINIT))["features"][model.penultimate]
                 features = {**features, model.penultimate: fresh}
             trained = {"features": features, "head": head}
             if trainable != "all":

@@ -14,8 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not match the expected state."""
+from trm_jax.errors import CheckpointError  # noqa: F401  (re-exported)
 
 
 def _is_key(x: Any) -> bool:

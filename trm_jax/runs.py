@@ -22,8 +22,7 @@ RESULT_KEYS = ("experiment", "dataset", "seeds", "beneficial_test_accuracy", "at
                "references", "wall_seconds")
 
 
-class RunExistsError(FileExistsError):
-    """The run folder exists and neither ``--overwrite`` nor ``--resume`` was given."""
+from trm_jax.errors import RunExistsError, RunFolderError  # noqa: F401  (re-exported)
 
 
 def default_workdir(name: str, root: str = "runs") -> pathlib.Path:

@@ -44,13 +44,7 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 number of optimizer steps taken
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN/Inf; ``state`` holds the last good (finite) state."""
-
-    def __init__(self, message: str, state: TrainState, epoch: int):
-        super().__init__(message)
-        self.state = state
-        self.epoch = epoch
+from trm_jax.errors import NonFiniteError  # noqa: E402,F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,8 +113,7 @@ class ProtocolData(NamedTuple):
                         for half in Halves._fields} for split in ("pretrain", "finetune", "test")}
 
 
-class DatasetUnavailableError(RuntimeError):
-    """A dataset that is neither prepared locally nor downloadable here."""
+from trm_jax.errors import DatasetUnavailableError  # noqa: E402,F401  (re-exported)
 
 
 def dataset_info(dataset: str) -> DatasetInfo:

@@ -1,0 +1,58 @@
+"""Typed errors: every failure a user can cause or meet has one class here.
+
+The library raises these (never ``SystemExit``); the experiments' one CLI
+wrapper (``experiments._cli.run``) turns each into a one-line ``error: ...``
+message and exit code 2. Messages name the bad value and what is allowed.
+
+* :class:`ConfigError` -- a bad setting (also a ``ValueError``, so
+  ``except ValueError`` keeps working).
+* :class:`DatasetUnavailableError` -- the data is neither prepared nor downloadable.
+* :class:`NonFiniteError` -- training produced NaN/Inf; carries the last good state.
+* :class:`CheckpointError` -- a checkpoint is missing, corrupt or does not match.
+* :class:`RunFolderError` -- a run folder cannot be created, opened, resumed or locked.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrmError(Exception):
+    """Base class of every error trm_jax raises on purpose."""
+
+
+class ConfigError(TrmError, ValueError):
+    """A setting is out of range or inconsistent; raised before any compute."""
+
+
+class DatasetUnavailableError(TrmError, RuntimeError):
+    """A dataset is neither prepared locally nor downloadable here."""
+
+
+class NonFiniteError(TrmError, FloatingPointError):
+    """Training produced NaN/Inf.
+
+    Attributes:
+      state: the last good (finite) state, or ``None`` when there is none.
+      epoch: the epoch (or outer step) at which it happened.
+    """
+
+    def __init__(self, message: str, state: Any = None, epoch: int | None = None):
+        super().__init__(message)
+        self.state = state
+        self.epoch = epoch
+
+
+class CheckpointError(TrmError, RuntimeError):
+    """A checkpoint is missing, unreadable or does not match the expected state."""
+
+
+class RunFolderError(TrmError, OSError):
+    """A run folder exists (and may not be overwritten), is missing, is not a run
+    folder, is corrupt or is locked by another process."""
+
+
+class RunExistsError(RunFolderError, FileExistsError):
+    """The run folder exists and neither ``overwrite`` nor ``resume`` was given."""
+
+
+ERRORS = (ConfigError, DatasetUnavailableError, NonFiniteError, CheckpointError, RunFolderError)
