@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trm_jax import attack, plots, presets
+from trm_jax import attack, plots, datasets
 
 EPOCHS = 2
 SEEDS = 2
@@ -21,7 +21,7 @@ LRS = (0.01, 0.1)
 
 @pytest.fixture(scope="module")
 def setup(digits_protocol):
-    model = presets.model_for("digits", 5, digits_protocol.image_shape)
+    model = datasets.model_for("digits", 5, digits_protocol.image_shape)
     keys = jax.vmap(jax.random.key)(jnp.arange(SEEDS))
     params = jax.vmap(model.init)(keys)
     return model, params, keys, attack.attack_data(digits_protocol)

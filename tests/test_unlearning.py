@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from trm_jax import models, presets, train, unlearning
+from trm_jax import models, datasets, train, unlearning
 
 SMALL = unlearning.UnsirConfig(
     noise=unlearning.NoiseConfig(steps=20, batch_size=16),
@@ -22,7 +22,7 @@ SMALL = unlearning.UnsirConfig(
 def digits_setup(digits_protocol):
     """A 10-way digits LeNet trained on all classes (1 seed, 6 epochs) and the test halves."""
     pre, test = digits_protocol.pretrain, digits_protocol.test
-    model = presets.model_for("digits", 10, digits_protocol.image_shape)
+    model = datasets.model_for("digits", 10, digits_protocol.image_shape)
     keys = jax.random.key(0)[None]
     images, labels = unlearning.all_classes(pre.beneficial, pre.malicious)
     config = train.TrainConfig(epochs=6, batch_size=32, learning_rate=3e-3, strategy="step")
@@ -162,8 +162,6 @@ def test_bad_stage_configs_are_clear_errors():
         dataclasses.replace(SMALL, retain_per_class=0)
     with pytest.raises(ValueError, match="impair epochs must be >= 1, got 0"):
         dataclasses.replace(SMALL, impair=dataclasses.replace(SMALL.impair, epochs=0))
-    with pytest.raises(ValueError, match="no UNSIR preset for dataset 'svhn'"):
-        unlearning.preset("svhn")
 
 
 @pytest.mark.parametrize("forget, retain_labels, message", [

@@ -1,22 +1,41 @@
 """trm_jax: transfer-resistant training in JAX.
 
+Protect a model, then attack it::
+
+  import trm_jax
+  protocol = trm_jax.data.load_protocol(trm_jax.data.preset("digits"))
+  keys = trm_jax.seed_keys(2)
+  protected = trm_jax.protect("reverse_maml", trm_jax.config_for("reverse_maml", "digits"),
+                              protocol, keys)
+  report = trm_jax.evaluate(protected, protocol)
+
 Modules map to concepts:
 
+* :mod:`~trm_jax.methods` -- ``protect``: the reference, UNSIR, SKD, Reverse-MAML
+* :mod:`~trm_jax.evaluation` -- ``evaluate``: the attack suite on any protected model
+* :mod:`~trm_jax.datasets` -- the one table of datasets and their defaults
 * :mod:`~trm_jax.data` -- the protocol's beneficial/malicious splits through TFDS
 * :mod:`~trm_jax.models` -- ``lenet``, ``conv4``: a features part and a head
 * :mod:`~trm_jax.train` -- the one supervised training engine
 * :mod:`~trm_jax.tasks`, :mod:`~trm_jax.meta` -- few-shot tasks, MAML / Reverse-MAML
-* :mod:`~trm_jax.skd` -- selective knowledge distillation
-* :mod:`~trm_jax.unlearning` -- the UNSIR machine-unlearning baseline
-* :mod:`~trm_jax.attack`, :mod:`~trm_jax.metrics` -- the fine-tuning attack and its metrics
-* :mod:`~trm_jax.checkpoint`, :mod:`~trm_jax.runs`, :mod:`~trm_jax.plots`,
-  :mod:`~trm_jax.sharding` -- orbax checkpoints, run folders, figures, seeds across devices
+* :mod:`~trm_jax.skd`, :mod:`~trm_jax.unlearning` -- SKD and UNSIR building blocks
+* :mod:`~trm_jax.attack`, :mod:`~trm_jax.metrics` -- the fine-tuning attacks and their metrics
+* :mod:`~trm_jax.hooks`, :mod:`~trm_jax.checkpoint`, :mod:`~trm_jax.runs` -- logging and
+  resuming, orbax checkpoints, run folders
+* :mod:`~trm_jax.errors`, :mod:`~trm_jax.typing`, :mod:`~trm_jax.streams` -- typed errors,
+  shared type aliases, PRNG stream tags
+* :mod:`~trm_jax.plots`, :mod:`~trm_jax.sharding` -- figures, seeds across devices
 
 Importing ``trm_jax`` never imports TensorFlow or TFDS (only loading a dataset does).
 """
-from trm_jax import (attack, checkpoint, data, meta, metrics, models, plots, presets, runs,
-                     sharding, skd, tasks, train, unlearning)
+from trm_jax import (attack, checkpoint, data, datasets, errors, evaluation, hooks, meta,
+                     methods, metrics, models, plots, runs, sharding, skd, streams, tasks,
+                     train, unlearning)
+from trm_jax.evaluation import SuiteConfig, evaluate
+from trm_jax.methods import Protected, config_for, protect, seed_keys
 
-__version__ = "0.1.0"
-__all__ = ["attack", "checkpoint", "data", "meta", "metrics", "models", "plots", "presets",
-           "runs", "sharding", "skd", "tasks", "train", "unlearning"]
+__version__ = "0.2.0"
+__all__ = ["attack", "checkpoint", "data", "datasets", "errors", "evaluation", "hooks", "meta",
+           "methods", "metrics", "models", "plots", "runs", "sharding", "skd", "streams", "tasks",
+           "train", "unlearning", "Protected", "SuiteConfig", "config_for", "evaluate", "protect",
+           "seed_keys"]

@@ -56,11 +56,54 @@ import jax.numpy as jnp
 import numpy as np
 
 from trm_jax import data as data_lib
-from trm_jax import metrics, models, sharding, streams, train
+from trm_jax import datasets, metrics, models, sharding, streams, train
+from trm_jax.errors import ConfigError
+from trm_jax.typing import Params
 
-Params = Any
 
-ATTACKS = ("linear_probe", "head_and_penultimate", "reinit_penultimate", "full_finetune")
+
+@dataclasses.dataclass(frozen=True)
+class AttackSpec:
+    """What one attack does, as data: a new attack is one :data:`ATTACK_SPECS` entry.
+
+    Parts are named symbolically and resolved against the model
+    (:func:`resolve_parts`): ``"head"``, ``"penultimate"`` (the last features
+    layer, ``model.penultimate``), ``"all"``, or a ``features/<layer>`` path.
+
+    Attributes:
+      name: the entry's name in reports.
+      trainable: parts the attacker trains (``("all",)``: every parameter); the rest
+        stays bitwise frozen. The head is always fresh.
+      reinit: parts re-initialised (fresh random values) before training.
+      frozen_features: everything below the head is frozen and not re-initialised,
+        so the features can be computed once (the linear-probe shortcut).
+      trains_convs: conv kernels are trained (on CPU a ``lax.map`` over runs beats
+        vmapped grouped convolutions, see :func:`resolve_batching`).
+      description: one line for ``--help`` and the README.
+    """
+
+    name: str
+    trainable: tuple[str, ...]
+    reinit: tuple[str, ...] = ()
+    frozen_features: bool = False
+    trains_convs: bool = False
+    description: str = ""
+
+
+#: The attack suite, in report order.
+ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
+    AttackSpec("linear_probe", ("head",), frozen_features=True,
+               description="the paper's: a fresh head on frozen features"),
+    AttackSpec("head_and_penultimate", ("head", "penultimate"),
+               description="fresh head; the last features layer trainable too (can re-learn "
+                           "an activation mask's bias)"),
+    AttackSpec("reinit_penultimate", ("head", "penultimate"), reinit=("penultimate",),
+               description="fresh head and a freshly initialised penultimate layer on the "
+                           "frozen layers below (the adaptive attack on activation masking)"),
+    AttackSpec("full_finetune", ("all",), trains_convs=True,
+               description="fresh head, every parameter trainable"),
+)}
+ATTACKS = tuple(ATTACK_SPECS)
 #: Optimizers of the ``"all"`` suite: Adam (b1 0.9, b2 0.999) and SGD with momentum 0.9.
 SUITE_OPTIMIZERS = ("adam", "momentum")
 OPTIMIZERS = train.OPTIMIZERS
@@ -70,13 +113,7 @@ PAPER_LEARNING_RATE = 0.1
 LEARNING_RATE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 #: Scratch training (Adam) sweeps these; the attacker's best one is the reference.
 SCRATCH_LEARNING_RATES = (1e-3, 1e-2)
-#: Attack epochs per dataset. Digits: 262 malicious fine-tuning images, 4 steps of
-#: 64 per epoch, so 10 epochs = 40 steps (scratch reaches ~0.97 in them); CIFAR-10
-#: (5,000 malicious fine-tuning images): 10 epochs = 780 steps.
-DEFAULT_EPOCHS = {"cifar10": 10, "mnist": 10, "omniglot": 10, "digits": 10}
 BATCHINGS = ("auto", "vmap", "map")
-#: Attacks whose trainable parameters include conv kernels (see :func:`resolve_batching`).
-CONV_TRAINING = ("full_finetune",)
 
 _ATTACK_STREAM = streams.ATTACK  # attack keys never collide with training keys
 _SCRATCH_STREAM = streams.SCRATCH
@@ -117,7 +154,11 @@ class AttackConfig:
     @property
     def frozen_features(self) -> bool:
         """True when the attack trains the head on precomputed features."""
-        return self.attack == "linear_probe" and self.precompute_features
+        return ATTACK_SPECS[self.attack].frozen_features and self.precompute_features
+
+    @property
+    def spec(self) -> AttackSpec:
+        return ATTACK_SPECS[self.attack]
 
 
 class AttackData(NamedTuple):
@@ -159,27 +200,27 @@ class AttackOutput(NamedTuple):
 def validate_config(config: AttackConfig) -> None:
     """Raises ``ValueError`` naming the bad value and what is allowed."""
     if config.attack not in ATTACKS:
-        raise ValueError(f"unknown attack {config.attack!r}; allowed: {ATTACKS}")
+        raise ConfigError(f"unknown attack {config.attack!r}; allowed: {ATTACKS}")
     if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; allowed: {OPTIMIZERS}")
+        raise ConfigError(f"unknown optimizer {config.optimizer!r}; allowed: {OPTIMIZERS}")
     if not isinstance(config.epochs, (int, np.integer)) or config.epochs < 1:
-        raise ValueError(f"attack epochs must be an integer >= 1, got {config.epochs!r}")
+        raise ConfigError(f"attack epochs must be an integer >= 1, got {config.epochs!r}")
     if config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {config.batch_size}")
     if config.eval_batch_size < 1:
-        raise ValueError(f"eval_batch_size must be >= 1, got {config.eval_batch_size}")
+        raise ConfigError(f"eval_batch_size must be >= 1, got {config.eval_batch_size}")
     if config.num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {config.num_classes}")
+        raise ConfigError(f"num_classes must be >= 2, got {config.num_classes}")
 
 
 def validate_learning_rates(learning_rates: Iterable[float]) -> tuple[float, ...]:
     """Returns the learning rates as floats; each must be finite and > 0."""
     lrs = tuple(float(lr) for lr in np.asarray(learning_rates, dtype=np.float64).reshape(-1))
     if not lrs:
-        raise ValueError("learning_rates is empty; give at least one learning rate > 0")
+        raise ConfigError("learning_rates is empty; give at least one learning rate > 0")
     bad = [lr for lr in lrs if not (math.isfinite(lr) and lr > 0)]
     if bad:
-        raise ValueError(f"learning rates must be finite and > 0, got {bad} in {list(lrs)}")
+        raise ConfigError(f"learning rates must be finite and > 0, got {bad} in {list(lrs)}")
     return lrs
 
 
@@ -190,7 +231,7 @@ def resolve_attacks(attacks: str | Sequence[str]) -> tuple[str, ...]:
     attacks = tuple(attacks)
     bad = [a for a in attacks if a not in ATTACKS]
     if bad or not attacks:
-        raise ValueError(f"unknown attack(s) {bad or attacks}; allowed: {ATTACKS} or 'all' "
+        raise ConfigError(f"unknown attack(s) {bad or attacks}; allowed: {ATTACKS} or 'all' "
                          f"(the scratch reference is not an attack: it is always computed "
                          f"unless turned off)")
     return attacks
@@ -198,17 +239,17 @@ def resolve_attacks(attacks: str | Sequence[str]) -> tuple[str, ...]:
 
 def resolve_batching(batching: str, config: AttackConfig) -> str:
     """``"auto"``: ``"map"`` (a sequential ``lax.map`` over the (lr, seed) grid,
-    still one program) for attacks that train conv weights (:data:`CONV_TRAINING`)
+    still one program) for attacks that train conv weights (``AttackSpec.trains_convs``)
     on CPU, where vmapped per-run conv weights become grouped convolutions that
     XLA:CPU runs slowly; ``"vmap"`` otherwise (GPU/TPU, and every attack whose
     trained weights are dense layers). Measured on 2 CPU cores, digits, 3 seeds x
     3 lrs x 20 epochs: full_finetune vmap 8.6 s / map 7.0 s; head_and_penultimate
     vmap 0.7 s / map 3.6 s."""
     if batching not in BATCHINGS:
-        raise ValueError(f"unknown batching {batching!r}; allowed: {BATCHINGS}")
+        raise ConfigError(f"unknown batching {batching!r}; allowed: {BATCHINGS}")
     if batching != "auto":
         return batching
-    if config.attack in CONV_TRAINING and jax.default_backend() == "cpu":
+    if config.spec.trains_convs and jax.default_backend() == "cpu":
         return "map"
     return "vmap"
 
@@ -222,12 +263,22 @@ def attack_data(protocol: data_lib.ProtocolData) -> AttackData:
     return AttackData(*(jax.device_put(a) for a in (ft.images, ft.labels, te.images, te.labels)))
 
 
+def resolve_parts(model: models.Model, parts: Sequence[str]) -> tuple[str, ...]:
+    """Symbolic parts of an :class:`AttackSpec` -> param path prefixes of ``model``."""
+    names = {"head": "head", "penultimate": f"features/{model.penultimate}", "all": "all"}
+    out = []
+    for part in parts:
+        if part not in names and not part.startswith("features/"):
+            raise ConfigError(f"unknown model part {part!r}; allowed: {sorted(names)} or "
+                              "'features/<layer>'")
+        out.append(names.get(part, part))
+    return tuple(out)
+
+
 def trainable_prefixes(model: models.Model, attack: str) -> str | tuple[str, ...]:
-    """What each attack may change: a :func:`trm_jax.train.trainable_mask` spec."""
-    return {"linear_probe": ("head",),
-            "head_and_penultimate": ("head", f"features/{model.penultimate}"),
-            "reinit_penultimate": ("head", f"features/{model.penultimate}"),
-            "full_finetune": "all"}[attack]
+    """What an attack may change: a :func:`trm_jax.train.trainable_mask` spec."""
+    parts = resolve_parts(model, ATTACK_SPECS[attack].trainable)
+    return "all" if "all" in parts else parts
 
 
 def make_attack(model: models.Model, config: AttackConfig, *, return_params: bool = False
@@ -297,9 +348,10 @@ def attack_phases(model: models.Model, config: AttackConfig, *, return_params: b
         else:
             apply_fn = model.apply
             features = params["features"]
-            if config.attack == "reinit_penultimate":  # a fresh layer under the fresh head
-                fresh = model.init(jax.random.fold_in(head_key, streams.REINIT))["features"][model.penultimate]
-                features = {**features, model.penultimate: fresh}
+            if config.spec.reinit:  # fresh layers under the fresh head
+                fresh = model.init(jax.random.fold_in(head_key, streams.REINIT))
+                features = _replace_parts(features, fresh["features"],
+                                          resolve_parts(model, config.spec.reinit))
             trained = {"features": features, "head": head}
             if trainable != "all":
                 mask = train.trainable_mask(trained, trainable)
@@ -324,6 +376,15 @@ def attack_phases(model: models.Model, config: AttackConfig, *, return_params: b
         return AttackOutput(curve, finite, final if return_params else None)
 
     return prepare, fit
+
+
+def _replace_parts(features: Params, fresh: Params, parts: Sequence[str]) -> Params:
+    """``features`` with the layers named by ``parts`` (``features/<layer>``) from ``fresh``."""
+    out = dict(features)
+    for part in parts:
+        layer = part.split("/", 1)[1]
+        out[layer] = fresh[layer]
+    return out
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -373,7 +434,7 @@ def compiled_sweep(model: models.Model, config: AttackConfig, batching: str,
             out = jax.lax.map(body, (seed_idx, lr_idx))
             return jax.tree.map(lambda x: x.reshape(num_lrs, num_seeds, *x.shape[1:]), out)
     else:
-        raise ValueError(f"batching must be 'vmap' or 'map' here, got {batching!r}")
+        raise ConfigError(f"batching must be 'vmap' or 'map' here, got {batching!r}")
     return jax.jit(sweep)
 
 
@@ -411,24 +472,24 @@ def check_inputs(model: models.Model, params: Params, keys: jax.Array, data: Att
     """Shape checks at the boundary (``chex``) with messages naming what is allowed."""
     validate_config(config)
     if keys.ndim != 1:
-        raise ValueError(f"keys must be a [S] stack of PRNG keys (jax.random.key), got shape {keys.shape}")
+        raise ConfigError(f"keys must be a [S] stack of PRNG keys (jax.random.key), got shape {keys.shape}")
     num_seeds = int(keys.shape[0])
     if params is None:
-        raise ValueError(f"attack {config.attack!r} needs params (a [S, ...] stack of models)")
+        raise ConfigError(f"attack {config.attack!r} needs params (a [S, ...] stack of models)")
     shapes = {jax.tree_util.keystr(path): tuple(x.shape)
               for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     bad = {k: v for k, v in shapes.items() if not v or v[0] != num_seeds}
     if bad:
-        raise ValueError(f"params must be a stack with a leading seed axis of {num_seeds} (one per "
+        raise ConfigError(f"params must be a stack with a leading seed axis of {num_seeds} (one per "
                          f"key); leaves with other shapes: {bad}")
     n = data.num_finetune
     if config.batch_size > n:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {n} malicious fine-tuning "
+        raise ConfigError(f"batch_size={config.batch_size} exceeds the {n} malicious fine-tuning "
                          f"examples; allowed: 1..{n}")
     chex.assert_equal_shape_prefix([data.finetune_images, data.finetune_labels], 1)
     chex.assert_equal_shape_prefix([data.test_images, data.test_labels], 1)
     if tuple(data.finetune_images.shape[1:]) != tuple(model.input_shape):
-        raise ValueError(f"images of shape {data.finetune_images.shape[1:]} do not fit the model's "
+        raise ConfigError(f"images of shape {data.finetune_images.shape[1:]} do not fit the model's "
                          f"input_shape {model.input_shape}")
 
 
@@ -482,8 +543,10 @@ def make_entry(output: AttackOutput, learning_rates: Sequence[float], config: At
 
 
 def default_epochs(protocol: data_lib.ProtocolData) -> int:
-    """:data:`DEFAULT_EPOCHS` for the protocol's dataset (10 for unknown ones)."""
-    return DEFAULT_EPOCHS.get(protocol.spec.dataset, 10)
+    """The dataset's ``attack_epochs`` (:mod:`trm_jax.datasets`). Digits: 262 malicious
+    fine-tuning images, 4 steps of 64 per epoch, so 10 epochs = 40 steps (scratch
+    reaches ~0.97 in them); CIFAR-10 (5,000 images): 10 epochs = 780 steps."""
+    return datasets.get(protocol.spec.dataset).attack_epochs
 
 
 def scratch_reference(model: models.Model, keys: jax.Array, protocol: data_lib.ProtocolData, *,
@@ -542,7 +605,7 @@ def attack_plan(attacks: str | Sequence[str] = ("linear_probe",), *,
     optimizers = tuple(SUITE_OPTIMIZERS if optimizers is None and suite else optimizers or ("adam",))
     bad = [o for o in optimizers if o not in OPTIMIZERS]
     if bad or not optimizers or len(set(optimizers)) != len(optimizers):
-        raise ValueError(f"bad optimizer list {list(optimizers)}; allowed (each once): {OPTIMIZERS}")
+        raise ConfigError(f"bad optimizer list {list(optimizers)}; allowed (each once): {OPTIMIZERS}")
     plan = {}
     for a in names:
         lrs = validate_learning_rates(
@@ -608,7 +671,7 @@ def attack_report(model: models.Model, params: Params, keys: jax.Array,
             check_inputs(model, reference_params, keys, data, config)
     if scratch is not None and (scratch.get("epochs"), scratch.get("batch_size"),
                                 np.shape(scratch["curves"])[1]) != (epochs, batch_size, keys.shape[0]):
-        raise ValueError(
+        raise ConfigError(
             f"the given scratch reference has epochs={scratch.get('epochs')}, batch_size="
             f"{scratch.get('batch_size')}, {np.shape(scratch['curves'])[1]} seeds; this report "
             f"needs epochs={epochs}, batch_size={batch_size}, {keys.shape[0]} seeds (same budget)")

@@ -89,3 +89,46 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def save_model(run_dir: str | os.PathLike, model: Any, params: Any, seeds: list[int]) -> None:
+    """Stores a params stack ``[S, ...]`` in ``<run_dir>/checkpoints/model`` and the
+    architecture in ``<run_dir>/model.json`` (what :func:`load_model` reads)."""
+    import json
+    import pathlib
+
+    run_dir = pathlib.Path(run_dir)
+    with Checkpointer(run_dir / "checkpoints" / "model", max_to_keep=1) as ckpt:
+        ckpt.save(0, params, {"model": model.spec(), "seeds": list(seeds)})
+    tmp = run_dir / "model.json.tmp"
+    tmp.write_text(json.dumps({"model": model.spec(), "seeds": list(seeds)}, indent=2) + "\n")
+    os.replace(tmp, run_dir / "model.json")
+
+
+def load_model(run_dir: str | os.PathLike) -> tuple[Any, Any, list[int]]:
+    """Reads the saved model of any run folder -> ``(model, params[S, ...], seeds)``.
+
+    Raises:
+      CheckpointError: no saved model (the run did not finish) or an unreadable one.
+    """
+    import json
+    import pathlib
+
+    import jax.numpy as jnp
+
+    from trm_jax import models
+
+    run_dir = pathlib.Path(run_dir)
+    path = run_dir / "model.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no saved model (model.json); did the run finish?")
+    try:
+        meta = json.loads(path.read_text())
+        model, seeds = models.from_spec(meta["model"]), list(meta["seeds"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is corrupt ({type(err).__name__}: {err}); rerun the "
+                              "experiment that wrote it") from None
+    like = jax.vmap(model.init)(jax.vmap(jax.random.key)(jnp.arange(len(seeds))))
+    with Checkpointer(run_dir / "checkpoints" / "model") as ckpt:
+        params, _ = ckpt.restore(like)
+    return model, params, seeds

@@ -46,13 +46,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-ArrayLike = Any
+from trm_jax.errors import ConfigError
+from trm_jax.typing import ArrayLike
 
 
 def _curves(curves: ArrayLike, name: str = "curves") -> np.ndarray:
     arr = np.asarray(curves, dtype=np.float64)
     if arr.ndim < 1 or arr.shape[-1] < 2:
-        raise ValueError(f"{name} needs an epoch axis (last) with >= 2 points (epoch 0 and at "
+        raise ConfigError(f"{name} needs an epoch axis (last) with >= 2 points (epoch 0 and at "
                          f"least one fine-tuning epoch), got shape {arr.shape}")
     return arr
 
@@ -97,9 +98,9 @@ def steps_to_reach(curves: ArrayLike, target: float, steps_per_epoch: int) -> np
     """
     arr = _curves(curves)
     if not (isinstance(steps_per_epoch, (int, np.integer)) and steps_per_epoch >= 1):
-        raise ValueError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
+        raise ConfigError(f"steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}")
     if not math.isfinite(float(target)):
-        raise ValueError(f"target must be a finite accuracy, got {target!r}")
+        raise ConfigError(f"target must be a finite accuracy, got {target!r}")
     hit = arr >= float(target)
     first = np.argmax(hit, axis=-1).astype(np.float64)
     return np.where(hit.any(axis=-1), first * steps_per_epoch, np.inf)
@@ -112,7 +113,7 @@ def summarize(per_seed: ArrayLike) -> dict[str, Any]:
     """
     values = np.asarray(per_seed, dtype=np.float64).reshape(-1)
     if values.size == 0:
-        raise ValueError("cannot summarize zero seeds")
+        raise ConfigError("cannot summarize zero seeds")
     if np.all(np.isfinite(values)):
         mean, std = float(values.mean()), float(values.std())
     else:
@@ -128,7 +129,7 @@ def best_lr_index(curves: ArrayLike) -> int:
     """
     arr = _curves(curves)
     if arr.ndim != 3:
-        raise ValueError(f"curves must be [L, S, E+1], got shape {arr.shape}")
+        raise ConfigError(f"curves must be [L, S, E+1], got shape {arr.shape}")
     return int(np.argmax(final_accuracy(arr).mean(axis=1)))
 
 
@@ -146,7 +147,7 @@ def curve_summary(curves: ArrayLike, steps_per_epoch: int | None = None,
     """
     arr = _curves(curves)
     if arr.ndim != 2:
-        raise ValueError(f"curves must be [S, E+1], got shape {arr.shape}")
+        raise ConfigError(f"curves must be [S, E+1], got shape {arr.shape}")
     out = {"initial": summarize(arr[:, 0]), "final": summarize(final_accuracy(arr)),
            "best": summarize(best_accuracy(arr)), "auc": summarize(auc(arr))}
     if target is not None and steps_per_epoch is not None:
@@ -171,7 +172,7 @@ def sweep_summary(curves: ArrayLike, learning_rates: Sequence[float], *,
     """
     arr = _curves(curves)
     if arr.ndim != 3 or arr.shape[0] != len(learning_rates):
-        raise ValueError(f"curves must be [L={len(learning_rates)}, S, E+1], got shape {arr.shape}")
+        raise ConfigError(f"curves must be [L={len(learning_rates)}, S, E+1], got shape {arr.shape}")
     per_lr = [{"learning_rate": float(lr), **curve_summary(arr[i], steps_per_epoch, target)}
               for i, lr in enumerate(learning_rates)]
     i = best_lr_index(arr)
@@ -192,7 +193,7 @@ def worst_case(entries: Mapping[str, Mapping[str, Any]],
       ``{m: {"attack": name, "learning_rate": l*, "mean", "std"} for m in metrics}``.
     """
     if not entries:
-        raise ValueError("worst_case needs at least one attack entry")
+        raise ConfigError("worst_case needs at least one attack entry")
     out = {}
     for m in metrics:
         name = max(entries, key=lambda a: entries[a][m]["mean"])

@@ -69,3 +69,51 @@ def plot_attack_curves(entries: Mapping[str, Mapping[str, Any]], path: str | os.
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_ablation(rows: list[dict[str, Any]], path, title: str):
+    """Teacher / student beneficial accuracy (%) and misses (%) against teacher epochs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    x = [r["teacher_epochs"] for r in rows]
+    for key, label, scale in (("teacher_test_accuracy", "teacher accuracy", 100.0),
+                              ("student_test_accuracy", "SKD student accuracy", 100.0),
+                              ("misses_percent", "misses (malicious not masked)", 1.0),
+                              ("false_masks_percent", "false masks (beneficial masked)", 1.0)):
+        mean = np.array([r[key]["mean"] for r in rows]) * scale
+        std = np.array([r[key]["std"] for r in rows]) * scale
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(x, [str(e) for e in x])
+    ax.set_xlabel("teacher training epochs")
+    ax.set_ylabel("% of test images (mean ± std over seeds)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(values: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str,
+              ylabel: str) -> pathlib.Path:
+    """One bar per entry: ``{label: {"mean", "std"}}`` with error bars and the value written."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.0), dpi=120)
+    labels = list(values)
+    means = [values[k]["mean"] for k in labels]
+    stds = [values[k]["std"] for k in labels]
+    ax.bar(range(len(labels)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+    for i, (m, sd) in enumerate(zip(means, stds)):
+        ax.text(i + 0.12, m + sd + 0.015, f"{m:.3f}", ha="left", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return pathlib.Path(path)

@@ -42,9 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import models, train
-
-Params = Any
+from trm_jax import models, streams, train
+from trm_jax.errors import ConfigError
+from trm_jax.typing import Params
 STUDENT_INITS = ("fresh", "teacher")
 DEFAULT_MALICIOUS_TARGET = -100.0
 
@@ -79,10 +79,10 @@ def validate_config(config: SKDConfig) -> None:
     except (TypeError, ValueError):
         target = math.nan
     if not math.isfinite(target) or not target < 0:
-        raise ValueError(f"malicious_target must be a finite number < 0 (the paper uses "
+        raise ConfigError(f"malicious_target must be a finite number < 0 (the paper uses "
                          f"{DEFAULT_MALICIOUS_TARGET}), got {config.malicious_target!r}")
     if config.student_init not in STUDENT_INITS:
-        raise ValueError(f"unknown student_init {config.student_init!r}; allowed: {STUDENT_INITS}")
+        raise ConfigError(f"unknown student_init {config.student_init!r}; allowed: {STUDENT_INITS}")
 
 
 # ----------------------------------------------------------------------------- targets
@@ -130,10 +130,10 @@ def distillation_data(model: models.Model, teacher_features: Params,
     for name, images in (("beneficial_images", beneficial_images),
                          ("malicious_images", malicious_images)):
         if images.ndim != 4 or images.shape[0] < 1:
-            raise ValueError(f"{name} must be a non-empty [N, H, W, C] array, got shape "
+            raise ConfigError(f"{name} must be a non-empty [N, H, W, C] array, got shape "
                              f"{images.shape}")
         if tuple(images.shape[1:]) != tuple(model.input_shape):
-            raise ValueError(f"{name} have shape {images.shape[1:]} per image, the model expects "
+            raise ConfigError(f"{name} have shape {images.shape[1:]} per image, the model expects "
                              f"{model.input_shape}")
     images = jnp.concatenate([jnp.asarray(beneficial_images), jnp.asarray(malicious_images)])
     targets = _targets_for_seeds(model, teacher_features, jnp.asarray(beneficial_images),
@@ -151,7 +151,7 @@ def check_features_stack(model: models.Model, stack: Params, name: str) -> int:
     except (ValueError, TypeError, IndexError):
         flags = [(False, None)]
     if not all(ok for ok, _ in flags) or len({n for _, n in flags}) != 1:
-        raise ValueError(f"{name} must be a stack [S, ...] of {model.name} features params (one "
+        raise ConfigError(f"{name} must be a stack [S, ...] of {model.name} features params (one "
                          f"per seed, e.g. jax.vmap(model.init)(keys)['features']); got shapes "
                          f"{jax.tree.map(lambda a: getattr(a, 'shape', a), stack)}")
     return int(flags[0][1])
@@ -213,10 +213,10 @@ def init_student(model: models.Model, key: chex.PRNGKey, teacher_features: Param
     of ``teacher_features``.
     """
     if student_init not in STUDENT_INITS:
-        raise ValueError(f"unknown student_init {student_init!r}; allowed: {STUDENT_INITS}")
+        raise ConfigError(f"unknown student_init {student_init!r}; allowed: {STUDENT_INITS}")
     if student_init == "teacher":
         return jax.tree.map(jnp.array, teacher_features)
-    return model.init(jax.random.fold_in(key, 1))["features"]
+    return model.init(jax.random.fold_in(key, streams.SKD_STUDENT))["features"]
 
 
 def distill(keys: jax.Array, student_params: Params, images: jax.Array, targets: jax.Array,
@@ -237,13 +237,13 @@ def distill(keys: jax.Array, student_params: Params, images: jax.Array, targets:
     """
     num_seeds = keys.shape[0]
     if check_features_stack(model, student_params, "student_params") != num_seeds:
-        raise ValueError(f"student_params hold {jax.tree.leaves(student_params)[0].shape[0]} seeds "
+        raise ConfigError(f"student_params hold {jax.tree.leaves(student_params)[0].shape[0]} seeds "
                          f"but there are {num_seeds} keys")
     dim = model.feature_dim
     if targets.ndim != 3 or targets.shape[0] != num_seeds or targets.shape[2] != dim:
-        raise ValueError(f"targets must be f32[S={num_seeds}, N, D={dim}], got shape {targets.shape}")
+        raise ConfigError(f"targets must be f32[S={num_seeds}, N, D={dim}], got shape {targets.shape}")
     if targets.shape[1] != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {targets.shape[1]} targets per seed; "
+        raise ConfigError(f"{images.shape[0]} images but {targets.shape[1]} targets per seed; "
                          "they must match (see distillation_data)")
     return train.fit_classifier(keys, student_params, None, images, targets, config,
                                 loss_fn=distillation_loss(model), per_seed_data=(False, True),
@@ -257,7 +257,7 @@ def mask_penultimate_bias(model: models.Model, features_params: Params) -> Param
     """``features_params`` with the penultimate layer's bias set to exactly 0 (any leading axes)."""
     layer = features_params[model.penultimate]
     if "bias" not in layer:
-        raise ValueError(f"penultimate layer {model.penultimate!r} has no bias to mask "
+        raise ConfigError(f"penultimate layer {model.penultimate!r} has no bias to mask "
                          f"(its params: {sorted(layer)})")
     return {**features_params, model.penultimate: {**layer, "bias": jnp.zeros_like(layer["bias"])}}
 

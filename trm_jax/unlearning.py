@@ -42,15 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import models, train
-
-Params = Any
-ApplyFn = Callable[[Params, jax.Array], jax.Array]
+from trm_jax import models, streams, train
+from trm_jax.errors import ConfigError, NonFiniteError
+from trm_jax.typing import ApplyFn, Params
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +126,8 @@ DIGITS_CONFIG = UnsirConfig(
     impair=train.TrainConfig(epochs=1, batch_size=16, learning_rate=0.01, optimizer="adam"),
     repair=train.TrainConfig(epochs=1, batch_size=16, learning_rate=0.005, optimizer="adam"),
 )
-"""The 8x8 digits preset: the notebook's sizes scaled down, its stage rates halved.
+"""The 8x8 digits preset: the notebook's sizes scaled down, its stage rates halved
+(the digits entry of :mod:`trm_jax.datasets` selects it).
 
 Kept from the notebook: the noise objective and optimiser (40 Adam steps at 0.1,
 ``lambda`` 0.1, Gaussian init), one epoch per stage, Adam, impair rate = 2 x repair
@@ -155,17 +155,6 @@ rate. Changed, because they do not transfer to ~80 pre-training images per class
   (Also tried at 0.02 / 0.01: 1 or 4 noise copies, batches of 8 or 32 - all worse or
   unstable across seeds; 2 repair epochs gave 0.960 but the paper uses one.)
 """
-
-PRESETS: dict[str, UnsirConfig] = {"cifar10": PAPER_CONFIG, "mnist": PAPER_CONFIG,
-                                   "omniglot": PAPER_CONFIG, "digits": DIGITS_CONFIG}
-
-
-def preset(dataset: str) -> UnsirConfig:
-    """The UNSIR defaults for a dataset: the notebook's, or the digits preset."""
-    if dataset not in PRESETS:
-        raise ValueError(f"no UNSIR preset for dataset {dataset!r}; known: {sorted(PRESETS)}")
-    return PRESETS[dataset]
-
 
 # --------------------------------------------------------------------------- noise
 
@@ -289,7 +278,7 @@ def impair_set(noise: jax.Array, forget_labels: jax.Array, retain_images: jax.Ar
     chex.assert_equal_shape_suffix([noise, retain_images], 3)
     chex.assert_shape(retain_labels, retain_images.shape[:1])
     if copies < 1:
-        raise ValueError(f"copies must be >= 1, got {copies}")
+        raise ConfigError(f"copies must be >= 1, got {copies}")
     noise_images = jnp.tile(noise.reshape(k * b, *noise.shape[2:]), (copies, 1, 1, 1))
     noise_labels = jnp.tile(jnp.repeat(forget_labels.astype(jnp.int32), b), copies)
     retain = models.to_float(retain_images, noise.dtype)
@@ -305,7 +294,7 @@ def retain_indices(labels: np.ndarray, per_class: int | None) -> np.ndarray:
     """
     labels = np.asarray(labels)
     if per_class is not None and per_class < 1:
-        raise ValueError(f"per_class must be >= 1 or None (all), got {per_class}")
+        raise ConfigError(f"per_class must be >= 1 or None (all), got {per_class}")
     if per_class is None:
         return np.arange(labels.shape[0])
     keep = [np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)]
@@ -341,23 +330,23 @@ def validate_forget_labels(forget_labels: Sequence[int] | np.ndarray, num_classe
     """
     labels = np.asarray(forget_labels).reshape(-1)
     if labels.size == 0:
-        raise ValueError("forget_labels is empty; give at least one class index to unlearn, "
+        raise ConfigError("forget_labels is empty; give at least one class index to unlearn, "
                          f"in 0..{num_classes - 1}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"forget_labels must be integers, got {labels.tolist()}")
+        raise ConfigError(f"forget_labels must be integers, got {labels.tolist()}")
     bad = [int(c) for c in labels if not 0 <= int(c) < num_classes]
     if bad:
-        raise ValueError(f"forget_labels {bad} out of range: the head has {num_classes} classes, "
+        raise ConfigError(f"forget_labels {bad} out of range: the head has {num_classes} classes, "
                          f"allowed 0..{num_classes - 1}")
     if len(set(labels.tolist())) != labels.size:
-        raise ValueError(f"forget_labels={labels.tolist()} lists a class twice")
+        raise ConfigError(f"forget_labels={labels.tolist()} lists a class twice")
     if labels.size >= num_classes:
-        raise ValueError(f"forget_labels={labels.tolist()} would unlearn all {num_classes} classes; "
+        raise ConfigError(f"forget_labels={labels.tolist()} would unlearn all {num_classes} classes; "
                          "at least one class must be retained")
     if retain_labels is not None:
         overlap = sorted(set(labels.tolist()) & set(np.unique(np.asarray(retain_labels)).tolist()))
         if overlap:
-            raise ValueError(f"retain data contains forget classes {overlap}; the retain subset "
+            raise ConfigError(f"retain data contains forget classes {overlap}; the retain subset "
                              "must hold only retained classes")
     return labels.astype(np.int32)
 
@@ -398,7 +387,8 @@ def fit_phase(apply_fn: ApplyFn, progress: bool = True) -> RunPhase:
     return run
 
 
-STAGE_SALT = {"noise": 1, "impair": 2, "repair": 3}  # fold_in constants: one stream per stage
+STAGE_SALT = {"noise": streams.UNSIR_NOISE, "impair": streams.UNSIR_IMPAIR,
+              "repair": streams.UNSIR_REPAIR}  # one stream per stage
 
 
 def stage_keys(keys: jax.Array, stage: str) -> jax.Array:
@@ -422,14 +412,14 @@ def unsir(keys: jax.Array, params: Params, apply_fn: ApplyFn, forget_labels: Seq
       config: :class:`UnsirConfig` (``retain_per_class`` is applied by the caller).
       image_shape: ``(H, W, C)``; default ``retain_images.shape[1:]``.
       run_phase: trains one stage (default :func:`fit_phase`); pass a resumable one
-        (``experiments.common.train_phase``) for checkpoints.
+        (:func:`trm_jax.methods.unsir.protect` passes one with hooks) for checkpoints.
 
     Returns:
       :class:`UnsirResult`.
 
     Raises:
       ValueError: bad forget classes or sizes, before any compute.
-      FloatingPointError: the noise became NaN/Inf.
+      NonFiniteError: the noise became NaN/Inf.
     """
     num_seeds = int(keys.shape[0])
     chex.assert_tree_shape_prefix(params, (num_seeds,))
@@ -437,20 +427,20 @@ def unsir(keys: jax.Array, params: Params, apply_fn: ApplyFn, forget_labels: Seq
     host_retain_labels = np.asarray(retain_labels)
     labels = validate_forget_labels(forget_labels, num_classes, host_retain_labels)
     if host_retain_labels.size == 0:
-        raise ValueError("the retain subset is empty; impair and repair need retained examples")
+        raise ConfigError("the retain subset is empty; impair and repair need retained examples")
     image_shape = tuple(image_shape or retain_images.shape[1:])
     n_impair = config.noise_copies * labels.size * config.noise.batch_size + host_retain_labels.size
     for name, n in (("impair", n_impair), ("repair", host_retain_labels.size)):
         stage = getattr(config, name)
         if stage.epochs and stage.batch_size > n:
-            raise ValueError(f"{name} batch_size={stage.batch_size} exceeds its {n} examples; "
+            raise ConfigError(f"{name} batch_size={stage.batch_size} exceeds its {n} examples; "
                              f"allowed: 1..{n}")
     run_phase = run_phase or fit_phase(apply_fn, progress)
 
     learn = make_noise_learner(apply_fn, image_shape, config.noise)
     noise, history = learn(stage_keys(keys, "noise"), params, jnp.asarray(labels))
     if not bool(jnp.all(jnp.isfinite(noise))):
-        raise FloatingPointError(f"the UNSIR noise became NaN/Inf (learning_rate="
+        raise NonFiniteError(f"the UNSIR noise became NaN/Inf (learning_rate="
                                  f"{config.noise.learning_rate}, l2_weight={config.noise.l2_weight}); "
                                  "lower the noise learning rate or raise l2_weight")
     impair_data = jax.jit(jax.vmap(impair_set, in_axes=(0, None, None, None, None)),

@@ -22,24 +22,10 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 
-class DatasetInfo(NamedTuple):
-    """What the protocol needs to know about a dataset before loading it."""
+from trm_jax import datasets as _datasets
 
-    tfds_name: str
-    image_shape: tuple[int, int, int]
-    num_classes: int
-    train_split: str
-    test_split: str
-    offline: bool  # True when it can be prepared with no network
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo("cifar10", (32, 32, 3), 10, "train", "test", False),
-    "mnist": DatasetInfo("mnist", (28, 28, 1), 10, "train", "test", False),
-    # TFDS omniglot: 105x105x3 images, `label` is the character (1,623 classes).
-    "omniglot": DatasetInfo("omniglot", (105, 105, 3), 1623, "train", "test", False),
-    "digits": DatasetInfo("sklearn_digits", (8, 8, 1), 10, "train", "test", True),
-}
+#: The dataset table (one entry per dataset: :mod:`trm_jax.datasets`).
+DATASETS = _datasets.DATASETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +46,12 @@ class ProtocolSpec:
 
 
 def preset(dataset: str) -> ProtocolSpec:
-    """The protocol's defaults for a dataset (CIFAR-10: the paper's 40k / 10k / 10k)."""
+    """The protocol's defaults for a dataset (CIFAR-10: the paper's 40k / 10k / 10k): the
+    first half of the classes is beneficial, the second half malicious."""
     info = dataset_info(dataset)
     half = info.num_classes // 2
-    ben, mal = tuple(range(half)), tuple(range(half, 2 * half))
-    sizes = {"cifar10": 40_000, "mnist": 50_000, "omniglot": 15_000, "digits": 800}
-    return ProtocolSpec(dataset, ben, mal, sizes[dataset])
+    return ProtocolSpec(dataset, tuple(range(half)), tuple(range(half, 2 * half)),
+                        info.pretrain_size)
 
 
 class Subset(NamedTuple):
@@ -116,10 +102,9 @@ class ProtocolData(NamedTuple):
 from trm_jax.errors import DatasetUnavailableError  # noqa: E402,F401  (re-exported)
 
 
-def dataset_info(dataset: str) -> DatasetInfo:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; known datasets: {sorted(DATASETS)}")
-    return DATASETS[dataset]
+def dataset_info(dataset: str) -> _datasets.DatasetEntry:
+    """The table entry of ``dataset`` (:func:`trm_jax.datasets.get`)."""
+    return _datasets.get(dataset)
 
 
 def validate_spec(spec: ProtocolSpec, train_size: int | None = None,
@@ -336,6 +321,9 @@ def load_split(dataset: str, split: str, data_dir: str | None = None,
                download: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """One TFDS split as ``(uint8[N, H, W, C], int32[N])`` host arrays."""
     info = dataset_info(dataset)
+    if info.loader is not None:  # a registered in-memory or custom source, not TFDS
+        images, labels = info.loader(split, data_dir)
+        return np.asarray(images, np.uint8), np.asarray(labels, np.int32)
     source = _data_source(dataset, split, data_dir, download)
     n = len(source)
     if n == 0:

@@ -1,0 +1,178 @@
+"""The one table of datasets: where each comes from and every per-dataset default.
+
+A dataset is ONE :class:`DatasetEntry`: its TFDS name and splits (or a custom
+``loader``), image shape and classes, the protocol's pre-training size, the model
+preset, the supervised training defaults, the attack's epochs, and per-method
+overrides of the method configs' defaults (dotted paths, e.g.
+``{"reverse_maml": {"meta.shots": 5}}``). Every experiment and
+:func:`trm_jax.config_for` read it from here and nowhere else, so a newly
+registered dataset works in every experiment::
+
+  register(DatasetEntry("my_digits", tfds_name="", image_shape=(8, 8, 1), num_classes=10,
+                        pretrain_size=800, offline=True, loader=my_loader))
+
+Nothing here imports TensorFlow; :mod:`trm_jax.data` does the loading.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from trm_jax.errors import ConfigError
+
+#: ``loader(split, data_dir) -> (uint8[N, H, W, C] images, int[N] labels)``.
+Loader = Callable[[str, "str | None"], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+    """Everything the project needs to know about one dataset.
+
+    Attributes:
+      name: the name experiments take (``--dataset NAME``).
+      tfds_name: the TFDS builder name (unused with ``loader``).
+      image_shape: ``(H, W, C)`` of one image.
+      num_classes: classes of the whole dataset (the protocol picks its halves).
+      pretrain_size: the protocol's ``train[:pretrain_size]``; the rest of train
+        is the fine-tuning split.
+      train_split, test_split: TFDS split names.
+      offline: ``True`` when it can be prepared with no network.
+      model: ``"lenet"`` or ``"conv4"`` (see :mod:`trm_jax.models`).
+      model_options: keyword arguments of the model factory, e.g. ``(("padding", "SAME"),)``.
+      epochs, batch_size, learning_rate: supervised training defaults (Adam) of
+        every phase that trains a classifier (reference, teacher, heads, UNSIR's original).
+      attack_epochs: the fine-tuning attack's epochs.
+      overrides: ``{method: {dotted.path: value}}`` on top of the method config's
+        defaults (see :func:`trm_jax.methods.config_for`).
+      loader: optional ``loader(split, data_dir) -> (images, labels)`` used instead
+        of TFDS (in-memory or custom data).
+    """
+
+    name: str
+    tfds_name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    pretrain_size: int
+    train_split: str = "train"
+    test_split: str = "test"
+    offline: bool = False
+    model: str = "lenet"
+    model_options: tuple[tuple[str, Any], ...] = (("padding", "VALID"),)
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    attack_epochs: int = 10
+    overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    loader: Loader | None = None
+
+    def __post_init__(self) -> None:
+        if len(tuple(self.image_shape)) != 3:
+            raise ConfigError(f"dataset {self.name!r}: image_shape must be (H, W, C), "
+                              f"got {self.image_shape!r}")
+        for field in ("num_classes", "pretrain_size", "epochs", "batch_size", "attack_epochs"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, np.integer)) or value < (2 if field == "num_classes" else 1):
+                raise ConfigError(f"dataset {self.name!r}: {field} must be an integer >= "
+                                  f"{2 if field == 'num_classes' else 1}, got {value!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"dataset {self.name!r}: learning_rate must be > 0, "
+                              f"got {self.learning_rate!r}")
+        if not self.tfds_name and self.loader is None:
+            raise ConfigError(f"dataset {self.name!r} needs a tfds_name or a loader")
+
+
+_DIGITS_UNSIR = "trm_jax.unlearning:DIGITS_CONFIG"  # resolved lazily (no import cycle)
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register(entry: DatasetEntry, *, replace: bool = False) -> DatasetEntry:
+    """Adds ``entry`` to the table; every experiment accepts ``--dataset entry.name`` after.
+
+    Raises:
+      ConfigError: the name is taken (unless ``replace``).
+    """
+    if entry.name in DATASETS and not replace:
+        raise ConfigError(f"dataset {entry.name!r} is already registered; pass replace=True "
+                          "to change it")
+    DATASETS[entry.name] = entry
+    return entry
+
+
+def unregister(name: str) -> None:
+    """Removes a dataset (tests register temporary ones)."""
+    DATASETS.pop(name, None)
+
+
+def get(name: str) -> DatasetEntry:
+    """The entry of ``name``; :class:`ConfigError` naming the known ones otherwise."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; allowed: {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def names() -> tuple[str, ...]:
+    return tuple(sorted(DATASETS))
+
+
+def resolve_value(value: Any) -> Any:
+    """``"module:attribute"`` strings in overrides name library objects (imported here,
+    when a config is built, so this table needs no import of the method modules)."""
+    if isinstance(value, str) and value.startswith("trm_jax.") and ":" in value:
+        import importlib
+
+        module, _, attr = value.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return value
+
+
+# The paper's datasets and the offline digits. CIFAR-10 is the paper's setting
+# (40k / 10k / 10k); the meta-training defaults follow the benchmark spec
+# (10-shot, 15 queries, inner lr 0.1). Digits values were measured on the digits
+# fine-tuning split (see the README and the method modules' docstrings).
+register(DatasetEntry(
+    "cifar10", "cifar10", (32, 32, 3), 10, pretrain_size=40_000, epochs=20,
+    overrides={"reverse_maml": {"meta.shots": 10, "meta.queries": 15, "meta.inner_lr": 0.1,
+                                "meta_steps": 2000}}))
+register(DatasetEntry(
+    "mnist", "mnist", (28, 28, 1), 10, pretrain_size=50_000, epochs=5,
+    overrides={"reverse_maml": {"meta.shots": 10, "meta.queries": 15, "meta.inner_lr": 0.1,
+                                "meta_steps": 1000}}))
+# TFDS omniglot: 105x105x3 images, `label` is the character (1,623 classes).
+register(DatasetEntry(
+    "omniglot", "omniglot", (105, 105, 3), 1623, pretrain_size=15_000, model="conv4",
+    model_options=(), epochs=10,
+    overrides={"reverse_maml": {"meta.shots": 1, "meta.queries": 5, "meta.inner_lr": 0.4,
+                                "meta_steps": 2000}}))
+# scikit-learn's 1,797 8x8 digits (our offline TFDS builder): SAME padding fits 8x8;
+# 30 epochs of batch 32 on 800 images; SKD's distillation needs more steps to reach
+# the -100 targets (60 epochs at 3e-3); UNSIR's scaled preset (trm_jax.unlearning).
+register(DatasetEntry(
+    "digits", "sklearn_digits", (8, 8, 1), 10, pretrain_size=800, offline=True,
+    model_options=(("padding", "SAME"),), epochs=30, batch_size=32,
+    overrides={"reverse_maml": {"meta.shots": 5, "meta.queries": 10, "meta.inner_lr": 0.1,
+                                "meta_steps": 200},
+               "skd": {"distill.epochs": 60, "distill.learning_rate": 3e-3},
+               "unsir": {"unsir": _DIGITS_UNSIR}}))
+
+
+def model_for(dataset: str, num_classes: int, image_shape: tuple[int, int, int] | None = None,
+              name: str | None = None):
+    """The dataset's preset model (or ``name``) with a ``num_classes``-way head.
+
+    CIFAR-10 uses the paper's LeNet with VALID padding (62,006 params); the 8x8
+    digits need SAME padding; Omniglot uses Conv4. Another architecture than the
+    preset's gets its factory defaults (LeNet: SAME padding, which fits any size).
+    """
+    from trm_jax import models
+
+    entry = get(dataset)
+    options = dict(entry.model_options)
+    if name is not None and name != entry.model:
+        if name not in models.MODELS:
+            raise ConfigError(f"unknown model {name!r}; allowed: {sorted(models.MODELS)}")
+        options = {"padding": "SAME"} if name == "lenet" else {}
+    return models.make_model(name or entry.model, num_classes=num_classes,
+                             input_shape=tuple(image_shape or entry.image_shape), **options)

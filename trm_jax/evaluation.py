@@ -1,0 +1,141 @@
+"""``evaluate``: attack any protected model with a suite of fine-tuning attacks.
+
+The evaluation every experiment reports (:mod:`trm_jax.attack` does the work):
+each attack of :class:`SuiteConfig` runs for every seed and learning rate in one
+compiled program, next to the from-scratch reference (the same architecture
+from random init, same data and budget) and, optionally, an unprotected
+reference attacked the same way.
+
+Example::
+
+  report = trm_jax.evaluate(protected, protocol)                          # the paper's probe
+  report = trm_jax.evaluate(protected, protocol, SuiteConfig(attacks=("all",)))
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+from trm_jax import attack, data, plots
+from trm_jax.errors import ConfigError
+from trm_jax.methods import Protected
+from trm_jax.typing import Params
+
+#: ``{"attacks": {name: entry}, "references": {"scratch": entry, ...}, "summary": {...}}``,
+#: entries as :func:`trm_jax.attack.make_entry` (the ``results.json`` shape of DESIGN.md).
+Report = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+    """Which attacks, with which budgets.
+
+    Attributes:
+      attacks: names from :data:`trm_jax.attack.ATTACKS`, or ``("all",)`` for the
+        whole suite with both suite optimizers.
+      learning_rates: the grid of every attack; ``None``: the paper's 0.1 for a
+        lone linear probe, :data:`trm_jax.attack.LEARNING_RATE_GRID` otherwise.
+      optimizers: ``None``: adam (``"all"``: adam and momentum).
+      epochs: attack epochs; ``None``: the dataset's ``attack_epochs``.
+      batch_size: examples per attack step.
+      scratch: also train the from-scratch reference.
+      batching: ``"auto"``, ``"vmap"`` or ``"map"`` (see :func:`trm_jax.attack.resolve_batching`).
+    """
+
+    attacks: tuple[str, ...] = ("linear_probe",)
+    learning_rates: tuple[float, ...] | None = None
+    optimizers: tuple[str, ...] | None = None
+    epochs: int | None = None
+    batch_size: int = 64
+    scratch: bool = True
+    batching: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ConfigError(f"attack epochs must be an integer >= 1, got {self.epochs!r}")
+        if self.batching not in attack.BATCHINGS:
+            raise ConfigError(f"unknown batching {self.batching!r}; allowed: {attack.BATCHINGS}")
+        self.plan(num_classes=2, epochs=self.epochs or 1)  # validates names, lrs, optimizers
+
+    @property
+    def suite(self) -> str | tuple[str, ...]:
+        return "all" if tuple(self.attacks) == ("all",) else tuple(self.attacks)
+
+    def plan(self, num_classes: int, epochs: int) -> dict[str, tuple[attack.AttackConfig, tuple[float, ...]]]:
+        """``{entry name: (AttackConfig, learning rates)}`` (no compute)."""
+        if not self.attacks:
+            raise ConfigError("attacks is empty; give attack names or 'all'")
+        return attack.attack_plan(self.suite, learning_rates=self.learning_rates,
+                                  optimizers=self.optimizers, num_classes=num_classes,
+                                  epochs=epochs, batch_size=self.batch_size)
+
+    def epochs_for(self, protocol: data.ProtocolData) -> int:
+        return self.epochs or attack.default_epochs(protocol)
+
+
+def evaluate(protected: Protected, protocol: data.ProtocolData,
+             config: SuiteConfig = SuiteConfig(), *, scratch: Mapping[str, Any] | None = None,
+             reference: Protected | Params | None = None, verbose: bool = False) -> Report:
+    """Attacks ``protected.params`` (every seed) with the suite of ``config``.
+
+    Args:
+      protected: what a method returned (:func:`trm_jax.protect`).
+      protocol: the data; its malicious fine-tuning and test halves are used.
+      config: the attacks and budgets.
+      scratch: a precomputed scratch entry (:func:`scratch_reference`) to share
+        between methods; otherwise computed here when ``config.scratch``.
+      reference: an unprotected model (``Protected`` or ``[S, ...]`` params) attacked
+        the same way; its entries are ``references["unprotected/<attack>"]``.
+
+    Returns:
+      :data:`Report`.
+    """
+    ref_params = reference.params if isinstance(reference, Protected) else reference
+    return attack.attack_report(
+        protected.model, protected.params, protected.keys, protocol, config.suite,
+        learning_rates=config.learning_rates, optimizers=config.optimizers,
+        epochs=config.epochs_for(protocol), batch_size=config.batch_size,
+        include_scratch=config.scratch, scratch=scratch, reference_params=ref_params,
+        batching=config.batching, verbose=verbose)
+
+
+def scratch_reference(protected: Protected, protocol: data.ProtocolData,
+                      config: SuiteConfig = SuiteConfig()) -> dict[str, Any]:
+    """The from-scratch entry for ``protected``'s architecture and seeds at ``config``'s
+    budget: compute it once and pass it to :func:`evaluate` for every method."""
+    return attack.scratch_reference(protected.model, protected.keys, protocol,
+                                    epochs=config.epochs_for(protocol),
+                                    batch_size=config.batch_size, batching=config.batching)
+
+
+def summary_table(report: Mapping[str, Any]) -> str:
+    """A plain-text table: one row per attack and reference entry."""
+    header = ["entry", "lr*", "epoch 0", "final", "AUC", "best", "steps to scratch", "AUC/scratch"]
+    rows = []
+    groups = [("", report["attacks"]), ("ref: ", report["references"])]
+    for prefix, entries in groups:
+        for name, e in entries.items():
+            steps = e.get("steps_to_reach")
+            steps_cell = "-" if steps is None else (
+                f"{steps['mean']:.0f}" if steps["mean"] is not None and np.isfinite(steps["mean"])
+                else f"never ({steps['reached']:.0%} reached)")
+            ratio = e.get("relative_to_scratch", {}).get("auc_ratio")
+            rows.append([prefix + name, f"{e['best_lr']:g}", f"{e['initial']['mean']:.3f}",
+                         f"{e['final']['mean']:.3f} ± {e['final']['std']:.3f}",
+                         f"{e['auc']['mean']:.3f} ± {e['auc']['std']:.3f}",
+                         f"{e['best']['mean']:.3f}", steps_cell,
+                         "-" if ratio is None else f"{ratio:.2f}"])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+
+def plot_report(report: Mapping[str, Any], path, title: str, chance: float,
+                label: str = "") -> Any:
+    """Mean +- std learning curves of every attack and reference entry of ``report``."""
+    entries = {f"{label}{name}": entry for name, entry in report["attacks"].items()}
+    entries.update({name.replace("unprotected/", "unprotected: "): entry
+                    for name, entry in report["references"].items()})
+    return plots.plot_attack_curves(entries, path, title, chance=chance)

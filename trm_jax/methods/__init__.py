@@ -1,0 +1,85 @@
+"""The methods as library calls: ``protect(config, protocol, keys, *, hooks) -> Protected``.
+
+========================  ======================================  ===================================
+name                      config                                  what
+========================  ======================================  ===================================
+``"reference"``           :class:`~.reference.ReferenceConfig`    unprotected: plain training
+``"unsir"``               :class:`~.unsir.UnsirMethodConfig`      machine-unlearning baseline (UNSIR)
+``"skd"``                 :class:`~.skd.SKDMethodConfig`          selective knowledge distillation
+``"reverse_maml"``        :class:`~.reverse_maml.ReverseMAMLConfig`  Reverse-MAML, exact meta-gradients
+========================  ======================================  ===================================
+
+Every config's defaults are the recommended settings; :func:`config_for` applies a
+dataset's overrides from :mod:`trm_jax.datasets` (the one place for per-dataset
+defaults). No method needs a run folder: logging, checkpoints, resuming and
+progress come in through :mod:`trm_jax.hooks`.
+
+Example::
+
+  import trm_jax
+  protocol = trm_jax.data.load_protocol(trm_jax.data.preset("digits"))
+  keys = trm_jax.seed_keys(2)
+  protected = trm_jax.protect("skd", trm_jax.config_for("skd", "digits"), protocol, keys)
+  report = trm_jax.evaluate(protected, protocol)
+"""
+from __future__ import annotations
+
+import dataclasses
+from types import ModuleType
+from typing import Any
+
+from trm_jax import datasets
+from trm_jax.errors import ConfigError
+from trm_jax.hooks import Hooks
+from trm_jax.methods import reference, reverse_maml, skd, unsir
+from trm_jax.methods._phases import Protected, seed_keys, train_phase
+
+#: name -> module with ``NAME``, a config class, ``default_config(entry)`` and ``protect``.
+METHODS: dict[str, ModuleType] = {m.NAME: m for m in (reference, unsir, skd, reverse_maml)}
+CONFIGS: dict[str, type] = {"reference": reference.ReferenceConfig,
+                            "unsir": unsir.UnsirMethodConfig, "skd": skd.SKDMethodConfig,
+                            "reverse_maml": reverse_maml.ReverseMAMLConfig}
+
+
+def method(name: str) -> ModuleType:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; allowed: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def replace_path(config: Any, path: str, value: Any) -> Any:
+    """``replace_path(cfg, "meta.shots", 5)``: a copy of a nested frozen dataclass."""
+    head, _, rest = path.partition(".")
+    if not dataclasses.is_dataclass(config) or head not in {f.name for f in dataclasses.fields(config)}:
+        raise ConfigError(f"{type(config).__name__} has no field {head!r} (override {path!r})")
+    if rest:
+        value = replace_path(getattr(config, head), rest, value)
+    return dataclasses.replace(config, **{head: value})
+
+
+def config_for(name: str, dataset: str) -> Any:
+    """The recommended config of method ``name`` on ``dataset``: the method's defaults
+    with the dataset's training budget and its overrides (:mod:`trm_jax.datasets`).
+
+    Raises:
+      ConfigError: unknown method or dataset, or an override naming no field.
+    """
+    module, entry = method(name), datasets.get(dataset)
+    config = module.default_config(entry)
+    for path, value in entry.overrides.get(name, {}).items():
+        config = replace_path(config, path, datasets.resolve_value(value))
+    return config
+
+
+def protect(name: str, config: Any, protocol, keys, *, hooks: Hooks | None = None,
+            model=None) -> Protected:
+    """Runs method ``name`` with ``config`` (see the table above) for every seed key."""
+    module = method(name)
+    if not isinstance(config, CONFIGS[name]):
+        raise ConfigError(f"method {name!r} needs a {CONFIGS[name].__name__}, got "
+                          f"{type(config).__name__}")
+    return module.protect(config, protocol, keys, hooks=hooks, model=model)
+
+
+__all__ = ["METHODS", "CONFIGS", "Protected", "config_for", "method", "protect", "replace_path",
+           "seed_keys", "train_phase", "reference", "reverse_maml", "skd", "unsir"]

@@ -1,0 +1,181 @@
+"""Reverse-MAML: MAML with exact second-order meta-gradients, malicious tasks in reverse.
+
+Good tasks (beneficial classes) are trained normally: minimise the query loss
+after adapting to the support set. Bad tasks (malicious classes) are trained in
+reverse: maximise a bounded bad term of their post-adaptation query loss
+(:mod:`trm_jax.meta`). All seeds train in one vmapped program; the outer step is
+one jitted function. A head-only phase on the beneficial split then gives the
+beneficial classifier.
+
+Recommended defaults (measured on digits, 3 seeds; README):
+
+* ``adapt="head", head_init="fresh"``: the inner loop IS the attacker's linear
+  probe (a fresh head trained on frozen features), so bad tasks are trained in
+  reverse against exactly the attack that evaluates them. Classic MAML
+  (``adapt="all", head_init="keep"``, 100 outer steps, inner lr 0.05) gave no
+  resistance: linear-probe malicious accuracy 0.87, above the unprotected 0.72.
+* ``bad_term="clipped_ascent"``: the paper's unbounded ``ascent`` drove both losses
+  to ~6000 within 300 steps (beneficial accuracy fell to 0.85 at 200 steps), while
+  ``clipped_ascent`` kept beneficial accuracy at the reference's 0.985 with
+  linear-probe malicious accuracy 0.32 (200 steps).
+
+Example::
+
+  config = trm_jax.config_for("reverse_maml", "digits")
+  protected = reverse_maml.protect(config, protocol, trm_jax.seed_keys(3))
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from trm_jax import data, meta, models, sharding, streams, tasks, train
+from trm_jax.errors import ConfigError, NonFiniteError
+from trm_jax.hooks import NO_HOOKS, Hooks
+from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_keys,
+                                     device_subset, train_phase)
+from trm_jax.typing import Params, PRNGKey
+
+NAME = "reverse_maml"
+
+#: The recommended meta-learning settings (see the module docstring).
+RECOMMENDED_META = meta.MetaConfig(shots=10, queries=15, inner_lr=0.1, adapt="head",
+                                   head_init="fresh", bad_term="clipped_ascent")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseMAMLConfig:
+    """Attributes:
+      meta: the meta-learning objective and inner loop (:class:`trm_jax.meta.MetaConfig`).
+      meta_steps: outer steps.
+      outer_lr: outer Adam learning rate (finite, > 0).
+      log_every: outer steps between metric records (NaN is checked there too).
+      head: the head-only phase after meta-training (features bitwise frozen); with
+        ``head_init="fresh"`` the meta-learned head is never trained, so this phase
+        gives the beneficial classifier. ``epochs=0`` skips it.
+    """
+
+    meta: meta.MetaConfig = RECOMMENDED_META
+    meta_steps: int = 2000
+    outer_lr: float = 1e-3
+    log_every: int = 10
+    head: train.TrainConfig = train.TrainConfig(epochs=20, trainable=("head",))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.meta_steps, int) or self.meta_steps < 1:
+            raise ConfigError(f"meta_steps must be an integer >= 1, got {self.meta_steps!r}")
+        if not (math.isfinite(self.outer_lr) and self.outer_lr > 0):
+            raise ConfigError(f"outer_lr must be finite and > 0, got {self.outer_lr!r}")
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ConfigError(f"log_every must be an integer >= 1, got {self.log_every!r}")
+        if self.head.trainable != ("head",):
+            raise ConfigError(f"head.trainable must be ('head',) (a head-only phase), got "
+                              f"{self.head.trainable!r}")
+
+
+def default_config(entry) -> ReverseMAMLConfig:
+    from trm_jax.methods.reference import dataset_train_config
+
+    return ReverseMAMLConfig(head=dataset_train_config(entry, trainable=("head",)))
+
+
+def class_pools(protocol: data.ProtocolData) -> tuple[tasks.ClassPool, tasks.ClassPool]:
+    """Beneficial and malicious pre-training images grouped by class, on the device."""
+    pools = [tasks.group_by_class(s.images, s.labels, s.num_classes)
+             for s in (protocol.pretrain.beneficial, protocol.pretrain.malicious)]
+    return tuple(jax.device_put(p) for p in pools)
+
+
+def meta_train(model: models.Model, config: ReverseMAMLConfig, keys: PRNGKey,
+               good_pool: tasks.ClassPool, bad_pool: tasks.ClassPool | None, *,
+               hooks: Hooks | None = None, phase: str = "meta"
+               ) -> tuple[Params, dict[str, np.ndarray]]:
+    """Meta-trains one model per seed (vmapped); resumable through ``hooks``; stops on NaN/Inf.
+
+    The step key of seed ``s`` at outer step ``t`` is
+    ``fold_in(fold_in(keys[s], streams.META), t)``: a resumed run draws exactly
+    the tasks an uninterrupted one would, and no step key equals a key that the
+    attack or the init derive from the same seed key.
+
+    Returns:
+      ``(params[S, ...], metrics of the last logged step {name: f[S]})``.
+
+    Raises:
+      ConfigError: tasks that do not fit the pools, before compiling.
+      NonFiniteError: NaN/Inf at a logged step; the last saved state stays intact.
+    """
+    hooks = hooks or NO_HOOKS
+    meta.check_pools(config.meta, good_pool, bad_pool)
+    optimizer = optax.adam(config.outer_lr)
+    params = jax.vmap(model.init)(keys)
+    opt_state = jax.vmap(optimizer.init)(params)
+    start, last = 0, {}
+    restored = hooks.restore(phase, lambda: (params, opt_state))
+    if restored is not None:
+        (params, opt_state), info = restored
+        start = int(info["step"])
+        last = {k: np.asarray(v) for k, v in info.get("metrics", {}).items()}
+    # Seeds across devices (no-op on one device); the task pools are shared.
+    params, opt_state, keys = sharding.shard_seeds((params, opt_state, keys))
+    good_pool, bad_pool = sharding.replicate((good_pool, bad_pool), int(keys.shape[0]))
+    step_fn = jax.jit(jax.vmap(meta.make_meta_step(config.meta, model, optimizer),
+                               in_axes=(0, 0, 0, None, None)))
+    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+    stream = fold(keys, streams.META)
+    bar = range(start + 1, config.meta_steps + 1)
+    if hooks.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(bar, desc=phase, initial=start, total=config.meta_steps, dynamic_ncols=True)
+    for step in bar:
+        params, opt_state, metrics = step_fn(params, opt_state, fold(stream, step), good_pool,
+                                             bad_pool)
+        if step % config.log_every == 0 or step == config.meta_steps:
+            metrics = {k: np.asarray(v) for k, v in metrics.items()}
+            bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+            if bad or not _finite(params):
+                raise NonFiniteError(
+                    f"[{phase}] non-finite {bad or 'params'} at outer step {step}: stopped; "
+                    f"{hooks.describe_last_good(phase)}. Try another meta.bad_term (clipped_ascent, "
+                    "inverse_ce, uniform_kl) or a smaller meta.lam / outer_lr in a new run",
+                    None, step)
+            last = metrics
+            hooks.log({"phase": phase, "step": step,
+                       **{k: float(v.mean()) for k, v in metrics.items()}, "per_seed": metrics})
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix({"good": f"{metrics['good/post_loss'].mean():.3f}",
+                                 "bad": f"{metrics['bad/post_loss'].mean():.3f}"})
+        if hooks.should_save(phase, step, config.meta_steps) and _finite(params):
+            hooks.save(phase, step, (params, opt_state),
+                       {"step": step, "metrics": {k: v.tolist() for k, v in last.items()}})
+    return params, last
+
+
+def _finite(tree: Any) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def protect(config: ReverseMAMLConfig, protocol: data.ProtocolData, keys: PRNGKey, *,
+            hooks: Hooks | None = None, model: models.Model | None = None) -> Protected:
+    """Meta-trains, then trains the head on the beneficial split (``config.head``).
+
+    Returns:
+      :class:`Protected` with per-seed ``beneficial_test_accuracy`` and
+      ``meta_final_metrics`` (the last logged meta-training metrics).
+    """
+    check_keys(keys)
+    model = beneficial_model(protocol, model)
+    good_pool, bad_pool = class_pools(protocol)
+    meta.check_pools(config.meta, good_pool, bad_pool)  # clear errors before any compute
+    params, last = meta_train(model, config, keys, good_pool, bad_pool, hooks=hooks)
+    if config.head.epochs > 0:  # the engine's trainable mask: features stay bitwise frozen
+        params = train_phase(hooks, "head", keys, params, model.apply,
+                             device_subset(protocol.pretrain.beneficial), config.head).params
+    accuracy = accuracy_on(model, params, device_subset(protocol.test.beneficial))
+    return Protected(NAME, model, params, keys,
+                     {"beneficial_test_accuracy": accuracy, "meta_final_metrics": last})
