@@ -93,7 +93,8 @@ def run_entry(entry: str, config: Config, protocol, keys, seeds, root) -> tuple[
     print(f"[compare] {entry}", flush=True)
     run = runs.RunDir.create(folder, overwrite=config.force or not config.run.resume,
                              resume=config.run.resume and not config.force)
-    run.write_config(runs.to_jsonable({"method": method, "config": config.method_config(entry)}))
+    run.write_config(runs.to_jsonable({"experiment": method, "dataset": config.dataset,
+                                       "method": config.method_config(entry), "run": config.run}))
     hooks = RunFolderHooks(run, resume=config.run.resume and not config.force,
                            checkpoint_every=config.run.checkpoint_every, progress=config.run.progress,
                            checkpoint_every_phase={"meta": config.run.meta_checkpoint_every})
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     protocol = _cli.load_protocol(config.dataset, _cli.ProtocolOptions(), config.run)
     suite = config.attack
     suite.plan(protocol.finetune.malicious.num_classes, suite.epochs_for(protocol))  # validate early
+    for entry in config.methods:  # every method's settings, before any compute
+        methods.check(ENTRIES[entry][0], config.method_config(entry), protocol)
     run = _cli.Run(NAME, config, config.run)
 
     protected, summaries, failed = {}, {}, {}

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     seeds, keys = _cli.seeds_of(config.seeds)
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     model = _cli.model_override(config.dataset, config.model, protocol)
+    methods.check(NAME, config.method, protocol)
+    if config.with_reference:
+        methods.check("reference", config.reference, protocol)
     run = _cli.Run(NAME, config, config.run)
     protected = methods.protect(NAME, config.method, protocol, keys, hooks=run.hooks, model=model)
     checkpoint.save_model(run.path, protected.model, protected.params, seeds)

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     seeds, keys = _cli.seeds_of(config.seeds)
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     model = _cli.model_override(config.dataset, config.model, protocol)
+    for epochs in config.budgets():  # every budget's settings, before any compute
+        methods.check(NAME, dataclasses.replace(config.method, teacher=dataclasses.replace(
+            config.method.teacher, epochs=epochs)), protocol)
     run = _cli.Run(NAME, config, config.run)
     if run.resume:  # the ablation records are written again below
         run.dir.truncate_metrics(lambda r: r.get("phase") != "ablation")

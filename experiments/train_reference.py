@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds, keys = _cli.seeds_of(config.seeds)
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     model = _cli.model_override(config.dataset, config.model, protocol)
+    methods.check("reference", config.method, protocol)
     run = _cli.Run(NAME, config, config.run)
     protected = methods.protect("reference", config.method, protocol, keys, hooks=run.hooks,
                                 model=model)

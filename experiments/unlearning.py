@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     num_classes = protocol.pretrain.beneficial.num_classes + protocol.pretrain.malicious.num_classes
     model = _cli.model_override(config.dataset, config.model, protocol, num_classes)
+    methods.check("unsir", config.method, protocol)
     run = _cli.Run(NAME, config, config.run)
     if run.resume:  # the per-stage records are written again
         run.dir.truncate_metrics(lambda r: r.get("phase") != "stages")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trm_jax import attack, plots, datasets
+from trm_jax import attack, datasets, errors, plots
 
 EPOCHS = 2
 SEEDS = 2
@@ -137,16 +137,14 @@ def test_attack_plan_suite_and_defaults():
 def test_report_scratch_plot_and_cli(setup, digits_protocol, digits_data_dir, tmp_path, capsys):
     """attack_report's shape, the scratch reference, the figure and the CLI on a saved run."""
     from experiments import attack as cli
-    from experiments import common
-    from trm_jax import runs
+    from trm_jax import checkpoint, runs
 
     model, params, keys, _ = setup
     run = runs.RunDir.create(tmp_path / "run")
-    run.write_config({"experiment": "unit", "data_dir": digits_data_dir,
-                      "protocol": digits_protocol.spec})
-    common.save_model(run, model, params, list(range(SEEDS)))
-    result = cli.main(["--run", str(run.path), "--epochs", str(EPOCHS),
-                       "--learning-rates", ",".join(map(str, LRS))])
+    run.write_config({"experiment": "unit", "dataset": "digits", "run": {"data_dir": digits_data_dir}})
+    checkpoint.save_model(run.path, model, params, list(range(SEEDS)))
+    result = cli.main(["--run", str(run.path), "--attack.epochs", str(EPOCHS),
+                       "--attack.learning-rates", *map(str, LRS)])
     stored = json.loads((run.path / "attack.json").read_text())
     assert (run.path / "attack.png").stat().st_size > 10_000
     entry = stored["attacks"]["linear_probe"]
@@ -161,7 +159,7 @@ def test_report_scratch_plot_and_cli(setup, digits_protocol, digits_data_dir, tm
     assert result["chance"] == pytest.approx(0.2)
     assert "linear_probe" in capsys.readouterr().out
     # never overwrite silently
-    with pytest.raises(SystemExit):
+    with pytest.raises(errors.RunFolderError, match="--overwrite"):
         cli.main(["--run", str(run.path)])
     # the library entry point with a precomputed scratch reference reuses it
     report = attack.attack_report(model, params, keys, digits_protocol, learning_rates=LRS,

@@ -99,7 +99,7 @@ class ProtocolData(NamedTuple):
                         for half in Halves._fields} for split in ("pretrain", "finetune", "test")}
 
 
-from trm_jax.errors import DatasetUnavailableError  # noqa: E402,F401  (re-exported)
+from trm_jax.errors import ConfigError, DatasetUnavailableError  # noqa: E402,F401  (re-exported)
 
 
 def dataset_info(dataset: str) -> _datasets.DatasetEntry:
@@ -118,32 +118,32 @@ def validate_spec(spec: ProtocolSpec, train_size: int | None = None,
     for name in ("beneficial_classes", "malicious_classes"):
         classes = tuple(getattr(spec, name))
         if not classes:
-            raise ValueError(f"{name} is empty; give at least one class id in 0..{info.num_classes - 1}")
+            raise ConfigError(f"{name} is empty; give at least one class id in 0..{info.num_classes - 1}")
         if len(set(classes)) != len(classes):
-            raise ValueError(f"{name}={classes} lists a class twice")
+            raise ConfigError(f"{name}={classes} lists a class twice")
         bad = [c for c in classes if not 0 <= int(c) < info.num_classes]
         if bad:
-            raise ValueError(f"{name} has class ids {bad} out of range for {spec.dataset!r}: "
+            raise ConfigError(f"{name} has class ids {bad} out of range for {spec.dataset!r}: "
                              f"allowed 0..{info.num_classes - 1}")
     overlap = sorted(set(spec.beneficial_classes) & set(spec.malicious_classes))
     if overlap:
-        raise ValueError(f"beneficial_classes and malicious_classes overlap on {overlap}; "
+        raise ConfigError(f"beneficial_classes and malicious_classes overlap on {overlap}; "
                          "they must be disjoint")
     if spec.pretrain_size < 1:
-        raise ValueError(f"pretrain_size must be >= 1, got {spec.pretrain_size}")
+        raise ConfigError(f"pretrain_size must be >= 1, got {spec.pretrain_size}")
     for name in ("finetune_size", "test_size"):
         value = getattr(spec, name)
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1 or None (all), got {value}")
+            raise ConfigError(f"{name} must be >= 1 or None (all), got {value}")
     if train_size is not None:
         need = spec.pretrain_size + (spec.finetune_size or 1)
         if need > train_size:
-            raise ValueError(
+            raise ConfigError(
                 f"pretrain_size={spec.pretrain_size} + finetune_size={spec.finetune_size} needs "
                 f"{need} training examples, but {spec.dataset!r} has {train_size}; "
                 f"allowed: pretrain_size + finetune_size <= {train_size} (and >= 1 left to fine-tune)")
     if test_size is not None and spec.test_size is not None and spec.test_size > test_size:
-        raise ValueError(f"test_size={spec.test_size} exceeds the {test_size} test examples of "
+        raise ConfigError(f"test_size={spec.test_size} exceeds the {test_size} test examples of "
                          f"{spec.dataset!r}")
 
 
@@ -181,17 +181,17 @@ def fewshot_classes(images: np.ndarray, labels: np.ndarray, min_examples: int = 
     """
     images, labels = np.asarray(images), np.asarray(labels)
     if not (isinstance(min_examples, (int, np.integer)) and min_examples >= 1):
-        raise ValueError(f"min_examples must be an integer >= 1, got {min_examples!r}")
+        raise ConfigError(f"min_examples must be an integer >= 1, got {min_examples!r}")
     if images.ndim != 4 or labels.shape != images.shape[:1]:
-        raise ValueError(f"fewshot_classes needs images [N, H, W, C] and labels [N]; got images "
+        raise ConfigError(f"fewshot_classes needs images [N, H, W, C] and labels [N]; got images "
                          f"{images.shape} and labels {labels.shape}")
     if labels.size and labels.min() < 0:
-        raise ValueError(f"class ids must be >= 0, got {int(labels.min())}")
+        raise ConfigError(f"class ids must be >= 0, got {int(labels.min())}")
     ids, counts = np.unique(labels, return_counts=True)
     keep = ids[counts >= min_examples]
     if keep.size == 0:
         largest = int(counts.max()) if counts.size else 0
-        raise ValueError(f"no class has >= {min_examples} examples (the largest of {ids.size} "
+        raise ConfigError(f"no class has >= {min_examples} examples (the largest of {ids.size} "
                          f"classes has {largest}); lower shots/queries or use more data")
     return split_by_class(images, labels, keep.tolist())
 
@@ -230,18 +230,18 @@ def grey_resize(images: np.ndarray, size: int | tuple[int, int] | None = None, *
 
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"grey_resize needs images [N, H, W, C] with C = 1 or 3, got shape "
+        raise ConfigError(f"grey_resize needs images [N, H, W, C] with C = 1 or 3, got shape "
                          f"{images.shape}")
     if images.dtype != np.uint8:
-        raise ValueError(f"grey_resize needs uint8 images (0..255), got dtype {images.dtype}")
+        raise ConfigError(f"grey_resize needs uint8 images (0..255), got dtype {images.dtype}")
     if method not in RESIZE_METHODS:
-        raise ValueError(f"unknown resize method {method!r}; allowed: {RESIZE_METHODS}")
+        raise ConfigError(f"unknown resize method {method!r}; allowed: {RESIZE_METHODS}")
     size = images.shape[1:3] if size is None else (size, size) if np.ndim(size) == 0 else size
     size = tuple(size)
     if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in size):
-        raise ValueError(f"size must be a positive int or a pair of them, got {size!r}")
+        raise ConfigError(f"size must be a positive int or a pair of them, got {size!r}")
     if not (isinstance(chunk, (int, np.integer)) and chunk >= 1):
-        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+        raise ConfigError(f"chunk must be an integer >= 1, got {chunk!r}")
     out = np.empty((images.shape[0], *size, 1), np.uint8)
     weights = np.asarray(GREY_WEIGHTS, np.float32)
     for start in range(0, images.shape[0], chunk):
@@ -286,7 +286,7 @@ def protocol_from_arrays(spec: ProtocolSpec, train: tuple[np.ndarray, np.ndarray
                         split_by_class(images, labels, spec.malicious_classes))
         for half, subset in zip(Halves._fields, halves):
             if len(subset) == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"the {half} half of the {split} split is empty (classes {subset.classes} "
                     f"have no examples in it); choose other classes or larger splits")
         out[split] = halves
@@ -327,7 +327,7 @@ def load_split(dataset: str, split: str, data_dir: str | None = None,
     source = _data_source(dataset, split, data_dir, download)
     n = len(source)
     if n == 0:
-        raise ValueError(f"split {split!r} of {dataset!r} is empty")
+        raise ConfigError(f"split {split!r} of {dataset!r} is empty")
     images = np.empty((n, *info.image_shape), np.uint8)
     labels = np.empty((n,), np.int32)
     chunk = 4096

@@ -71,15 +71,22 @@ def config_for(name: str, dataset: str) -> Any:
     return config
 
 
-def protect(name: str, config: Any, protocol, keys, *, hooks: Hooks | None = None,
-            model=None) -> Protected:
-    """Runs method ``name`` with ``config`` (see the table above) for every seed key."""
+def check(name: str, config: Any, protocol) -> None:
+    """Validates ``config`` against the data of ``protocol`` (no compute): call it before
+    opening a run folder; ``protect`` calls it too."""
     module = method(name)
     if not isinstance(config, CONFIGS[name]):
         raise ConfigError(f"method {name!r} needs a {CONFIGS[name].__name__}, got "
                           f"{type(config).__name__}")
-    return module.protect(config, protocol, keys, hooks=hooks, model=model)
+    module.check(config, protocol)
 
 
-__all__ = ["METHODS", "CONFIGS", "Protected", "config_for", "method", "protect", "replace_path",
+def protect(name: str, config: Any, protocol, keys, *, hooks: Hooks | None = None,
+            model=None) -> Protected:
+    """Runs method ``name`` with ``config`` (see the table above) for every seed key."""
+    check(name, config, protocol)
+    return method(name).protect(config, protocol, keys, hooks=hooks, model=model)
+
+
+__all__ = ["METHODS", "CONFIGS", "Protected", "check", "config_for", "method", "protect", "replace_path",
            "seed_keys", "train_phase", "reference", "reverse_maml", "skd", "unsir"]

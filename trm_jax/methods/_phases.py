@@ -54,6 +54,13 @@ def check_keys(keys: PRNGKey) -> int:
     return int(keys.shape[0])
 
 
+def check_batch(config: train.TrainConfig, subset: data.Subset, phase: str) -> None:
+    """A phase's batch must fit its data (an epoch drops the last partial batch)."""
+    if config.epochs and config.batch_size > len(subset):
+        raise ConfigError(f"{phase}.batch_size={config.batch_size} exceeds the {len(subset)} "
+                          f"training examples; allowed: 1..{len(subset)}")
+
+
 def device_subset(subset: data.Subset) -> tuple[jax.Array, jax.Array]:
     """A subset's ``(uint8 images, int32 labels)`` on the default device, once."""
     return jax.device_put(subset.images), jax.device_put(subset.labels)

@@ -15,8 +15,8 @@ import jax
 
 from trm_jax import data, models, train
 from trm_jax.hooks import Hooks
-from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_keys,
-                                     device_subset, train_phase)
+from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_batch,
+                                     check_keys, device_subset, train_phase)
 from trm_jax.typing import PRNGKey
 
 NAME = "reference"
@@ -43,6 +43,11 @@ def dataset_train_config(entry, **changes) -> train.TrainConfig:
                              learning_rate=entry.learning_rate, **changes)
 
 
+def check(config: ReferenceConfig, protocol: data.ProtocolData) -> None:
+    """Raises :class:`ConfigError` when the settings do not fit the data."""
+    check_batch(config.train, protocol.pretrain.beneficial, "train")
+
+
 def protect(config: ReferenceConfig, protocol: data.ProtocolData, keys: PRNGKey, *,
             hooks: Hooks | None = None, model: models.Model | None = None,
             phase: str = NAME) -> Protected:
@@ -60,6 +65,7 @@ def protect(config: ReferenceConfig, protocol: data.ProtocolData, keys: PRNGKey,
       :class:`Protected` with per-seed ``beneficial_test_accuracy``.
     """
     check_keys(keys)
+    check(config, protocol)
     model = beneficial_model(protocol, model)
     test = device_subset(protocol.test.beneficial)
     params = jax.vmap(model.init)(keys)

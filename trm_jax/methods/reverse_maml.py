@@ -38,8 +38,8 @@ import optax
 from trm_jax import data, meta, models, sharding, streams, tasks, train
 from trm_jax.errors import ConfigError, NonFiniteError
 from trm_jax.hooks import NO_HOOKS, Hooks
-from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_keys,
-                                     device_subset, train_phase)
+from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_batch,
+                                     check_keys, device_subset, train_phase)
 from trm_jax.typing import Params, PRNGKey
 
 NAME = "reverse_maml"
@@ -160,6 +160,12 @@ def _finite(tree: Any) -> bool:
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
 
 
+def check(config: ReverseMAMLConfig, protocol: data.ProtocolData) -> None:
+    """Raises :class:`ConfigError` when the tasks or the head phase do not fit the data."""
+    meta.check_pools(config.meta, *class_pools(protocol))
+    check_batch(config.head, protocol.pretrain.beneficial, "head")
+
+
 def protect(config: ReverseMAMLConfig, protocol: data.ProtocolData, keys: PRNGKey, *,
             hooks: Hooks | None = None, model: models.Model | None = None) -> Protected:
     """Meta-trains, then trains the head on the beneficial split (``config.head``).
@@ -170,8 +176,8 @@ def protect(config: ReverseMAMLConfig, protocol: data.ProtocolData, keys: PRNGKe
     """
     check_keys(keys)
     model = beneficial_model(protocol, model)
+    check(config, protocol)  # clear errors before any compute
     good_pool, bad_pool = class_pools(protocol)
-    meta.check_pools(config.meta, good_pool, bad_pool)  # clear errors before any compute
     params, last = meta_train(model, config, keys, good_pool, bad_pool, hooks=hooks)
     if config.head.epochs > 0:  # the engine's trainable mask: features stay bitwise frozen
         params = train_phase(hooks, "head", keys, params, model.apply,

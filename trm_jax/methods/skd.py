@@ -26,8 +26,8 @@ from trm_jax import data, models, skd, streams, train
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference
-from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_keys,
-                                     device_subset, train_phase)
+from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_batch,
+                                     check_keys, device_subset, train_phase)
 from trm_jax.typing import PRNGKey
 
 NAME = "skd"
@@ -61,6 +61,17 @@ def default_config(entry) -> SKDMethodConfig:
     return SKDMethodConfig(teacher=base(), distill=base(), head=base(trainable=("head",)))
 
 
+def check(config: SKDMethodConfig, protocol: data.ProtocolData) -> None:
+    """Raises :class:`ConfigError` when the settings do not fit the data."""
+    pre = protocol.pretrain
+    check_batch(config.teacher, pre.beneficial, "teacher")
+    check_batch(config.head, pre.beneficial, "head")
+    n = len(pre.beneficial) + len(pre.malicious)
+    if config.distill.epochs and config.distill.batch_size > n:
+        raise ConfigError(f"distill.batch_size={config.distill.batch_size} exceeds the {n} "
+                          f"distillation images; allowed: 1..{n}")
+
+
 def protect(config: SKDMethodConfig, protocol: data.ProtocolData, keys: PRNGKey, *,
             hooks: Hooks | None = None, model: models.Model | None = None) -> Protected:
     """Teacher, distillation, masked head; every phase resumable through ``hooks``.
@@ -73,6 +84,7 @@ def protect(config: SKDMethodConfig, protocol: data.ProtocolData, keys: PRNGKey,
       (``beneficial_test_accuracy`` = the student's) and ``teacher_epochs``.
     """
     check_keys(keys)
+    check(config, protocol)
     model = beneficial_model(protocol, model)
     tag = f"e{config.teacher.epochs}"
     teacher = reference.protect(reference.ReferenceConfig(config.teacher), protocol, keys,

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from trm_jax import data, models, train, unlearning
+from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods._phases import (Protected, beneficial_model, check_keys, device_subset,
                                      train_phase)
@@ -48,6 +49,23 @@ def default_config(entry) -> UnsirMethodConfig:
     return UnsirMethodConfig(original=dataset_train_config(entry))
 
 
+def check(config: UnsirMethodConfig, protocol: data.ProtocolData) -> None:
+    """Raises :class:`ConfigError` when the settings do not fit the data."""
+    pre = protocol.pretrain
+    n = len(pre.beneficial) + len(pre.malicious)
+    if config.original.epochs and config.original.batch_size > n:
+        raise ConfigError(f"original.batch_size={config.original.batch_size} exceeds the {n} "
+                          f"pre-training examples; allowed: 1..{n}")
+    retain = unlearning.retain_indices(pre.beneficial.labels, config.unsir.retain_per_class).size
+    n_impair = (config.unsir.noise_copies * config.unsir.noise.batch_size * pre.malicious.num_classes
+                + retain)
+    for name, size in (("impair", n_impair), ("repair", retain)):
+        stage = getattr(config.unsir, name)
+        if stage.epochs and stage.batch_size > size:
+            raise ConfigError(f"unsir.{name}.batch_size={stage.batch_size} exceeds its {size} "
+                              f"examples; allowed: 1..{size}")
+
+
 def protect(config: UnsirMethodConfig, protocol: data.ProtocolData, keys: PRNGKey, *,
             hooks: Hooks | None = None, model: models.Model | None = None) -> Protected:
     """Original training, then UNSIR; each training stage a resumable phase.
@@ -59,6 +77,7 @@ def protect(config: UnsirMethodConfig, protocol: data.ProtocolData, keys: PRNGKe
       ``extras["original"]`` is the model before unlearning.
     """
     check_keys(keys)
+    check(config, protocol)
     pre, test = protocol.pretrain, protocol.test
     offset = pre.beneficial.num_classes
     model = beneficial_model(protocol, model, offset + pre.malicious.num_classes)

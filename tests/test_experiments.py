@@ -1,0 +1,284 @@
+"""The experiments end to end on small digits settings, through their real CLIs.
+
+* the numbers equal the golden results written by the code before the library
+  redesign (``tests/golden/digits_small.json``, same settings, new flags);
+* the run-folder contract, resuming after an interruption (to the same numbers),
+  a failing method inside ``compare``, a newly registered dataset, and every CLI's
+  bad-input path (one line on stderr, exit code 2, no traceback).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import _cli, attack, compare, reverse_maml, skd, train_reference, unlearning
+from trm_jax import checkpoint, datasets, errors, runs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = json.loads((ROOT / "tests" / "golden" / "digits_small.json").read_text())
+MODULES = {"train_reference": train_reference, "reverse_maml": reverse_maml, "skd": skd,
+           "unlearning": unlearning}
+# The golden settings (GOLDEN["old_argv"]) in the new flags.
+NEW_ARGV = {
+    "train_reference": ["--train.epochs", "3"],
+    "reverse_maml": ["--meta.shots", "2", "--meta.queries", "2", "--meta.good-tasks", "1",
+                     "--meta.bad-tasks", "1", "--meta.inner-steps", "2", "--meta-steps", "4",
+                     "--head.epochs", "1", "--reference.train.epochs", "1", "--attack.epochs", "2"],
+    "skd": ["--teacher.epochs", "2", "--distill.epochs", "2", "--head.epochs", "1",
+            "--attack.epochs", "2"],
+    "unlearning": ["--original.epochs", "2", "--unsir.noise.steps", "3", "--attack.epochs", "2"],
+}
+
+
+def argv(name: str, workdir, data_dir: str, *extra: str) -> list[str]:
+    return ["--dataset", "digits", "--seeds", "2", "--no-progress", "--data-dir", data_dir,
+            "--workdir", str(workdir), *NEW_ARGV[name], *extra]
+
+
+@pytest.fixture(scope="module")
+def golden_runs(tmp_path_factory, digits_data_dir):
+    """Each experiment run once with the golden settings: ``{name: (results, folder)}``."""
+    root = tmp_path_factory.mktemp("golden")
+    return {name: (module.main(argv(name, root / name, digits_data_dir)), root / name)
+            for name, module in MODULES.items()}
+
+
+def assert_same_numbers(expected, actual, path=""):
+    """Every number in ``expected`` equals the one at the same place in ``actual``."""
+    if isinstance(expected, dict):
+        for key, value in expected.items():
+            if key in ("wall_seconds",):
+                continue
+            assert key in actual, f"{path}/{key} missing"
+            assert_same_numbers(value, actual[key], f"{path}/{key}")
+    elif isinstance(expected, list) and expected and not isinstance(expected[0], (str, dict)):
+        np.testing.assert_array_equal(np.asarray(actual, np.float64),
+                                      np.asarray(expected, np.float64), err_msg=path)
+    else:
+        assert actual == expected, path
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_numbers_equal_the_golden_results_of_the_code_before_the_redesign(golden_runs, name):
+    results, _ = golden_runs[name]
+    assert_same_numbers(GOLDEN["results"][name], results)
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_run_folder_has_the_designed_shape(golden_runs, name):
+    results, folder = golden_runs[name]
+    for file in ("config.json", "metrics.jsonl", "results.json", "model.json"):
+        assert (folder / file).is_file(), file
+    stored = json.loads((folder / "results.json").read_text())
+    assert set(runs.RESULT_KEYS) <= set(stored)
+    assert stored["seeds"] == [0, 1] and stored["dataset"] == "digits"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["experiment"] == name and config["dataset"] == "digits"
+    assert config["seeds"] == 2 and "method" in config and "run" in config  # fully resolved
+    model, params, seeds = checkpoint.load_model(folder)
+    assert seeds == [0, 1] and jax.tree_util.tree_leaves(params)[0].shape[0] == 2
+    if name != "train_reference":
+        assert (folder / "attack_curves.png").stat().st_size > 0
+
+
+def test_config_json_holds_the_resolved_dataset_defaults(golden_runs):
+    config = json.loads((golden_runs["skd"][1] / "config.json").read_text())
+    assert config["method"]["distill"]["epochs"] == 2  # the flag
+    assert config["method"]["distill"]["learning_rate"] == 3e-3  # the digits override
+    assert config["method"]["teacher"]["batch_size"] == 32  # the digits training default
+
+
+def test_reference_resumes_to_the_same_numbers(golden_runs, digits_data_dir, tmp_path, interrupt_at):
+    args = argv("train_reference", tmp_path / "cut", digits_data_dir, "--checkpoint-every", "1")
+    with interrupt_at("epoch", 2), pytest.raises(KeyboardInterrupt):
+        train_reference.main(args)
+    assert not (tmp_path / "cut" / "results.json").exists()
+    results = train_reference.main(args + ["--resume"])
+    _, resumed, _ = checkpoint.load_model(tmp_path / "cut")
+    _, full, _ = checkpoint.load_model(golden_runs["train_reference"][1])
+    jax.tree.map(np.testing.assert_array_equal, resumed, full)
+    assert results["beneficial_test_accuracy"] == golden_runs["train_reference"][0][
+        "beneficial_test_accuracy"]
+    epochs = [r["epoch"] for r in runs.RunDir(tmp_path / "cut").metrics()]
+    assert epochs == [1, 2, 3]
+
+
+@pytest.mark.parametrize("key, value", [("step", 4), ("epoch", 1)])
+def test_reverse_maml_resumes_to_the_same_numbers(golden_runs, digits_data_dir, tmp_path,
+                                                  interrupt_at, key, value):
+    """Cut mid meta-training (step 4 of 4, the last checkpoint at 2) or after it (in the
+    head phase): the resumed run equals the uninterrupted one, meta metrics included."""
+    args = argv("reverse_maml", tmp_path / "cut", digits_data_dir, "--log-every", "2",
+                "--meta-checkpoint-every", "2")
+    with interrupt_at(key, value), pytest.raises(KeyboardInterrupt):
+        reverse_maml.main(args)
+    results = reverse_maml.main(args + ["--resume"])
+    expected = golden_runs["reverse_maml"][0]
+    _, resumed, _ = checkpoint.load_model(tmp_path / "cut")
+    _, full, _ = checkpoint.load_model(golden_runs["reverse_maml"][1])
+    jax.tree.map(np.testing.assert_array_equal, resumed, full)
+    assert results["meta_final_metrics"] == expected["meta_final_metrics"]
+    assert results["attacks"] == expected["attacks"]
+    steps = [r["step"] for r in runs.RunDir(tmp_path / "cut").metrics() if r["phase"] == "meta"]
+    assert steps == [2, 4]
+
+
+def test_resume_with_other_settings_is_refused_but_defaults_are_not_changes(golden_runs,
+                                                                           digits_data_dir):
+    folder = golden_runs["train_reference"][1]
+    with pytest.raises(errors.RunFolderError, match="settings differ .*method"):
+        train_reference.main(argv("train_reference", folder, digits_data_dir, "--train.epochs",
+                                  "5", "--resume"))
+    # Giving a default explicitly is the same resolved setting: accepted.
+    again = train_reference.main(argv("train_reference", folder, digits_data_dir,
+                                      "--train.batch-size", "32", "--resume"))
+    assert again["beneficial_test_accuracy"] == golden_runs["train_reference"][0][
+        "beneficial_test_accuracy"]
+
+
+def test_compare_keeps_going_when_a_method_fails(digits_data_dir, tmp_path, monkeypatch, capsys):
+    from trm_jax.methods import reverse_maml as method
+
+    def diverge(*args, **kwargs):
+        raise errors.NonFiniteError("[meta] non-finite ['objective'] at outer step 3: stopped")
+
+    monkeypatch.setattr(method, "protect", diverge)
+    args = ["--dataset", "digits", "--seeds", "2", "--no-progress", "--data-dir", digits_data_dir,
+            "--workdir", str(tmp_path / "cmp"), "--methods", "reference", "reverse_maml", "skd",
+            "--reference.train.epochs", "2", "--skd.teacher.epochs", "2",
+            "--skd-teacher-epochs", "1", "2", "--skd.distill.epochs", "2", "--skd.head.epochs", "1",
+            "--attack.attacks", "linear_probe", "full_finetune", "--attack.optimizers", "adam",
+            "--attack.learning-rates", "0.01", "--attack.epochs", "1"]
+    assert _cli.main(compare.main, args) == 1
+    stored = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert stored["failed"] == {"reverse_maml": {
+        "error": "NonFiniteError", "message": "[meta] non-finite ['objective'] at outer step 3: stopped"}}
+    assert set(stored["beneficial_test_accuracy"]) == {"reference", "skd"}
+    assert [r["method"] for r in stored["table"]] == ["reference", "skd"]
+    assert [r["teacher_epochs"] for r in stored["methods"]["skd"]["ablation"]] == [1, 2]
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "Reverse-MAML (exact) | FAILED: NonFiniteError" in table
+    for name in ("fig1_beneficial_accuracy.png", "fig2_attack_curves.png", "skd_ablation.png"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 0, name
+    assert "failed: ['reverse_maml']" in capsys.readouterr().err
+
+
+def test_a_dataset_registered_in_the_one_table_works_in_every_experiment(tmp_path):
+    """A new dataset is ONE entry (here an in-memory loader over scikit-learn's digits)."""
+    from sklearn.datasets import load_digits
+
+    def loader(split, data_dir):
+        digits = load_digits()
+        images = (digits.images[..., None] * 16).clip(0, 255).astype(np.uint8)
+        cut = 1200
+        return (images[:cut], digits.target[:cut]) if split == "train" else \
+            (images[cut:], digits.target[cut:])
+
+    datasets.register(datasets.DatasetEntry("tiny", "", (8, 8, 1), 10, pretrain_size=600,
+                                            offline=True, model_options=(("padding", "SAME"),),
+                                            epochs=2, batch_size=32, attack_epochs=1,
+                                            loader=loader))
+    try:
+        results = train_reference.main(["--dataset", "tiny", "--seeds", "1", "--no-progress",
+                                        "--workdir", str(tmp_path / "ref")])
+        assert results["dataset"] == "tiny" and results["beneficial_test_accuracy"]["mean"] > 0.3
+        report = attack.main(["--run", str(tmp_path / "ref")])
+        assert np.shape(report["attacks"]["linear_probe"]["curves"]) == (1, 1, 2)
+    finally:
+        datasets.unregister("tiny")
+
+
+def run_cli(module, args, capsys) -> tuple[int, str]:
+    code = _cli.main(module.main, args)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, args, error, message", [
+    (train_reference, ["--seeds", "0"], errors.ConfigError, "--seeds must be an integer >= 1"),
+    (train_reference, ["--train.learning-rate", "0"], errors.ConfigError, "learning_rate must be > 0"),
+    (train_reference, ["--bogus", "1"], errors.ConfigError, "Unrecognized options: --bogus"),
+    (train_reference, ["--beneficial-classes", "0", "5", "--malicious-classes", "5", "6"],
+     errors.ConfigError, "overlap"),
+    (reverse_maml, ["--outer-lr", "inf"], errors.ConfigError, "outer_lr must be finite and > 0"),
+    (reverse_maml, ["--meta.shots", "90"], errors.ConfigError, "shots"),
+    (skd, ["--teacher-epochs", "5", "5"], errors.ConfigError, "distinct integers >= 1"),
+    (skd, ["--skd.malicious-target", "1"], errors.ConfigError, "malicious_target"),
+    (unlearning, ["--unsir.impair.learning-rate", "0"], errors.ConfigError, "learning_rate must be > 0"),
+    (compare, ["--methods", "magic"], errors.ConfigError, "allowed"),
+    (attack, ["--run", "/nonexistent/run"], errors.RunFolderError, "/nonexistent/run"),
+])
+def test_bad_input_is_one_line_and_exit_code_2_before_any_compute(module, args, error, message,
+                                                                   digits_data_dir, tmp_path, capsys):
+    workdir = tmp_path / "never"
+    full = ["--dataset", "digits", "--data-dir", digits_data_dir, *args]
+    if module is not attack:
+        full += ["--workdir", str(workdir)]
+    else:
+        full = args
+    with pytest.raises(error):
+        module.main(full)
+    code, err = run_cli(module, full, capsys)
+    assert code == 2 and message in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not workdir.exists()
+
+
+def test_each_runtime_error_type_is_one_line_and_exit_code_2(digits_data_dir, tmp_path, capsys):
+    base = ["--dataset", "digits", "--seeds", "1", "--no-progress", "--data-dir", digits_data_dir]
+    # RunFolderError (RunExistsError): an existing folder is never overwritten silently.
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "precious.txt").write_text("keep me")
+    code, err = run_cli(train_reference, base + ["--workdir", str(tmp_path / "taken")], capsys)
+    assert code == 2 and "--overwrite" in err and err.count("\n") == 1
+    assert (tmp_path / "taken" / "precious.txt").read_text() == "keep me"
+    # NonFiniteError: SGD at 1e30 overflows in the first epoch; no checkpoint to speak of.
+    code, err = run_cli(train_reference, base + ["--workdir", str(tmp_path / "nan"),
+                                                 "--train.optimizer", "sgd",
+                                                 "--train.learning-rate", "1e30",
+                                                 "--train.epochs", "2"], capsys)
+    assert code == 2 and "[reference] non-finite" in err and "no checkpoint" in err, err
+    assert "err.state" not in err and err.count("\n") == 1
+    # CheckpointError: a run folder without a saved model.
+    folder = tmp_path / "nomodel"
+    runs.RunDir.create(folder).write_config({"experiment": "x", "dataset": "digits"})
+    code, err = run_cli(attack, ["--run", str(folder)], capsys)
+    assert code == 2 and "no saved model" in err and err.count("\n") == 1
+    # DatasetUnavailableError: CIFAR-10 is not prepared here and downloads are off.
+    code, err = run_cli(train_reference, ["--dataset", "cifar10", "--no-download", "--data-dir",
+                                          str(tmp_path / "empty"), "--workdir",
+                                          str(tmp_path / "c")], capsys)
+    assert code == 2 and "cifar10" in err and err.count("\n") == 1, err
+
+
+def test_a_real_cli_process_prints_one_line_and_exits_2(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "experiments.train_reference", "--dataset", "digits",
+                          "--seeds", "0", "--workdir", str(tmp_path / "w")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if not ln.startswith(("WARNING", "W0000", "I0000"))]
+    assert lines == ["error: --seeds must be an integer >= 1, got 0"], out.stderr
+
+
+def test_help_shows_the_datasets_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        skd.main(["--dataset", "digits", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--distill.learning-rate" in text and "0.003" in text and "--teacher-epochs" in text
+
+
+def test_no_experiment_imports_another():
+    for path in (ROOT / "experiments").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "experiments":
+                assert [a.name for a in node.names] == ["_cli"], (path.name, ast.dump(node))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("experiments."):
+                raise AssertionError(f"{path.name} imports {node.module}")
