@@ -125,7 +125,8 @@ def test_reverse_maml_resumes_to_the_same_numbers(golden_runs, digits_data_dir, 
     _, full, _ = checkpoint.load_model(golden_runs["reverse_maml"][1])
     jax.tree.map(np.testing.assert_array_equal, resumed, full)
     assert results["meta_final_metrics"] == expected["meta_final_metrics"]
-    assert results["attacks"] == expected["attacks"]
+    for name, entry in expected["attacks"].items():
+        assert results["attacks"][name]["curves"] == entry["curves"], name
     steps = [r["step"] for r in runs.RunDir(tmp_path / "cut").metrics() if r["phase"] == "meta"]
     assert steps == [2, 4]
 
