@@ -1,26 +1,29 @@
-"""Omniglot vs digits: the image helpers, and the experiment end to end on TFDS mock data.
+"""Omniglot vs digits: the image helpers, ``trm_jax.fewshot``, and the experiment end to
+end on TFDS mock data.
 
 Omniglot and MNIST cannot be downloaded here, so the end-to-end runs use
 ``tfds.testing.mock_data`` (random images) and must say so in their results.
 """
+import dataclasses
 import json
 import math
 
 import numpy as np
 import pytest
 
-from experiments import omniglot_digits
-from trm_jax import data, runs
+from experiments import _cli, omniglot_digits
+from trm_jax import data, fewshot, runs
+from trm_jax.errors import ConfigError, DatasetUnavailableError
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
 # Tiny: 2 seeds, 3-way 1-shot 1-query, 1+1 tasks, 2 exact second-order meta steps,
 # 12x12 images, a 4-channel Conv4, 4 test tasks, 1 attack epoch.
-TINY = ["--seeds", "2", "--ways", "3", "--shots", "1", "--queries", "1", "--good-tasks", "1",
-        "--bad-tasks", "1", "--inner-steps", "1", "--meta-steps", "2", "--log-every", "1",
-        "--meta-checkpoint-every", "2", "--eval-tasks", "4", "--eval-batch", "2",
-        "--image-size", "12", "--width", "4", "--attack-epochs", "1", "--attack-batch-size", "32",
-        "--no-progress"]
+TINY = ["--seeds", "2", "--meta.ways", "3", "--meta.shots", "1", "--meta.queries", "1",
+        "--meta.good-tasks", "1", "--meta.bad-tasks", "1", "--meta.inner-steps", "1",
+        "--meta-steps", "2", "--log-every", "1", "--meta-checkpoint-every", "2",
+        "--eval-tasks", "4", "--eval-batch", "2", "--image-size", "12", "--width", "4",
+        "--attack.epochs", "1", "--attack.batch-size", "32", "--no-progress"]
 MOCK_EXAMPLES = 600  # mock Omniglot: ~88 of its 1,623 random characters get >= 2 drawings
 RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "attack_curves.png", "model.json")
 
@@ -136,11 +139,11 @@ def test_fewshot_accuracy_scores_adapted_models_on_shuffled_label_tasks():
     keys = jax.vmap(jax.random.key)(jnp.arange(2))
     config = meta.MetaConfig(ways=2, shots=2, queries=2, inner_lr=2.0, inner_steps=3,
                              label_mode="shuffled", task_batching="vmap")
-    adapted = omniglot_digits.fewshot_accuracy(apply_fn, params, keys, pool, config, 7, batch=3)
+    adapted = fewshot.fewshot_accuracy(apply_fn, params, keys, pool, config, 7, batch=3)
     assert adapted.shape == (2, 7) and np.all(adapted == 1.0)
     # No adaptation: equal logits -> always class 0 -> exactly half of each task's queries.
     config = meta.MetaConfig(ways=2, shots=2, queries=2, inner_steps=0, label_mode="shuffled")
-    frozen = omniglot_digits.fewshot_accuracy(apply_fn, params, keys, pool, config, 7, batch=3)
+    frozen = fewshot.fewshot_accuracy(apply_fn, params, keys, pool, config, 7, batch=3)
     assert np.all(frozen == 0.5)
 
 
@@ -161,16 +164,17 @@ def test_whole_experiment_on_mock_omniglot_and_mock_mnist(tmp_path):
     assert provenance["malicious"] == "mnist (TFDS mock data: NOT real)"
     assert provenance["all_real"] is False
     config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["dataset"] == "omniglot" and config["data"]["malicious"] == "mnist"
     assert config["meta"]["label_mode"] == "shuffled" and config["meta"]["meta_grad"] == "exact"
-    assert config["model"] == {"name": "conv4", "num_classes": 3, "input_shape": [12, 12, 1],
+    assert stored["model"] == {"name": "conv4", "num_classes": 3, "input_shape": [12, 12, 1],
                                "width": 4, "norm": "none"}
-    assert config["data_sizes"]["malicious"] == {"pretrain": 400, "finetune": 200, "test": 100}
+    assert stored["data_sizes"]["malicious"] == {"pretrain": 400, "finetune": 200, "test": 100}
 
 
 @pytest.mark.slow
 def test_digits_path_real_digits_with_mock_omniglot_then_resume(tmp_path, digits_data_dir, capsys):
     argv = TINY + ["--malicious", "digits", "--mock-beneficial", "--mock-examples",
-                   str(MOCK_EXAMPLES), "--meta-grad", "first_order", "--no-scratch",
+                   str(MOCK_EXAMPLES), "--meta.meta-grad", "first_order", "--attack.no-scratch",
                    "--workdir", str(tmp_path / "run"), "--data-dir", digits_data_dir]
     results = omniglot_digits.main(argv)
     stored = check_run_folder(tmp_path / "run", scratch=False)
@@ -179,14 +183,12 @@ def test_digits_path_real_digits_with_mock_omniglot_then_resume(tmp_path, digits
     assert provenance["malicious"].startswith("digits (scikit-learn handwritten digits")
     assert "real" in provenance["malicious"] and "mock" not in provenance["malicious"].lower()
     assert provenance["all_real"] is False and results["dataset"] == "omniglot-vs-digits"
-    sizes = json.loads((tmp_path / "run" / "config.json").read_text())["data_sizes"]["malicious"]
-    assert sizes == {"pretrain": 800, "finetune": 497, "test": 500}  # the digits preset
+    assert stored["data_sizes"]["malicious"] == {"pretrain": 800, "finetune": 497, "test": 500}
     out = capsys.readouterr().out
     assert "beneficial data: omniglot (TFDS mock data: NOT real)" in out
     assert "NOT results" in out
-    # Resuming the finished run: no meta step reruns, and the same numbers come out.
+    # Resuming the finished run: no meta step reruns (records stay [1, 2]), same numbers.
     again = omniglot_digits.main(argv + ["--resume"])
-    assert "[meta] already finished" in capsys.readouterr().out
     for key in ("beneficial_fewshot_accuracy", "malicious_fewshot_accuracy"):
         assert again[key] == results[key]
     assert again["attacks"]["linear_probe"]["curves"] == results["attacks"]["linear_probe"]["curves"]
@@ -194,8 +196,8 @@ def test_digits_path_real_digits_with_mock_omniglot_then_resume(tmp_path, digits
 
 
 def test_malicious_digits_are_real_and_upsampled(digits_data_dir):
-    config = omniglot_digits.DataConfig(malicious="digits", image_size=28, resize_method="nearest")
-    protocol, provenance = omniglot_digits.load_malicious(config, digits_data_dir)
+    config = fewshot.DataConfig(malicious="digits", image_size=28, resize_method="nearest")
+    protocol, provenance = fewshot.load_malicious(config, digits_data_dir)
     assert "real" in provenance and "8x8 upsampled to 28x28 nearest" in provenance
     for split in ("pretrain", "finetune", "test"):
         subset = getattr(protocol, split).malicious
@@ -206,36 +208,63 @@ def test_malicious_digits_are_real_and_upsampled(digits_data_dir):
 
 
 def test_mock_malicious_flag_loads_mock_mnist_and_says_so(tmp_path):
-    config = omniglot_digits.DataConfig(malicious="mnist", image_size=14, mock_malicious=True,
-                                        mock_examples=300, malicious_pretrain_size=200)
-    protocol, provenance = omniglot_digits.load_malicious(config, str(tmp_path))
+    config = fewshot.DataConfig(malicious="mnist", image_size=14, mock_malicious=True,
+                                mock_examples=300, malicious_pretrain_size=200)
+    protocol, provenance = fewshot.load_malicious(config, str(tmp_path))
     assert provenance == "mnist (TFDS mock data: NOT real)"
     assert protocol.pretrain.malicious.images.shape[1:] == (14, 14, 1)
     assert protocol.sizes()["finetune"]["malicious"] == 100 and len(protocol.test.malicious) == 300
     assert not data.tfds_mock_active()  # the mock ends with the loading
 
 
-def test_omniglot_offline_without_mock_says_what_to_do(tmp_path):
-    with pytest.raises(data.DatasetUnavailableError) as err:
-        omniglot_digits.main(["--malicious", "digits", "--no-download", "--workdir",
-                              str(tmp_path / "run"), "--data-dir", str(tmp_path / "tfds")])
+def test_omniglot_offline_without_mock_says_what_to_do(tmp_path, capsys):
+    argv = ["--malicious", "digits", "--no-download", "--workdir", str(tmp_path / "run"),
+            "--data-dir", str(tmp_path / "tfds")]
+    with pytest.raises(DatasetUnavailableError) as err:
+        omniglot_digits.main(argv)
     assert "'omniglot'" in str(err.value) and "--mock-beneficial" in str(err.value)
+    capsys.readouterr()
+    assert _cli.main(omniglot_digits.main, argv) == 2  # the CLI: one line, no traceback
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--mock-beneficial" in lines[0]
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flags, error, message", [
-    (["--malicious-classes", "3,3"], ValueError, r"need >= 2 distinct digits in 0..9"),
-    (["--malicious-classes", "1,12"], ValueError, r"out of range: \[12\]"),
-    (["--outer-lr", "0"], ValueError, "--outer-lr must be > 0"),
-    (["--inner-lr", "-1"], ValueError, "inner_lr must be > 0"),
-    (["--attacks", "nope"], ValueError, "unknown attack"),
-    (["--ways", "500"], ValueError, "ways=500 but the pool has only"),
-    (["--malicious-pretrain-size", "1297"], ValueError, r"needs 1298 training examples"),
-    (["--queries", "9"], ValueError, r"Omniglot meta_train: no class has >= 10 .* raise --mock-examples"),
+@pytest.mark.parametrize("flags, message", [
+    (["--malicious-classes", "3", "3"], r"need >= 2 distinct digits in 0..9"),
+    (["--malicious-classes", "1", "12"], r"out of range: \[12\]"),
+    (["--outer-lr", "0"], "outer_lr must be finite and > 0"),
+    (["--meta.inner-lr", "-1"], "inner_lr must be > 0"),
+    (["--attack.attacks", "nope"], "unknown attack"),
+    (["--eval-tasks", "0"], "--eval-tasks must be an integer >= 1"),
+    (["--dataset", "nope"], r"--dataset 'nope': unknown; allowed"),
+    (["--malicious", "cifar10"], "cifar10"),
+    (["--meta.ways", "500"], "ways=500 but the pool has only"),
+    (["--malicious-pretrain-size", "1297"], r"needs 1298 training examples"),
+    (["--meta.queries", "9"], r"omniglot meta_train: no class has >= 10 .* raise mock_examples"),
 ])
-def test_bad_settings_fail_before_any_compute(tmp_path, digits_data_dir, flags, error, message):
-    with pytest.raises(error, match=message):
+def test_bad_settings_fail_before_any_compute(tmp_path, digits_data_dir, flags, message):
+    with pytest.raises(ConfigError, match=message):
         omniglot_digits.main(["--malicious", "digits", "--mock-beneficial", "--mock-examples",
-                              "200", "--queries", "1", "--workdir", str(tmp_path / "run"), "--data-dir",
-                              digits_data_dir, *flags])
+                              "200", "--meta.queries", "1", "--workdir", str(tmp_path / "run"),
+                              "--data-dir", digits_data_dir, *flags])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_flag_exits_2_with_one_line(tmp_path, capsys):
+    assert _cli.main(omniglot_digits.main, ["--no-such-flag", "--workdir", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--no-such-flag" in lines[0]
+
+
+def test_defaults_come_from_the_dataset_table_and_nested_flags_override_them():
+    from trm_jax import config_for
+
+    argv = ["--dataset", "omniglot", "--meta.inner-steps", "3", "--malicious", "digits"]
+    config = _cli.parse(omniglot_digits.Config, omniglot_digits.defaults, argv, prog="test",
+                        description="", default_dataset="omniglot")
+    method = config_for("reverse_maml", "omniglot")
+    assert config.dataset == "omniglot" and config.data.malicious == "digits"
+    assert config.meta == dataclasses.replace(method.meta, label_mode="shuffled", inner_steps=3)
+    assert (config.meta_steps, config.outer_lr) == (method.meta_steps, method.outer_lr)
+    assert config.data.invert_beneficial and config.method().meta == config.meta

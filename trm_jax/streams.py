@@ -22,8 +22,9 @@ SKD_STUDENT = 1
 SKD_HEAD = 2
 #: UNSIR stages (noise, impair subset, repair subset).
 UNSIR_NOISE, UNSIR_IMPAIR, UNSIR_REPAIR = 1, 2, 3
-#: Few-shot evaluation episodes (omniglot vs digits).
+#: Few-shot evaluation episodes (``trm_jax.fewshot``), then one stream per half.
 FEWSHOT_EVAL = 0
+FEWSHOT_BENEFICIAL, FEWSHOT_MALICIOUS = 1, 2
 
 #: The top-level tags, which must be distinct (the small ones are folded into
 #: already-derived keys, where they cannot collide with these).
