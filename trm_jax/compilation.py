@@ -61,7 +61,8 @@ _MIN_ENTRY_BYTES = -1  # -1: no size minimum, and jax does not override it
 
 
 def default_cache_dir() -> pathlib.Path:
-    """``$TRM_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/trm_jax/jax``, else ``~/.cache/trm_jax/jax``."""
+    """``$TRM_JAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/trm_jax/jax``, else
+    ``~/.cache/trm_jax/jax``."""
     if os.environ.get(CACHE_DIR_ENV):
         return pathlib.Path(os.environ[CACHE_DIR_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
@@ -98,7 +99,8 @@ def enable_persistent_cache(path: str | os.PathLike | None = None) -> pathlib.Pa
         return None
     configured = jax.config.jax_compilation_cache_dir
     if configured:
-        if path is not None and pathlib.Path(path).expanduser().resolve() != pathlib.Path(configured).expanduser().resolve():
+        resolved = lambda p: pathlib.Path(p).expanduser().resolve()
+        if path is not None and resolved(path) != resolved(configured):
             warnings.warn(f"enable_persistent_cache({str(path)!r}): jax's compilation cache is "
                           f"already at {configured!r}; keeping that one", stacklevel=2)
         return pathlib.Path(configured)
@@ -230,7 +232,7 @@ class CompileStats:
 
 
 def count_compilations() -> CompileStats:
-    """A fresh :class:`CompileStats`; use it as a context manager (``with count_compilations() as s``).
+    """A fresh :class:`CompileStats`; use it as ``with count_compilations() as stats:``.
 
     Counters may nest or overlap (each active one sees every compilation of the
     process, from any thread); nothing is recorded outside their ``with`` blocks.
