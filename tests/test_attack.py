@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trm_jax import attack, datasets, errors, plots
+from trm_jax import attack, compilation, datasets, errors, plots
 
 EPOCHS = 2
 SEEDS = 2
@@ -50,6 +50,18 @@ def test_vmapped_sweep_equals_python_loop(setup):
     assert bool(jnp.all(swept.finite))
     # seeds give different heads/shuffles; the attack learns above chance (0.2) at lr 0.1
     assert float(swept.curve[1, :, -1].mean()) > 0.3
+
+
+def test_models_differing_only_in_their_head_share_one_compiled_sweep(setup, digits_protocol):
+    model, params, keys, data = setup
+    cfg = config("linear_probe")
+    wide = datasets.model_for("digits", 10, digits_protocol.image_shape)  # e.g. UNSIR's model
+    wide_params = {"features": params["features"], "head": jax.vmap(wide.init_head)(keys)}
+    narrow = attack.attack_sweep(model, params, keys, LRS, data, cfg, batching="vmap")
+    with compilation.count_compilations() as stats:
+        same = attack.attack_sweep(wide, wide_params, keys, LRS, data, cfg, batching="vmap")
+    assert stats.total.compilations == 0
+    np.testing.assert_array_equal(same.curve, narrow.curve)
 
 
 def test_linear_probe_keeps_features_bitwise_and_matches_precomputed_path(setup):

@@ -462,6 +462,10 @@ def attack_sweep(model: models.Model, params: Params, keys: jax.Array,
     lrs = validate_learning_rates(learning_rates)
     check_inputs(model, params, keys, data, config)
     batching = resolve_batching(batching, config)
+    # The attack drops the model's head for a fresh ``config.num_classes`` one: models (and
+    # params) that differ only in their head (UNSIR's 10-way model) share one compiled sweep.
+    model = dataclasses.replace(model, num_classes=config.num_classes)
+    params = {"features": params["features"]}
     params, keys, data = _place(params, keys, data, int(keys.shape[0]))
     fn = compiled_sweep(model, config, batching, return_params)
     return fn(params, keys, jnp.asarray(lrs, jnp.float32), data)

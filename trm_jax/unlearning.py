@@ -34,6 +34,7 @@ notebook, both bugs there:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import chex
@@ -465,8 +466,14 @@ def half_accuracies(apply_fn: ApplyFn, params: Params, beneficial: tuple[jax.Arr
     Returns:
       ``{"beneficial": f[S], "malicious": f[S]}``.
     """
+    ben, mal = _half_accuracies(apply_fn, params, beneficial, malicious, offset)
+    return {"beneficial": np.asarray(ben), "malicious": np.asarray(mal)}
+
+
+# Module-level so that the stages of one run (same shapes) share one compiled program.
+@functools.partial(jax.jit, static_argnames=("apply_fn", "offset"))
+def _half_accuracies(apply_fn, params, beneficial, malicious, offset):
     def one_seed(p):
         return (train.evaluate(apply_fn, p, *beneficial)["accuracy"],
                 train.evaluate(apply_fn, p, malicious[0], malicious[1] + offset)["accuracy"])
-    ben, mal = jax.jit(jax.vmap(one_seed))(params)
-    return {"beneficial": np.asarray(ben), "malicious": np.asarray(mal)}
+    return jax.vmap(one_seed)(params)
