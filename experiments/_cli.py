@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import tyro
 
-from trm_jax import data, datasets, errors, runs
+from trm_jax import compilation, data, datasets, errors, runs
 from trm_jax.hooks import RunFolderHooks
 from trm_jax.methods import seed_keys
 
@@ -72,6 +72,10 @@ class RunOptions:
     """TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)"""
     download: bool = True
     """let TFDS download a dataset that is not prepared (fails fast when offline)"""
+    compile_cache: bool = True
+    """JAX's persistent compilation cache ($TRM_JAX_CACHE_DIR, default ~/.cache/trm_jax/jax;
+    also off with TRM_JAX_NO_COMPILE_CACHE=1): a second run loads its programs instead of
+    compiling them"""
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "meta_checkpoint_every"):
@@ -164,22 +168,35 @@ def seeds_of(count: int) -> tuple[list[int], jax.Array]:
 
 
 class Run:
-    """A run folder opened for an experiment: the folder, its hooks and a timer."""
+    """A run folder opened for an experiment: the folder, its hooks, a timer and a compile
+    counter. Use it as a context manager (``with _cli.Run(...) as run:``): on exit,
+    however it ends, the hooks, the counter and the folder's writer lock are released.
+
+    Opening it turns on the persistent compilation cache (``--no-compile-cache``: off)
+    and counts every compilation, per phase (``with run.phase("attack"):``); ``finish``
+    writes the counts to ``results.json`` under ``compilation``.
+    """
 
     def __init__(self, name: str, config: Any, options: RunOptions):
         self.started = time.perf_counter()
         workdir = options.workdir or runs.default_workdir(name)
         resolved = runs.to_jsonable({"experiment": name, **dataclasses.asdict(config)})
         self.dir = runs.RunDir.create(workdir, overwrite=options.overwrite, resume=options.resume)
-        if options.resume and (self.dir.path / "config.json").exists():
-            stored = self.dir.config()
-            diff = sorted(k for k in set(stored) | set(resolved) if k not in RUN_FIELDS
-                          and stored.get(k) != resolved.get(k))
-            if diff:
-                raise errors.RunFolderError(
-                    f"--resume: the resolved settings differ from the stored run's in {diff}; "
-                    "resume with the original settings or start a new --workdir")
-        self.dir.write_config(resolved)
+        try:
+            if options.resume and (self.dir.path / "config.json").exists():
+                stored = self.dir.config()
+                diff = sorted(k for k in set(stored) | set(resolved) if k not in RUN_FIELDS
+                              and stored.get(k) != resolved.get(k))
+                if diff:
+                    raise errors.RunFolderError(
+                        f"--resume: the resolved settings differ from the stored run's in {diff}; "
+                        "resume with the original settings or start a new --workdir")
+            self.dir.write_config(resolved)
+        except BaseException:
+            self.dir.close()
+            raise
+        self.cache_dir = compilation.enable_persistent_cache() if options.compile_cache else None
+        self.stats = compilation.count_compilations().__enter__()
         self.hooks = RunFolderHooks(self.dir, resume=options.resume,
                                     checkpoint_every=options.checkpoint_every,
                                     progress=options.progress,
@@ -187,18 +204,39 @@ class Run:
         self.resume = options.resume
         print(f"run folder: {self.dir.path}", flush=True)
 
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.stats is not None:
+            self.stats.__exit__(None, None, None)
+            self.stats = None
+        self.hooks.close()
+        self.dir.close()
+
     @property
     def path(self):
         return self.dir.path
+
+    def phase(self, name: str):
+        """Counts the compilations of a named phase (``results.json``: ``compilation.phases``)."""
+        return self.stats.phase(name)
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
     def finish(self, results: dict[str, Any]) -> dict[str, Any]:
-        """Writes ``results.json`` (with ``wall_seconds``) and closes the hooks."""
-        results = {**results, "wall_seconds": self.seconds()}
+        """Writes ``results.json`` (with ``wall_seconds`` and ``compilation``)."""
+        wall = self.seconds()
+        compiled = self.stats.as_dict()  # the counter is still open: its wall time is ours
+        compiled.update(wall_seconds=round(wall, 4),
+                        compile_share=round(compiled["compile_seconds"] / wall, 4),
+                        persistent_cache=None if self.cache_dir is None else str(self.cache_dir))
+        results = {**results, "compilation": compiled, "wall_seconds": wall}
         self.dir.write_results(results)
-        self.hooks.close()
         return json.loads(json.dumps(runs.to_jsonable(results)))
 
 

@@ -137,45 +137,46 @@ def main(argv: list[str] | None = None) -> dict:
     suite.plan(protocol.finetune.malicious.num_classes, suite.epochs_for(protocol))  # validate early
     for entry in config.methods:  # every method's settings, before any compute
         methods.check(ENTRIES[entry][0], config.method_config(entry), protocol)
-    run = _cli.Run(NAME, config, config.run)
+    with _cli.Run(NAME, config, config.run) as run:
+        protected, summaries, failed = {}, {}, {}
+        for entry in config.methods:
+            try:
+                with run.phase(entry):
+                    protected[entry], summaries[entry] = run_entry(entry, config, protocol, keys,
+                                                                   seeds, run.path)
+            except Exception as err:  # noqa: BLE001 -- one failing method must not end the comparison
+                failed[entry] = {"error": type(err).__name__, "message": " ".join(str(err).split())}
+                print(f"[compare] {entry} FAILED: {failed[entry]['error']}: "
+                      f"{failed[entry]['message']}", file=sys.stderr, flush=True)
 
-    protected, summaries, failed = {}, {}, {}
-    for entry in config.methods:
-        try:
-            protected[entry], summaries[entry] = run_entry(entry, config, protocol, keys, seeds,
-                                                           run.path)
-        except Exception as err:  # noqa: BLE001 -- one failing method must not end the comparison
-            failed[entry] = {"error": type(err).__name__, "message": " ".join(str(err).split())}
-            print(f"[compare] {entry} FAILED: {failed[entry]['error']}: "
-                  f"{failed[entry]['message']}", file=sys.stderr, flush=True)
+        table, entries, beneficial, scratch = [], {}, {}, None
+        for entry, prot in protected.items():
+            with run.phase("attack"):
+                if scratch is None:
+                    print("[compare] scratch reference", flush=True)
+                    scratch = evaluation.scratch_reference(prot, protocol, suite)
+                print(f"[compare] attack suite on {entry}", flush=True)
+                report = evaluation.evaluate(prot, protocol, suite, scratch=scratch,
+                                             verbose=config.run.progress)
+            entries.update({f"{entry}/{name}": e for name, e in report["attacks"].items()})
+            beneficial[entry] = summaries[entry]["beneficial_test_accuracy"]
+            table.append(row(entry, beneficial[entry], report, scratch))
 
-    table, entries, beneficial, scratch = [], {}, {}, None
-    for entry, prot in protected.items():
-        if scratch is None:
-            print("[compare] scratch reference", flush=True)
-            scratch = evaluation.scratch_reference(prot, protocol, suite)
-        print(f"[compare] attack suite on {entry}", flush=True)
-        report = evaluation.evaluate(prot, protocol, suite, scratch=scratch,
-                                     verbose=config.run.progress)
-        entries.update({f"{entry}/{name}": e for name, e in report["attacks"].items()})
-        beneficial[entry] = summaries[entry]["beneficial_test_accuracy"]
-        table.append(row(entry, beneficial[entry], report, scratch))
-
-    results = run.finish({
-        "experiment": NAME, "dataset": config.dataset, "seeds": seeds,
-        "beneficial_test_accuracy": beneficial, "attacks": entries,
-        "references": {"scratch": scratch} if scratch else {},
-        "methods": {e: {k: s[k] for k in ("beneficial_test_accuracy", "wall_seconds", "stages",
-                                          "misses_percent", "false_masks_percent",
-                                          "teacher_test_accuracy", "ablation") if k in s}
-                    for e, s in summaries.items()},
-        "failed": failed, "table": table, "chance": 1.0 / protocol.test.malicious.num_classes,
-        "data_provenance": f"{config.dataset}: real data through TFDS", "command": command})
-    (run.path / "results.md").write_text(markdown(results))
-    if table:
-        figures(run.path, results)
-    print(markdown(results))
-    return results
+        results = run.finish({
+            "experiment": NAME, "dataset": config.dataset, "seeds": seeds,
+            "beneficial_test_accuracy": beneficial, "attacks": entries,
+            "references": {"scratch": scratch} if scratch else {},
+            "methods": {e: {k: s[k] for k in ("beneficial_test_accuracy", "wall_seconds", "stages",
+                                              "misses_percent", "false_masks_percent",
+                                              "teacher_test_accuracy", "ablation") if k in s}
+                        for e, s in summaries.items()},
+            "failed": failed, "table": table, "chance": 1.0 / protocol.test.malicious.num_classes,
+            "data_provenance": f"{config.dataset}: real data through TFDS", "command": command})
+        (run.path / "results.md").write_text(markdown(results))
+        if table:
+            figures(run.path, results)
+        print(markdown(results))
+        return results
 
 
 def probe_name(report: dict) -> str:

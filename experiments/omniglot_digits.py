@@ -99,46 +99,49 @@ def main(argv: list[str] | None = None) -> dict:
     fewshot.check_tasks(config.meta, good_pool, bad_pool, test_pools)  # before any compute
     size = config.data.image_size
     model = models.conv4(config.meta.ways, (size, size, 1), config.width, config.norm)
-    run = _cli.Run(NAME, config, config.run)
-    print(fewshot.describe_provenance(loaded.provenance), flush=True)
+    with _cli.Run(NAME, config, config.run) as run:
+        print(fewshot.describe_provenance(loaded.provenance), flush=True)
 
-    params, last = reverse_maml.meta_train(model, method, keys, good_pool, bad_pool,
-                                           hooks=run.hooks)
-    checkpoint.save_model(run.path, model, params, seeds)
-    if run.resume:  # evaluation reruns in full (same keys, same numbers): drop older records
-        run.dir.truncate_metrics(lambda r: r.get("phase") != "eval")
-    scores = fewshot.evaluate_fewshot(model, params, keys, test_pools, config.meta,
-                                      config.eval_tasks, config.eval_batch)
-    for half, summary in scores.items():
-        run.hooks.log({"phase": "eval", "split": f"{half}_fewshot", "accuracy": summary["mean"],
-                       "per_seed": summary["per_seed"]})
-    protected = Protected(reverse_maml.NAME, model, params, keys, {"meta_final_metrics": last})
-    report = evaluation.evaluate(protected, protocol, config.attack, verbose=config.run.progress)
-    m = config.meta
-    results = run.finish({
-        "experiment": NAME, "dataset": f"{config.dataset}-vs-{config.data.malicious}",
-        "seeds": seeds,
-        "data_provenance": {**loaded.provenance, "all_real": not fewshot.any_mock(loaded.provenance)},
-        "beneficial_fewshot_accuracy": scores["beneficial"],
-        "beneficial_test_accuracy": scores["beneficial"],
-        "beneficial_test_accuracy_definition": (
-            f"{m.ways}-way {m.shots}-shot query accuracy after {m.inner_steps} inner step(s), "
-            f"mean over {config.eval_tasks} tasks per seed from the characters of "
-            f"{config.dataset}'s test split"),
-        "malicious_fewshot_accuracy": scores["malicious"], **report,
-        "meta_final_metrics": _cli.summarize(last), "data_sizes": loaded.sizes(),
-        "model": model.spec()})
-    mock = "" if results["data_provenance"]["all_real"] else " [MOCK DATA: not real]"
-    evaluation.plot_report(report, run.path / "attack_curves.png",
-                           f"Fine-tuning attack on {results['dataset']}{mock}",
-                           chance=1.0 / protocol.test.malicious.num_classes,
-                           label="Reverse-MAML Conv4: ")
-    print(f"\n{fewshot.describe_provenance(results['data_provenance'])}")
-    for half in ("beneficial", "malicious"):
-        _cli.print_accuracy(f"{half} few-shot accuracy ({config.eval_tasks} {m.ways}-way "
-                            f"{m.shots}-shot tasks per seed)", scores[half])
-    print(evaluation.summary_table(results))
-    return results
+        with run.phase("meta"):
+            params, last = reverse_maml.meta_train(model, method, keys, good_pool, bad_pool,
+                                                   hooks=run.hooks)
+        checkpoint.save_model(run.path, model, params, seeds)
+        if run.resume:  # evaluation reruns in full (same keys, same numbers): drop older records
+            run.dir.truncate_metrics(lambda r: r.get("phase") != "eval")
+        scores = fewshot.evaluate_fewshot(model, params, keys, test_pools, config.meta,
+                                          config.eval_tasks, config.eval_batch)
+        for half, summary in scores.items():
+            run.hooks.log({"phase": "eval", "split": f"{half}_fewshot", "accuracy": summary["mean"],
+                           "per_seed": summary["per_seed"]})
+        protected = Protected(reverse_maml.NAME, model, params, keys, {"meta_final_metrics": last})
+        with run.phase("attack"):
+            report = evaluation.evaluate(protected, protocol, config.attack,
+                                         verbose=config.run.progress)
+        m = config.meta
+        results = run.finish({
+            "experiment": NAME, "dataset": f"{config.dataset}-vs-{config.data.malicious}",
+            "seeds": seeds,
+            "data_provenance": {**loaded.provenance, "all_real": not fewshot.any_mock(loaded.provenance)},
+            "beneficial_fewshot_accuracy": scores["beneficial"],
+            "beneficial_test_accuracy": scores["beneficial"],
+            "beneficial_test_accuracy_definition": (
+                f"{m.ways}-way {m.shots}-shot query accuracy after {m.inner_steps} inner step(s), "
+                f"mean over {config.eval_tasks} tasks per seed from the characters of "
+                f"{config.dataset}'s test split"),
+            "malicious_fewshot_accuracy": scores["malicious"], **report,
+            "meta_final_metrics": _cli.summarize(last), "data_sizes": loaded.sizes(),
+            "model": model.spec()})
+        mock = "" if results["data_provenance"]["all_real"] else " [MOCK DATA: not real]"
+        evaluation.plot_report(report, run.path / "attack_curves.png",
+                               f"Fine-tuning attack on {results['dataset']}{mock}",
+                               chance=1.0 / protocol.test.malicious.num_classes,
+                               label="Reverse-MAML Conv4: ")
+        print(f"\n{fewshot.describe_provenance(results['data_provenance'])}")
+        for half in ("beneficial", "malicious"):
+            _cli.print_accuracy(f"{half} few-shot accuracy ({config.eval_tasks} {m.ways}-way "
+                                f"{m.shots}-shot tasks per seed)", scores[half])
+        print(evaluation.summary_table(results))
+        return results
 
 
 if __name__ == "__main__":

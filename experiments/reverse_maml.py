@@ -58,30 +58,33 @@ def main(argv: list[str] | None = None) -> dict:
     methods.check(NAME, config.method, protocol)
     if config.with_reference:
         methods.check("reference", config.reference, protocol)
-    run = _cli.Run(NAME, config, config.run)
-    protected = methods.protect(NAME, config.method, protocol, keys, hooks=run.hooks, model=model)
-    checkpoint.save_model(run.path, protected.model, protected.params, seeds)
-    _cli.print_accuracy("Reverse-MAML beneficial test accuracy",
-                        _cli.summarize(protected.metrics)["beneficial_test_accuracy"])
-    reference = None
-    if config.with_reference:
-        reference = methods.protect("reference", config.reference, protocol, keys,
-                                    hooks=run.hooks, model=protected.model)
-        _cli.print_accuracy("unprotected reference beneficial test accuracy",
-                            _cli.summarize(reference.metrics)["beneficial_test_accuracy"])
-    report = evaluation.evaluate(protected, protocol, config.attack, reference=reference,
-                                 verbose=config.run.progress)
-    results = {"experiment": NAME, "dataset": config.dataset, "seeds": seeds,
-               **_cli.summarize(protected.metrics), **report}
-    if reference is not None:
-        results["unprotected_beneficial_test_accuracy"] = _cli.summarize(
-            reference.metrics)["beneficial_test_accuracy"]
-    results = run.finish(results)
-    evaluation.plot_report(report, run.path / "attack_curves.png",
-                           f"Fine-tuning attack on {config.dataset}: Reverse-MAML vs references",
-                           chance=1.0 / protocol.test.malicious.num_classes, label="Reverse-MAML: ")
-    print(evaluation.summary_table(results))
-    return results
+    with _cli.Run(NAME, config, config.run) as run:
+        with run.phase('reverse_maml'):
+            protected = methods.protect(NAME, config.method, protocol, keys, hooks=run.hooks, model=model)
+        checkpoint.save_model(run.path, protected.model, protected.params, seeds)
+        _cli.print_accuracy("Reverse-MAML beneficial test accuracy",
+                            _cli.summarize(protected.metrics)["beneficial_test_accuracy"])
+        reference = None
+        if config.with_reference:
+            with run.phase('reference'):
+                reference = methods.protect("reference", config.reference, protocol, keys,
+                                            hooks=run.hooks, model=protected.model)
+            _cli.print_accuracy("unprotected reference beneficial test accuracy",
+                                _cli.summarize(reference.metrics)["beneficial_test_accuracy"])
+        with run.phase('attack'):
+            report = evaluation.evaluate(protected, protocol, config.attack, reference=reference,
+                                         verbose=config.run.progress)
+        results = {"experiment": NAME, "dataset": config.dataset, "seeds": seeds,
+                   **_cli.summarize(protected.metrics), **report}
+        if reference is not None:
+            results["unprotected_beneficial_test_accuracy"] = _cli.summarize(
+                reference.metrics)["beneficial_test_accuracy"]
+        results = run.finish(results)
+        evaluation.plot_report(report, run.path / "attack_curves.png",
+                               f"Fine-tuning attack on {config.dataset}: Reverse-MAML vs references",
+                               chance=1.0 / protocol.test.malicious.num_classes, label="Reverse-MAML: ")
+        print(evaluation.summary_table(results))
+        return results
 
 
 if __name__ == "__main__":

@@ -81,44 +81,46 @@ def main(argv: list[str] | None = None) -> dict:
     for epochs in config.budgets():  # every budget's settings, before any compute
         methods.check(NAME, dataclasses.replace(config.method, teacher=dataclasses.replace(
             config.method.teacher, epochs=epochs)), protocol)
-    run = _cli.Run(NAME, config, config.run)
-    if run.resume:  # the ablation records are written again below
-        run.dir.truncate_metrics(lambda r: r.get("phase") != "ablation")
-    rows, protected = [], None
-    for epochs in config.budgets():
-        method = dataclasses.replace(config.method, teacher=dataclasses.replace(
-            config.method.teacher, epochs=epochs))
-        protected = methods.protect(NAME, method, protocol, keys, hooks=run.hooks, model=model)
-        row = {"teacher_epochs": epochs,
-               **{k: v for k, v in _cli.summarize(protected.metrics).items() if k in SUMMARY_KEYS}}
-        run.hooks.log({"phase": "ablation", **row})
-        rows.append(row)
-        print(f"[teacher {epochs} epochs] teacher acc {row['teacher_test_accuracy']['mean']:.4f}, "
-              f"student acc {row['student_test_accuracy']['mean']:.4f}, misses "
-              f"{row['misses_percent']['mean']:.2f}%, false masks "
-              f"{row['false_masks_percent']['mean']:.2f}%", flush=True)
-    checkpoint.save_model(run.path, protected.model, protected.params, seeds)
-    skd_seconds = run.seconds()
-    report = evaluation.evaluate(protected, protocol, config.attack, verbose=config.run.progress)
-    chance = 1.0 / protocol.test.malicious.num_classes
-    final = rows[-1]
-    results = run.finish({
-        "experiment": NAME, "dataset": config.dataset, "seeds": seeds,
-        "beneficial_test_accuracy": final["student_test_accuracy"], **report,
-        "chance": chance, **{k: final[k] for k in SUMMARY_KEYS},
-        "teacher_epochs": final["teacher_epochs"], "ablation": rows,
-        "notes": "misses/false masks in % of test images; the attacked model is the last "
-                 "teacher budget's; beneficial_test_accuracy = the SKD student + head",
-        "skd_seconds": skd_seconds, "attack_seconds": run.seconds() - skd_seconds})
-    evaluation.plot_report(report, run.path / "attack_curves.png",
-                           f"SKD on {config.dataset} (teacher {final['teacher_epochs']} epochs): "
-                           "malicious test accuracy under attack", chance, label="SKD: ")
-    if len(rows) > 1:
-        plots.plot_ablation(rows, run.path / "ablation.png",
-                            f"SKD teacher ablation ({config.dataset}, {len(seeds)} seeds)")
-    print(ablation_table(rows))
-    print(evaluation.summary_table(results))
-    return results
+    with _cli.Run(NAME, config, config.run) as run:
+        if run.resume:  # the ablation records are written again below
+            run.dir.truncate_metrics(lambda r: r.get("phase") != "ablation")
+        rows, protected = [], None
+        for epochs in config.budgets():
+            method = dataclasses.replace(config.method, teacher=dataclasses.replace(
+                config.method.teacher, epochs=epochs))
+            with run.phase('skd'):
+                protected = methods.protect(NAME, method, protocol, keys, hooks=run.hooks, model=model)
+            row = {"teacher_epochs": epochs,
+                   **{k: v for k, v in _cli.summarize(protected.metrics).items() if k in SUMMARY_KEYS}}
+            run.hooks.log({"phase": "ablation", **row})
+            rows.append(row)
+            print(f"[teacher {epochs} epochs] teacher acc {row['teacher_test_accuracy']['mean']:.4f}, "
+                  f"student acc {row['student_test_accuracy']['mean']:.4f}, misses "
+                  f"{row['misses_percent']['mean']:.2f}%, false masks "
+                  f"{row['false_masks_percent']['mean']:.2f}%", flush=True)
+        checkpoint.save_model(run.path, protected.model, protected.params, seeds)
+        skd_seconds = run.seconds()
+        with run.phase('attack'):
+            report = evaluation.evaluate(protected, protocol, config.attack, verbose=config.run.progress)
+        chance = 1.0 / protocol.test.malicious.num_classes
+        final = rows[-1]
+        results = run.finish({
+            "experiment": NAME, "dataset": config.dataset, "seeds": seeds,
+            "beneficial_test_accuracy": final["student_test_accuracy"], **report,
+            "chance": chance, **{k: final[k] for k in SUMMARY_KEYS},
+            "teacher_epochs": final["teacher_epochs"], "ablation": rows,
+            "notes": "misses/false masks in % of test images; the attacked model is the last "
+                     "teacher budget's; beneficial_test_accuracy = the SKD student + head",
+            "skd_seconds": skd_seconds, "attack_seconds": run.seconds() - skd_seconds})
+        evaluation.plot_report(report, run.path / "attack_curves.png",
+                               f"SKD on {config.dataset} (teacher {final['teacher_epochs']} epochs): "
+                               "malicious test accuracy under attack", chance, label="SKD: ")
+        if len(rows) > 1:
+            plots.plot_ablation(rows, run.path / "ablation.png",
+                                f"SKD teacher ablation ({config.dataset}, {len(seeds)} seeds)")
+        print(ablation_table(rows))
+        print(evaluation.summary_table(results))
+        return results
 
 
 if __name__ == "__main__":

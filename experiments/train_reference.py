@@ -45,14 +45,15 @@ def main(argv: list[str] | None = None) -> dict:
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     model = _cli.model_override(config.dataset, config.model, protocol)
     methods.check("reference", config.method, protocol)
-    run = _cli.Run(NAME, config, config.run)
-    protected = methods.protect("reference", config.method, protocol, keys, hooks=run.hooks,
-                                model=model)
-    checkpoint.save_model(run.path, protected.model, protected.params, seeds)
-    results = run.finish({"experiment": NAME, "dataset": config.dataset, "seeds": seeds,
-                          **_cli.summarize(protected.metrics), "attacks": {}, "references": {}})
-    _cli.print_accuracy("beneficial test accuracy", results["beneficial_test_accuracy"])
-    return results
+    with _cli.Run(NAME, config, config.run) as run:
+        with run.phase('reference'):
+            protected = methods.protect("reference", config.method, protocol, keys, hooks=run.hooks,
+                                        model=model)
+        checkpoint.save_model(run.path, protected.model, protected.params, seeds)
+        results = run.finish({"experiment": NAME, "dataset": config.dataset, "seeds": seeds,
+                              **_cli.summarize(protected.metrics), "attacks": {}, "references": {}})
+        _cli.print_accuracy("beneficial test accuracy", results["beneficial_test_accuracy"])
+        return results
 
 
 if __name__ == "__main__":

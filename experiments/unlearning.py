@@ -57,34 +57,36 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = protocol.pretrain.beneficial.num_classes + protocol.pretrain.malicious.num_classes
     model = _cli.model_override(config.dataset, config.model, protocol, num_classes)
     methods.check("unsir", config.method, protocol)
-    run = _cli.Run(NAME, config, config.run)
-    if run.resume:  # the per-stage records are written again
-        run.dir.truncate_metrics(lambda r: r.get("phase") != "stages")
-    protected = methods.protect("unsir", config.method, protocol, keys, hooks=run.hooks,
-                                model=model)
-    checkpoint.save_model(run.path, protected.model, protected.params, seeds)
-    unsir_seconds = run.seconds()
-    report = evaluation.evaluate(
-        protected, protocol, config.attack, verbose=config.run.progress,
-        reference=protected.extras["original"] if config.attack_original else None)
-    summary = _cli.summarize(protected.metrics)
-    results = run.finish({
-        "experiment": NAME, "dataset": config.dataset, "seeds": seeds, **summary, **report,
-        "references_note": "scratch: random init trained on the malicious data; "
-                           "unprotected/*: the original model (all classes, before unlearning) "
-                           "attacked the same way",
-        "stage_accuracy_note": "argmax over all classes' logits (the unlearned model as deployed); "
-                               "the attack replaces the head with a fresh malicious one",
-        "unsir_seconds": unsir_seconds, "attack_seconds": run.seconds() - unsir_seconds})
-    evaluation.plot_report(report, run.path / "attack_curves.png",
-                           f"UNSIR on {config.dataset}: malicious test accuracy under attack",
-                           1.0 / protocol.test.malicious.num_classes, label="UNSIR: ")
-    for stage in STAGES:
-        acc = results["stages"][stage]
-        print(f"{stage:<9} beneficial {acc['beneficial_test_accuracy']['mean']:.4f}  "
-              f"malicious {acc['malicious_test_accuracy']['mean']:.4f}")
-    print(evaluation.summary_table(results))
-    return results
+    with _cli.Run(NAME, config, config.run) as run:
+        if run.resume:  # the per-stage records are written again
+            run.dir.truncate_metrics(lambda r: r.get("phase") != "stages")
+        with run.phase('unsir'):
+            protected = methods.protect("unsir", config.method, protocol, keys, hooks=run.hooks,
+                                        model=model)
+        checkpoint.save_model(run.path, protected.model, protected.params, seeds)
+        unsir_seconds = run.seconds()
+        with run.phase('attack'):
+            report = evaluation.evaluate(
+                protected, protocol, config.attack, verbose=config.run.progress,
+                reference=protected.extras["original"] if config.attack_original else None)
+        summary = _cli.summarize(protected.metrics)
+        results = run.finish({
+            "experiment": NAME, "dataset": config.dataset, "seeds": seeds, **summary, **report,
+            "references_note": "scratch: random init trained on the malicious data; "
+                               "unprotected/*: the original model (all classes, before unlearning) "
+                               "attacked the same way",
+            "stage_accuracy_note": "argmax over all classes' logits (the unlearned model as deployed); "
+                                   "the attack replaces the head with a fresh malicious one",
+            "unsir_seconds": unsir_seconds, "attack_seconds": run.seconds() - unsir_seconds})
+        evaluation.plot_report(report, run.path / "attack_curves.png",
+                               f"UNSIR on {config.dataset}: malicious test accuracy under attack",
+                               1.0 / protocol.test.malicious.num_classes, label="UNSIR: ")
+        for stage in STAGES:
+            acc = results["stages"][stage]
+            print(f"{stage:<9} beneficial {acc['beneficial_test_accuracy']['mean']:.4f}  "
+                  f"malicious {acc['malicious_test_accuracy']['mean']:.4f}")
+        print(evaluation.summary_table(results))
+        return results
 
 
 if __name__ == "__main__":

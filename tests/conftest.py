@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The persistent compilation cache stays off in tests (test_compilation turns it on in
+# its own subprocesses and temporary folders): tests never write to ~/.cache.
+os.environ.setdefault("TRM_JAX_NO_COMPILE_CACHE", "1")
 
 import jax
 import pytest
