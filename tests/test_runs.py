@@ -56,6 +56,7 @@ def test_corrupt_metrics_line_in_the_middle_names_file_and_line(tmp_path):
         runs.RunDir(path).metrics()
     with pytest.raises(RunFolderError, match=r"metrics.jsonl line 2 is corrupt"):
         runs.RunDir.create(path, resume=True)
+    assert runs.lock_holder(path) is None  # the failed resume released its lock
 
 
 def test_truncate_metrics_keeps_the_selected_records(tmp_path):

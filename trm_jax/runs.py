@@ -143,12 +143,20 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
         run._lock()
-        if has_run and resume:
-            run._repair_metrics()
-        elif has_run:  # overwrite: emptied only now, so a live writer is never deleted under
-            for child in path.iterdir():
-                if child.name != LOCK_FILE:
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        try:
+            if has_run and resume:
+                run._repair_metrics()
+            elif has_run:  # overwrite: emptied only now, so a live writer is never deleted under
+                for child in path.iterdir():
+                    if child.name == LOCK_FILE:
+                        continue
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+        except BaseException:
+            run.close()
+            raise
         return run
 
     @classmethod
