@@ -71,7 +71,8 @@ class RunOptions:
     data_dir: str | None = None
     """TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)"""
     download: bool = True
-    """let TFDS download a dataset that is not prepared (fails fast when offline)"""
+    """let TFDS download a dataset that is not prepared (after one short reachability probe:
+    offline it fails in seconds); --no-download never downloads"""
     compile_cache: bool = True
     """JAX's persistent compilation cache ($TRM_JAX_CACHE_DIR, default ~/.cache/trm_jax/jax;
     also off with TRM_JAX_NO_COMPILE_CACHE=1): a second run loads its programs instead of
@@ -158,7 +159,7 @@ def protocol_spec(dataset: str, options: ProtocolOptions) -> data.ProtocolSpec:
 
 def load_protocol(dataset: str, options: ProtocolOptions, run: RunOptions) -> data.ProtocolData:
     return data.load_protocol(protocol_spec(dataset, options), data_dir=run.data_dir,
-                              download=run.download)
+                              download=None if run.download else False)  # None: probe, then download
 
 
 def seeds_of(count: int) -> tuple[list[int], jax.Array]:

@@ -1,4 +1,5 @@
 import pathlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import optax
 import pytest
 
 from trm_jax import checkpoint, models, train
+from trm_jax.errors import NonFiniteError
 
 MODEL = models.lenet(3, (8, 8, 1), padding="SAME")
 
@@ -39,7 +41,7 @@ def test_round_trip_keeps_params_optimizer_state_keys_and_metadata(tmp_path):
     with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(1, state, {"epoch": 1, "note": "x"})
         restored, meta = ckpt.restore(make_state())
-    assert meta == {"epoch": 1, "note": "x"}
+    assert meta == {"epoch": 1, "note": "x", "restored_step": 1}
     assert_trees_equal(restored, state)
     assert jax.dtypes.issubdtype(restored.key.dtype, jax.dtypes.prng_key)
 
@@ -79,3 +81,67 @@ def test_mismatched_structure_is_a_clear_error(tmp_path):
         ckpt.save(1, make_state(seeds=(0, 1)))
         with pytest.raises(checkpoint.CheckpointError, match="does not match"):
             ckpt.restore(make_state(seeds=(0, 1, 2)))
+
+
+def corrupt_arrays(step_dir):
+    """Overwrites the array data files of a saved step (what a bad disk or a cut copy leaves)."""
+    files = [p for p in pathlib.Path(step_dir).rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files, sorted(pathlib.Path(step_dir).rglob("*"))
+    for path in files:
+        path.write_bytes(b"\x00garbage")
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_newest_good_step(tmp_path):
+    states = {1: make_state((0, 1)), 2: make_state((2, 3)), 3: make_state((4, 5))}
+    with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=3) as ckpt:
+        for step, state in states.items():
+            ckpt.save(step, state, {"epoch": step})
+    corrupt_arrays(tmp_path / "ckpt" / "3")
+    with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=3) as ckpt:
+        with pytest.warns(UserWarning, match=r"step\(s\) \[3\] .* corrupt .*restored step 2"):
+            restored, meta = ckpt.restore(make_state())
+        assert meta == {"epoch": 2, "restored_step": 2}
+        assert_trees_equal(restored, states[2])
+        # The corrupt step is kept aside, so training can save step 3 again.
+        assert ckpt.all_steps() == [1, 2] and (tmp_path / "ckpt" / "3.corrupt").is_dir()
+        ckpt.save(3, states[1], {"epoch": 3})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            restored, meta = ckpt.restore(make_state())
+        assert meta["restored_step"] == 3
+        assert_trees_equal(restored, states[1])
+
+
+def test_no_step_restores_lists_every_step_tried(tmp_path):
+    with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2) as ckpt:
+        ckpt.save(1, make_state())
+        ckpt.save(2, make_state())
+    corrupt_arrays(tmp_path / "ckpt" / "1")
+    corrupt_arrays(tmp_path / "ckpt" / "2")
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(checkpoint.CheckpointError, match=r"tried steps \[2, 1\]: step 2 is corrupt .*; step 1 is corrupt"):
+            ckpt.restore(make_state())
+        assert ckpt.all_steps() == [1, 2]  # nothing moved when nothing restored
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    state = make_state()
+    bad = state._replace(params=jax.tree.map(lambda x: x.at[0].set(jnp.nan), state.params))
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.describe_latest() == f"no checkpoint yet in {ckpt.directory}"
+        with pytest.raises(NonFiniteError, match="refusing to checkpoint step 1: .*no checkpoint yet"):
+            ckpt.save(1, bad)
+        assert ckpt.all_steps() == []
+        ckpt.save(1, state)
+        with pytest.raises(NonFiniteError, match=r"last good checkpoint is step 1 in "):
+            ckpt.save(2, bad)
+        assert ckpt.all_steps() == [1] and ckpt.describe_latest() == f"step 1 in {ckpt.directory}"
+
+
+def test_saving_an_existing_step_replaces_it(tmp_path):
+    with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, make_state((0, 1)), {"v": 1})
+        ckpt.save(1, make_state((2, 3)), {"v": 2})  # orbax alone would skip this silently
+        restored, meta = ckpt.restore(make_state(), step=1)
+    assert meta["v"] == 2
+    assert_trees_equal(restored, make_state((2, 3)))

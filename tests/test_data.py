@@ -104,3 +104,101 @@ def test_import_does_not_load_tensorflow():
             "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def block_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network blocked by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def with_old_files(root):
+    """A data dir with things a failed attempt must not remove."""
+    (root / "downloads" / "extracted" / "old").mkdir(parents=True)
+    (root / "downloads" / "old.tar.gz").write_bytes(b"old")
+    (root / "cifar10" / "old").mkdir(parents=True)
+    return tree(root)
+
+
+def test_offline_unprepared_dataset_fails_in_seconds_and_leaves_nothing(tmp_path, monkeypatch):
+    import time
+
+    pytest.importorskip("tensorflow_datasets")  # imported before the clock starts
+    before = with_old_files(tmp_path)
+    block_network(monkeypatch)
+    start = time.monotonic()
+    with pytest.raises(data.DatasetUnavailableError) as err:
+        data.load_protocol(data.preset("cifar10"), data_dir=str(tmp_path))
+    assert time.monotonic() - start < 15  # TFDS alone retries for ~208 s
+    message = str(err.value)
+    assert "'cifar10'" in message and "is unreachable" in message and "blocked by the test" in message
+    assert "tfds.data_source('cifar10'" in message and "'digits' dataset works offline" in message
+    assert tree(tmp_path) == before
+
+
+def test_failed_download_is_cleaned_up_and_keeps_what_was_there(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    before = with_old_files(tmp_path)
+    calls = []
+
+    def failing_source(name, *, split, data_dir, download, builder_kwargs):
+        calls.append(download)
+        (tmp_path / "cifar10" / "3.0.2.incomplete").mkdir(exist_ok=True)
+        if download:  # what TFDS leaves when its retries run out
+            (tmp_path / "downloads" / "cifar10").mkdir()
+            (tmp_path / "downloads" / "cifar10" / "cifar.tar.gz.tmp.abc").write_bytes(b"part")
+            (tmp_path / "downloads" / "extracted" / "new").mkdir()
+            (tmp_path / "downloads" / "extracted" / "old" / "new.bin").write_bytes(b"x")
+            raise ConnectionError("simulated: download failed after retries")
+        raise AssertionError("simulated: dataset not prepared")
+
+    monkeypatch.setattr(tfds, "data_source", failing_source)
+    with pytest.raises(data.DatasetUnavailableError, match=r"downloading it failed\. TFDS said: ConnectionError: simulated"):
+        data.load_split("cifar10", "train", data_dir=str(tmp_path), download=True)
+    assert calls == [False, True]  # download=True skips the reachability check
+    # Inside a pre-existing extracted archive nothing is judged: only new top-level entries go.
+    assert tree(tmp_path) == sorted(before + ["downloads/extracted/old/new.bin"])
+
+
+def test_no_download_fails_without_touching_the_network(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "download_reachable", lambda url: pytest.fail("network probed"))
+    with pytest.raises(data.DatasetUnavailableError, match=r"download=False \(--no-download\)"):
+        data.load_split("cifar10", "test", data_dir=str(tmp_path), download=False)
+    assert tree(tmp_path) == []
+
+
+@pytest.mark.parametrize("status, reachable", [(200, True), (405, True), (403, False)])
+def test_download_reachable_asks_the_url_once(status, reachable):
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    try:
+        ok, why = data.download_reachable(f"http://127.0.0.1:{server.server_port}/file", timeout=10)
+    finally:
+        server.server_close()
+    assert ok is reachable and why.startswith(f"HTTP {status}")
+
+
+def test_download_reachable_is_false_when_the_network_is_blocked(monkeypatch):
+    block_network(monkeypatch)
+    ok, why = data.download_reachable("https://example.org/x", timeout=2)
+    assert not ok and "blocked by the test" in why

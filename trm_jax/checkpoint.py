@@ -4,17 +4,28 @@
 state pytree (``StandardSave``) and a JSON dict of metadata (the run's config,
 the epoch). Typed PRNG keys are stored as their raw ``key_data`` and re-wrapped
 on restore, so a resumed run continues exactly.
+
+Robustness: a state with NaN/Inf is never written (``save`` raises
+``NonFiniteError``), and a corrupt latest checkpoint is not a dead end:
+``restore()`` falls back to the newest step that reads cleanly, says which,
+and moves the corrupt newer steps aside (``<step>.corrupt``) so that training
+can save those steps again.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from trm_jax.errors import CheckpointError, NonFiniteError  # noqa: F401  (re-exported)
 
-from trm_jax.errors import CheckpointError  # noqa: F401  (re-exported)
+CORRUPT_SUFFIX = ".corrupt"
 
 
 def _is_key(x: Any) -> bool:
@@ -23,6 +34,12 @@ def _is_key(x: Any) -> bool:
 
 def _to_storable(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _all_finite(tree: Any) -> bool:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in leaves)
 
 
 def _from_storable(stored: Any, like: Any) -> Any:
@@ -47,30 +64,86 @@ class Checkpointer:
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or ``None`` when there is none."""
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
+
+    def describe_latest(self) -> str:
+        """For messages: ``"step 40 in DIR"`` or ``"no checkpoint yet in DIR"``."""
+        step = self.latest_step()
+        return (f"no checkpoint yet in {self.directory}" if step is None
+                else f"step {step} in {self.directory}")
 
     def save(self, step: int, state: Any, metadata: dict[str, Any] | None = None) -> None:
-        """Saves and waits until the checkpoint is on disk (so a crash cannot lose it)."""
-        self._manager.save(step, args=ocp.args.Composite(
+        """Saves and waits until the checkpoint is on disk (so a crash cannot lose it).
+
+        An existing ``step`` is replaced (a resumed run that fell back to an older
+        step saves the later steps again).
+
+        Raises:
+          NonFiniteError: a float leaf of ``state`` holds NaN/Inf (nothing is written,
+            so the last checkpoint stays the last good state).
+          CheckpointError: orbax did not write the checkpoint.
+        """
+        if not _all_finite(state):
+            raise NonFiniteError(
+                f"refusing to checkpoint step {step}: the state holds NaN/Inf; the last good "
+                f"checkpoint is {self.describe_latest()}", None, step)
+        if step in self._manager.all_steps():
+            self._manager.delete(step)
+        saved = self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_to_storable(state)),
             metadata=ocp.args.JsonSave(metadata or {})))
         self._manager.wait_until_finished()
+        if not saved:
+            raise CheckpointError(f"orbax declined to save step {step} in {self.directory} "
+                                  f"(steps present: {self.all_steps()})")
 
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """Restores the checkpoint at ``step`` (default: latest) shaped like ``like``.
+        """Restores the checkpoint at ``step`` shaped like ``like``.
+
+        ``step=None``: the newest step that restores cleanly. When newer steps
+        are corrupt, it warns naming them and the step used, and moves them aside
+        (``<step>.corrupt``). The returned metadata holds the step restored as
+        ``meta["restored_step"]``.
 
         Raises:
-          CheckpointError: no checkpoint, or one that cannot be read as ``like``.
+          CheckpointError: no checkpoint (at ``step``); the given ``step`` cannot
+            be read as ``like``; or (``step=None``) no step can, listing each tried.
         """
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.all_steps():
-            raise CheckpointError(
-                f"no checkpoint{'' if step is None else f' at step {step}'} in {self.directory} "
-                f"(steps present: {self.all_steps()}); start without --resume, or point to the "
-                "run folder that holds the checkpoints")
+        steps = self.all_steps()
+        if step is not None or not steps:
+            if step is None or step not in steps:
+                raise CheckpointError(
+                    f"no checkpoint{'' if step is None else f' at step {step}'} in "
+                    f"{self.directory} (steps present: {steps}); start without --resume, or "
+                    "point to the run folder that holds the checkpoints")
+            return self._restore_step(step, like)
+        failures = []
+        for candidate in reversed(steps):
+            try:
+                state, meta = self._restore_step(candidate, like)
+            except CheckpointError as err:
+                cause = err.__cause__
+                failures.append(f"step {candidate} is corrupt or does not match "
+                                f"({type(cause).__name__}: {str(cause)[:300]})")
+                continue
+            if failures:
+                bad = steps[steps.index(candidate) + 1:]
+                self._set_aside(bad)
+                warnings.warn(
+                    f"checkpoint step(s) {bad} in {self.directory} are corrupt ({failures[0]}); "
+                    f"restored step {candidate}, the newest that reads cleanly (the corrupt "
+                    f"ones were moved to <step>{CORRUPT_SUFFIX})", stacklevel=2)
+            return state, meta
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be restored as the expected state; tried "
+            f"steps {steps[::-1]}: " + "; ".join(failures) + ". Start a new run (another "
+            "--workdir or --overwrite)")
+
+    def _restore_step(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_storable(like))
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -79,7 +152,18 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint at step {step} in {self.directory} is corrupt or does not match the "
                 f"expected state: {type(err).__name__}: {err}") from err
-        return _from_storable(restored["state"], like), dict(restored["metadata"] or {})
+        meta = dict(restored["metadata"] or {})
+        meta["restored_step"] = step
+        return _from_storable(restored["state"], like), meta
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames corrupt step folders to ``<step>.corrupt`` (orbax ignores them)."""
+        for step in steps:
+            source = os.path.join(self.directory, str(step))
+            target = source + CORRUPT_SUFFIX
+            shutil.rmtree(target, ignore_errors=True)  # an older corrupt copy of this step
+            os.replace(source, target)
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()

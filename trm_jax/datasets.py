@@ -48,6 +48,8 @@ class DatasetEntry:
         defaults (see :func:`trm_jax.methods.config_for`).
       loader: optional ``loader(split, data_dir) -> (images, labels)`` used instead
         of TFDS (in-memory or custom data).
+      download_url: one file TFDS downloads for it, probed (a few seconds) before a
+        download is attempted, so an offline machine fails fast.
     """
 
     name: str
@@ -66,6 +68,7 @@ class DatasetEntry:
     attack_epochs: int = 10
     overrides: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     loader: Loader | None = None
+    download_url: str | None = None
 
     def __post_init__(self) -> None:
         if len(tuple(self.image_shape)) != 3:
@@ -134,16 +137,19 @@ def resolve_value(value: Any) -> Any:
 # fine-tuning split (see the README and the method modules' docstrings).
 register(DatasetEntry(
     "cifar10", "cifar10", (32, 32, 3), 10, pretrain_size=40_000, epochs=20,
+    download_url="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
     overrides={"reverse_maml": {"meta.shots": 10, "meta.queries": 15, "meta.inner_lr": 0.1,
                                 "meta_steps": 2000}}))
 register(DatasetEntry(
     "mnist", "mnist", (28, 28, 1), 10, pretrain_size=50_000, epochs=5,
+    download_url="https://storage.googleapis.com/cvdf-datasets/mnist/t10k-labels-idx1-ubyte.gz",
     overrides={"reverse_maml": {"meta.shots": 10, "meta.queries": 15, "meta.inner_lr": 0.1,
                                 "meta_steps": 1000}}))
 # TFDS omniglot: 105x105x3 images, `label` is the character (1,623 classes).
 register(DatasetEntry(
     "omniglot", "omniglot", (105, 105, 3), 1623, pretrain_size=15_000, model="conv4",
     model_options=(), epochs=10,
+    download_url="https://github.com/brendenlake/omniglot/raw/master/python/images_evaluation.zip",
     overrides={"reverse_maml": {"meta.shots": 1, "meta.queries": 5, "meta.inner_lr": 0.4,
                                 "meta_steps": 2000}}))
 # scikit-learn's 1,797 8x8 digits (our offline TFDS builder): SAME padding fits 8x8;

@@ -55,4 +55,8 @@ class RunExistsError(RunFolderError, FileExistsError):
     """The run folder exists and neither ``overwrite`` nor ``resume`` was given."""
 
 
+class RunNotFoundError(RunFolderError, FileNotFoundError):
+    """The run folder (or a file a run needs in it) does not exist, or holds no run."""
+
+
 ERRORS = (ConfigError, DatasetUnavailableError, NonFiniteError, CheckpointError, RunFolderError)

@@ -9,20 +9,36 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import json
 import math
 import os
 import pathlib
 import shutil
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from trm_jax.errors import RunExistsError, RunFolderError, RunNotFoundError  # noqa: F401  (re-exported)
+
 RESULT_KEYS = ("experiment", "dataset", "seeds", "beneficial_test_accuracy", "attacks",
                "references", "wall_seconds")
+LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
 
+# What to do when a JSON file of a run is corrupt, by file name.
+_REPAIR_HINTS = {
+    "config.json": "it holds the run's settings: fix it by hand, or start again with "
+                   "--overwrite or another --workdir",
+}
+_DEFAULT_HINT = ("restore it, or delete it and rerun the experiment (with --resume, or in a "
+                 "new --workdir) to write it again")
 
-from trm_jax.errors import RunExistsError, RunFolderError  # noqa: F401  (re-exported)
+# Run folders this process holds the writer lock of: resolved path -> [fd, users].
+# One process may open its own folder twice (e.g. a run and its resume in one
+# test session); only other processes are refused.
+_HELD: dict[pathlib.Path, list[int]] = {}
 
 
 def default_workdir(name: str, root: str = "runs") -> pathlib.Path:
@@ -51,37 +67,151 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def lock_holder(path: str | os.PathLike) -> int | None:
+    """The pid of the process writing the run folder ``path``, or ``None`` when no
+    process holds its lock (locks die with their process, even after ``kill -9``)."""
+    lock = pathlib.Path(path) / LOCK_FILE
+    if pathlib.Path(path).resolve() in _HELD:
+        return os.getpid()
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_pid(fd) or -1  # held, writer not known yet
+    else:
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock taken above
+
+
+def _read_pid(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _has_run(path: pathlib.Path) -> bool:
+    """True when ``path`` holds anything besides a lock file."""
+    return any(child.name != LOCK_FILE for child in path.iterdir())
+
+
 class RunDir:
-    """A run folder. Create it with :meth:`create`; read one with :meth:`open`."""
+    """A run folder. Create (or resume) it with :meth:`create`; read one with :meth:`open`.
+
+    :meth:`create` makes this process the folder's only writer: it holds an
+    exclusive ``flock`` on ``<run>/.lock`` until :meth:`close` (or the end of a
+    ``with`` block, or the process's exit, even by ``kill -9``); another process
+    that tries to write the folder gets :class:`RunFolderError`. Readers
+    (:meth:`open`, ``RunDir(path)``) take no lock.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
+        self._locked = False
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, overwrite: bool = False,
                resume: bool = False) -> "RunDir":
-        """Makes the folder. An existing non-empty folder is an error unless
-        ``resume`` (keep and continue it) or ``overwrite`` (delete it first)."""
+        """Makes the folder and takes its writer lock.
+
+        An existing folder with a run in it is an error unless ``resume`` (keep
+        and continue it; a cut-off last line of ``metrics.jsonl`` is dropped) or
+        ``overwrite`` (empty it first, once the lock is ours).
+
+        Raises:
+          RunExistsError: the folder holds a run and neither flag was given.
+          RunNotFoundError: ``resume`` but the folder is missing or empty.
+          RunFolderError: another process writes the folder, or ``path`` is a file.
+        """
         path = pathlib.Path(path)
-        if path.exists() and any(path.iterdir()):
-            if resume:
-                return cls(path)
-            if not overwrite:
-                raise RunExistsError(
-                    f"run folder {path} already exists and is not empty; pass --overwrite to "
-                    "replace it, --resume to continue it, or choose another --workdir")
-            shutil.rmtree(path)
-        elif resume:
-            raise FileNotFoundError(f"--resume given but run folder {path} does not exist")
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"run folder {path} exists and is not a folder; choose "
+                                 "another --workdir")
+        has_run = path.is_dir() and _has_run(path)
+        if resume and not path.exists():
+            raise RunNotFoundError(f"--resume given but run folder {path} does not exist; "
+                                   "check --workdir, or start without --resume")
+        if resume and not has_run:
+            raise RunNotFoundError(f"--resume given but run folder {path} is empty: there is no "
+                                   "run to resume; start without --resume")
+        if has_run and not (resume or overwrite):
+            raise RunExistsError(
+                f"run folder {path} already exists and is not empty; pass --overwrite to "
+                "replace it, --resume to continue it, or choose another --workdir")
         path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
+        run = cls(path)
+        run._lock()
+        try:
+            if has_run and resume:
+                run._repair_metrics()
+            elif has_run:  # overwrite: emptied only now, so a live writer is never deleted under
+                for child in path.iterdir():
+                    if child.name == LOCK_FILE:
+                        continue
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+        except BaseException:
+            run.close()
+            raise
+        return run
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "RunDir":
+        """Opens a run folder for reading (no lock).
+
+        Raises:
+          RunNotFoundError: the folder is missing or has no ``config.json``.
+        """
         path = pathlib.Path(path)
+        if not path.is_dir():
+            raise RunNotFoundError(f"run folder {path} does not exist")
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a run folder (no config.json)")
+            raise RunNotFoundError(f"{path} is not a run folder (no config.json)")
         return cls(path)
+
+    def _lock(self) -> None:
+        key = self.path.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+        else:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                os.close(fd)
+                raise RunFolderError(
+                    f"run folder {self.path} is being written by another process"
+                    f"{f' (pid {pid})' if pid else ''}; two writers would mix their records. "
+                    "Wait for it to finish or stop it, or choose another --workdir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _HELD[key] = [fd, 1]
+        self._locked = True
+
+    def close(self) -> None:
+        """Releases the writer lock (if this object holds it); safe to call twice."""
+        if not self._locked:
+            return
+        self._locked = False
+        key = self.path.resolve()
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[key]
+            os.close(held[0])  # closing the last descriptor drops the flock
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     @property
     def checkpoint_dir(self) -> pathlib.Path:
@@ -96,7 +226,20 @@ class RunDir:
         return target
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+        """Reads ``<run>/name``.
+
+        Raises:
+          RunNotFoundError: the file does not exist.
+          RunFolderError: it is not valid JSON (names the file and what to do).
+        """
+        file = self.path / name
+        try:
+            return json.loads(file.read_bytes().decode())
+        except FileNotFoundError:
+            raise RunNotFoundError(f"{file} does not exist (did the run get that far?)") from None
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise RunFolderError(f"{file} is corrupt (not valid JSON: {err}); "
+                                 f"{_REPAIR_HINTS.get(name, _DEFAULT_HINT)}") from None
 
     def write_config(self, config: Any) -> None:
         self.write_json("config.json", config)
@@ -105,20 +248,61 @@ class RunDir:
         return self.read_json("config.json")
 
     def log(self, record: dict[str, Any]) -> None:
-        """Appends one JSON object to ``metrics.jsonl``."""
-        with open(self.path / "metrics.jsonl", "a") as f:
+        """Appends one JSON object (one line, one ``write``) to ``metrics.jsonl``."""
+        with open(self.path / METRICS_FILE, "a") as f:
             f.write(json.dumps(to_jsonable(record)) + "\n")
 
     def metrics(self) -> list[dict[str, Any]]:
-        path = self.path / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """The records of ``metrics.jsonl``, in order (``[]`` when there is none).
 
-    def truncate_metrics(self, keep: callable) -> None:
+        A cut-off last line (a process killed while writing it) is dropped with a
+        warning; a bad line anywhere else is an error.
+
+        Raises:
+          RunFolderError: a complete line is not a JSON object (names file and line).
+        """
+        return self._read_metrics()[0]
+
+    def _read_metrics(self) -> tuple[list[dict[str, Any]], bool]:
+        """-> (records, whether the file needs rewriting: a cut-off or unterminated last line)."""
+        file = self.path / METRICS_FILE
+        if not file.exists():
+            return [], False
+        lines = file.read_bytes().decode(errors="replace").split("\n")
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            last = number == len(lines)  # no newline after it: the write may have been cut
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            except ValueError as err:
+                if last:
+                    warnings.warn(f"{file}: dropped its cut-off last line {number} (the run was "
+                                  "stopped while writing it)", stacklevel=3)
+                    return records, True
+                raise RunFolderError(
+                    f"{file} line {number} is corrupt ({err}); only a cut-off last line can be "
+                    "dropped safely. Fix or delete that line, or start a new --workdir") from None
+            records.append(record)
+        return records, bool(lines[-1].strip())
+
+    def _write_metrics(self, records: list[dict[str, Any]]) -> None:
+        file = self.path / METRICS_FILE
+        tmp = file.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
+        os.replace(tmp, file)
+
+    def _repair_metrics(self) -> None:
+        records, dirty = self._read_metrics()
+        if dirty:
+            self._write_metrics(records)
+
+    def truncate_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Keeps only the metric records for which ``keep(record)`` is true (used on resume)."""
-        records = [r for r in self.metrics() if keep(r)]
-        (self.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        self._write_metrics([r for r in self.metrics() if keep(r)])
 
     def write_results(self, results: dict[str, Any]) -> None:
         missing = [k for k in RESULT_KEYS if k not in results]

@@ -12,11 +12,18 @@ kept in ``Subset.original_labels``.
 Data goes through TensorFlow Datasets (``tfds.data_source``: array_record, random
 access, no tf.data). TFDS/TensorFlow are imported lazily, inside the loading
 functions, so ``import trm_jax`` works on machines without them.
+
+Offline, failing is fast and clean: a dataset that is not prepared is only
+downloaded after one short request to its download URL succeeds (TFDS alone
+retries for minutes), and whatever a failed attempt created in the data dir is
+removed again (never what was there before).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import time
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -26,6 +33,7 @@ from trm_jax import datasets as _datasets
 
 #: The dataset table (one entry per dataset: :mod:`trm_jax.datasets`).
 DATASETS = _datasets.DATASETS
+PROBE_TIMEOUT_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,14 +302,16 @@ def protocol_from_arrays(spec: ProtocolSpec, train: tuple[np.ndarray, np.ndarray
 
 
 def load_protocol(spec: ProtocolSpec, data_dir: str | None = None,
-                  download: bool = True) -> ProtocolData:
+                  download: bool | None = None) -> ProtocolData:
     """Loads a dataset through TFDS and cuts it by the protocol.
 
     Args:
       spec: the protocol (see :func:`preset` for per-dataset defaults).
       data_dir: TFDS data dir; default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
-      download: let TFDS download a dataset that is not prepared yet (``digits``
-        is always built locally, from scikit-learn).
+      download: whether a dataset that is not prepared yet may be downloaded:
+        ``None`` (default) when one short request to its download URL succeeds
+        (offline: fails in seconds), ``True`` always (TFDS retries for minutes),
+        ``False`` never (``--no-download``). ``digits`` is always built locally.
 
     Returns:
       ``ProtocolData`` with six non-empty subsets.
@@ -318,8 +328,14 @@ def load_protocol(spec: ProtocolSpec, data_dir: str | None = None,
 
 
 def load_split(dataset: str, split: str, data_dir: str | None = None,
-               download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """One TFDS split as ``(uint8[N, H, W, C], int32[N])`` host arrays."""
+               download: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One TFDS split as ``(uint8[N, H, W, C], int32[N])`` host arrays.
+
+    ``download``: as in :func:`load_protocol`.
+
+    Raises:
+      DatasetUnavailableError: not prepared and not downloadable (says how to prepare it).
+    """
     info = dataset_info(dataset)
     if info.loader is not None:  # a registered in-memory or custom source, not TFDS
         images, labels = info.loader(split, data_dir)
@@ -360,33 +376,120 @@ def prepare_digits(data_dir: str | None = None) -> Any:
     return builder
 
 
-def _data_source(dataset: str, split: str, data_dir: str | None, download: bool) -> Any:
+def download_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
+    """Whether ``url`` answers one HEAD request within ``timeout`` seconds.
+
+    Uses ``urllib`` (so the ``*_proxy`` variables apply, as for TFDS's own
+    downloads). DNS lookups ignore socket timeouts, so the request runs in a
+    daemon thread that is abandoned after ``timeout``.
+
+    Returns:
+      ``(reachable, why)``: ``why`` says what failed, for messages.
+    """
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: list[tuple[bool, str]] = []
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                        timeout=timeout) as response:
+                outcome.append((True, f"HTTP {response.status}"))
+        except urllib.error.HTTPError as err:  # 405: the server answers, HEAD not allowed
+            outcome.append((err.code == 405, f"HTTP {err.code} {err.reason}"))
+        except Exception as err:  # URLError, socket errors, TLS errors: all "not reachable"
+            outcome.append((False, f"{type(err).__name__}: {getattr(err, 'reason', err)}"))
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else (False, f"no answer within {timeout:g} s")
+
+
+def _snapshot(data_dir: str, name: str) -> set[str]:
+    """Paths a TFDS download of ``name`` may create: the data dir's entries, all of
+    ``<data_dir>/<name>`` and ``downloads/`` (not inside ``downloads/extracted/*``)."""
+    paths: set[str] = set()
+    if not os.path.isdir(data_dir):
+        return paths
+    paths.add(data_dir)
+    paths.update(os.path.join(data_dir, entry) for entry in os.listdir(data_dir))
+    for root in (os.path.join(data_dir, name), os.path.join(data_dir, "downloads")):
+        for top, dirs, files in os.walk(root):
+            paths.update(os.path.join(top, entry) for entry in dirs + files)
+            if os.path.basename(top) == "extracted":
+                dirs.clear()  # extracted archives can hold many files; new ones are new here
+    return paths
+
+
+def _remove_new(data_dir: str, name: str, before: set[str]) -> list[str]:
+    """Deletes what appeared since ``before = _snapshot(...)``; returns what it deleted."""
+    removed: list[str] = []
+    for path in sorted(_snapshot(data_dir, name) - before, key=len):
+        if any(path.startswith(gone + os.sep) for gone in removed) or not os.path.lexists(path):
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+        removed.append(path)
+    return removed
+
+
+def _data_source(dataset: str, split: str, data_dir: str | None,
+                 download: bool | None) -> Any:
     import tensorflow_datasets as tfds
 
     info = dataset_info(dataset)
     data_dir = data_dir or default_data_dir()
+    # array_record: the random-access format data_source reads without tf.data.
+    kwargs = dict(split=split, data_dir=data_dir, builder_kwargs={"file_format": "array_record"})
     if dataset == "digits":
         from trm_jax.data.digits import SklearnDigits  # registers the builder with TFDS
 
         if not _is_mocked(tfds):
             prepare_digits(data_dir)
+        return tfds.data_source(info.tfds_name, download=True, **kwargs)
+    if _is_mocked(tfds):
+        return tfds.data_source(info.tfds_name, download=True, **kwargs)
+    before = _snapshot(data_dir, info.tfds_name)
     try:
-        # array_record: the random-access format data_source reads without tf.data.
-        return tfds.data_source(info.tfds_name, split=split, data_dir=data_dir,
-                                download=download or info.offline,
-                                builder_kwargs={"file_format": "array_record"})
+        return tfds.data_source(info.tfds_name, download=False, **kwargs)
+    except Exception as err:  # not prepared (TFDS raises several types)
+        error = err
+    _remove_new(data_dir, info.tfds_name, before)
+    if download is False:
+        raise _unavailable(dataset, split, data_dir, "download=False (--no-download)", error) from error
+    if download is None and info.download_url:
+        start = time.monotonic()
+        reachable, why = download_reachable(info.download_url)
+        if not reachable:
+            raise _unavailable(
+                dataset, split, data_dir,
+                f"its download URL {info.download_url} is unreachable ({why}, checked in "
+                f"{time.monotonic() - start:.1f} s)", error) from error
+    try:
+        return tfds.data_source(info.tfds_name, download=True, **kwargs)
     except Exception as err:  # TFDS raises many types when offline; all mean "not available"
-        if info.offline:
-            raise
-        raise DatasetUnavailableError(
-            f"could not load {dataset!r} (TFDS {info.tfds_name!r}, split {split!r}) from "
-            f"data_dir={data_dir!r}: {type(err).__name__}: {err}\n"
-            f"This machine may be offline. To prepare it manually, on a machine with internet run\n"
-            f"  python -c \"import tensorflow_datasets as tfds; tfds.data_source('{info.tfds_name}', "
-            f"data_dir='{data_dir}')\"\n"
-            f"and copy {data_dir}/{info.tfds_name} here (or set TFDS_DATA_DIR / --data-dir; see "
-            f"https://www.tensorflow.org/datasets/overview for manual downloads). "
-            f"The 'digits' dataset works offline.") from err
+        _remove_new(data_dir, info.tfds_name, before)
+        raise _unavailable(dataset, split, data_dir, "downloading it failed", err) from err
+
+
+def _unavailable(dataset: str, split: str, data_dir: str, reason: str,
+                 err: BaseException) -> DatasetUnavailableError:
+    info = dataset_info(dataset)
+    return DatasetUnavailableError(
+        f"{dataset!r} (TFDS {info.tfds_name!r}, split {split!r}) is not prepared in "
+        f"data_dir={data_dir!r} and {reason}. TFDS said: {type(err).__name__}: "
+        f"{str(err)[:500]}\n"
+        f"To prepare it, on a machine with internet run\n"
+        f"  python -c \"import tensorflow_datasets as tfds; tfds.data_source('{info.tfds_name}', "
+        f"data_dir='{data_dir}', builder_kwargs={{'file_format': 'array_record'}})\"\n"
+        f"and copy {data_dir}/{info.tfds_name} here (or set TFDS_DATA_DIR / --data-dir; see "
+        f"https://www.tensorflow.org/datasets/overview for manual downloads). "
+        f"The 'digits' dataset works offline.")
 
 
 def _is_mocked(tfds: Any) -> bool:
