@@ -96,11 +96,22 @@ def test_config_json_holds_the_resolved_dataset_defaults(golden_runs):
 
 
 def test_reference_resumes_to_the_same_numbers(golden_runs, digits_data_dir, tmp_path, interrupt_at):
+    """Interrupted after epoch 2 of 3, with what a kill mid-write leaves (a cut-off metrics
+    line) and a corrupt latest checkpoint: the resume falls back to epoch 1 and still ends
+    with the uninterrupted run's numbers."""
     args = argv("train_reference", tmp_path / "cut", digits_data_dir, "--checkpoint-every", "1")
-    with interrupt_at("epoch", 2), pytest.raises(KeyboardInterrupt):
+    with interrupt_at("epoch", 3), pytest.raises(KeyboardInterrupt):
         train_reference.main(args)
     assert not (tmp_path / "cut" / "results.json").exists()
-    results = train_reference.main(args + ["--resume"])
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write('{"phase": "reference", "epo')  # a kill during a write
+    phase_dir = tmp_path / "cut" / "checkpoints" / "reference"
+    assert sorted(p.name for p in phase_dir.iterdir() if p.name.isdigit()) == ["1", "2"]
+    for path in (phase_dir / "2").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.write_bytes(b"\x00garbage")  # a bad disk or a cut copy
+    with pytest.warns(UserWarning, match="restored step 1"):
+        results = train_reference.main(args + ["--resume"])
     _, resumed, _ = checkpoint.load_model(tmp_path / "cut")
     _, full, _ = checkpoint.load_model(golden_runs["train_reference"][1])
     jax.tree.map(np.testing.assert_array_equal, resumed, full)
@@ -108,6 +119,23 @@ def test_reference_resumes_to_the_same_numbers(golden_runs, digits_data_dir, tmp
         "beneficial_test_accuracy"]
     epochs = [r["epoch"] for r in runs.RunDir(tmp_path / "cut").metrics()]
     assert epochs == [1, 2, 3]
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(golden_runs, digits_data_dir, tmp_path):
+    """Another process writing the folder (here: holding its lock) makes a resume fail at
+    once with a clear message, before any compute."""
+    folder = golden_runs["train_reference"][1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from trm_jax import runs; "
+         "run = runs.RunDir.create(sys.argv[1], resume=True); print('locked', flush=True); "
+         "time.sleep(120)", str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(errors.RunFolderError, match=f"another process .*pid {holder.pid}"):
+            train_reference.main(argv("train_reference", folder, digits_data_dir, "--resume"))
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.parametrize("key, value", [("step", 4), ("epoch", 1)])
@@ -203,7 +231,7 @@ def run_cli(module, args, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("module, args, error, message", [
     (train_reference, ["--seeds", "0"], errors.ConfigError, "--seeds must be an integer >= 1"),
-    (train_reference, ["--train.learning-rate", "0"], errors.ConfigError, "learning_rate must be > 0"),
+    (train_reference, ["--train.learning-rate", "0"], errors.ConfigError, "learning_rate must be finite and > 0"),
     (train_reference, ["--bogus", "1"], errors.ConfigError, "Unrecognized options: --bogus"),
     (train_reference, ["--beneficial-classes", "0", "5", "--malicious-classes", "5", "6"],
      errors.ConfigError, "overlap"),
@@ -211,7 +239,7 @@ def run_cli(module, args, capsys) -> tuple[int, str]:
     (reverse_maml, ["--meta.shots", "90"], errors.ConfigError, "shots"),
     (skd, ["--teacher-epochs", "5", "5"], errors.ConfigError, "distinct integers >= 1"),
     (skd, ["--skd.malicious-target", "1"], errors.ConfigError, "malicious_target"),
-    (unlearning, ["--unsir.impair.learning-rate", "0"], errors.ConfigError, "learning_rate must be > 0"),
+    (unlearning, ["--unsir.impair.learning-rate", "0"], errors.ConfigError, "learning_rate must be finite and > 0"),
     (compare, ["--methods", "magic"], errors.ConfigError, "allowed"),
     (attack, ["--run", "/nonexistent/run"], errors.RunFolderError, "/nonexistent/run"),
 ])

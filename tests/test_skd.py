@@ -186,7 +186,7 @@ def test_bad_inputs_are_clear_errors():
     keys = keys_for([0, 1])
     teachers = init_stack(keys)["features"]
     images = random_images(8)
-    with pytest.raises(ValueError, match="learning_rate must be > 0, got 0.0"):
+    with pytest.raises(ValueError, match="learning_rate must be finite and > 0, got 0.0"):
         train.TrainConfig(learning_rate=0.0)
     with pytest.raises(ValueError, match="learning_rate must be > 0, got -0.1"):
         train.make_optimizer("adam", -0.1)

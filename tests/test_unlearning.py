@@ -157,7 +157,7 @@ def test_bad_noise_config_is_a_clear_error(kwargs, message):
 
 
 def test_bad_stage_configs_are_clear_errors():
-    with pytest.raises(ValueError, match="learning_rate must be > 0, got 0"):
+    with pytest.raises(ValueError, match="learning_rate must be finite and > 0, got 0"):
         dataclasses.replace(SMALL.impair, learning_rate=0.0)
     with pytest.raises(ValueError, match="noise_copies must be >= 1, got 0"):
         dataclasses.replace(SMALL, noise_copies=0)

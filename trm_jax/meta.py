@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from trm_jax.tasks import LABEL_MODES, ClassPool, LabelMode, Task, check_task_shape, sample_tasks
+from trm_jax.errors import ConfigError
 
 Params = Any  # a pytree of arrays
 LossFn = Callable[[Params, chex.Array, chex.Array], chex.Array]  # (params, x, y) -> scalar
@@ -196,7 +197,7 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
     """
     loss_fn = _resolve_loss(loss_fn, apply_fn)
     if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+        raise ConfigError(f"steps must be >= 0, got {steps}")
     if steps == 0:
         return params
 
@@ -218,7 +219,7 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
 
 def _resolve_loss(loss_fn: Optional[LossFn], apply_fn: Optional[ApplyFn]) -> LossFn:
     if (loss_fn is None) == (apply_fn is None):
-        raise ValueError("give exactly one of loss_fn(params, x, y) or apply_fn(params, x)")
+        raise ConfigError("give exactly one of loss_fn(params, x, y) or apply_fn(params, x)")
     return loss_fn if loss_fn is not None else classification_loss(apply_fn)
 
 
@@ -244,9 +245,9 @@ def resolve_task_batching(strategy: TaskBatching, backend: Optional[str] = None,
     than 8 convs of one task each).
     """
     if strategy not in TASK_BATCHINGS:
-        raise ValueError(f"task_batching must be one of {TASK_BATCHINGS}, got {strategy!r}")
+        raise ConfigError(f"task_batching must be one of {TASK_BATCHINGS}, got {strategy!r}")
     if adapt not in ADAPT_MODES:
-        raise ValueError(f"adapt must be one of {ADAPT_MODES}, got {adapt!r}")
+        raise ConfigError(f"adapt must be one of {ADAPT_MODES}, got {adapt!r}")
     if strategy != "auto":
         return strategy
     backend = backend or jax.default_backend()
@@ -399,21 +400,21 @@ class MetaConfig:
                    "label_mode": LABEL_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"MetaConfig.{name} must be one of {allowed}, "
+                raise ConfigError(f"MetaConfig.{name} must be one of {allowed}, "
                                  f"got {getattr(self, name)!r}")
         for name, low in (("ways", 1), ("shots", 1), ("queries", 1), ("good_tasks", 1),
                           ("bad_tasks", 0), ("inner_steps", 0)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
-                raise ValueError(f"MetaConfig.{name} must be an int >= {low}, "
+                raise ConfigError(f"MetaConfig.{name} must be an int >= {low}, "
                                  f"got {getattr(self, name)!r}")
         if not self.inner_lr > 0:
-            raise ValueError(f"MetaConfig.inner_lr must be > 0, got {self.inner_lr!r}")
+            raise ConfigError(f"MetaConfig.inner_lr must be > 0, got {self.inner_lr!r}")
         if not self.lam >= 0:
-            raise ValueError(f"MetaConfig.lam must be >= 0, got {self.lam!r}")
+            raise ConfigError(f"MetaConfig.lam must be >= 0, got {self.lam!r}")
         if self.loss_cap is not None and not self.loss_cap > 0:
-            raise ValueError(f"MetaConfig.loss_cap must be None or > 0, got {self.loss_cap!r}")
+            raise ConfigError(f"MetaConfig.loss_cap must be None or > 0, got {self.loss_cap!r}")
         if self.meta_grad == "reptile" and self.adapt != "all":
-            raise ValueError("MetaConfig.meta_grad='reptile' needs adapt='all': Reptile moves "
+            raise ConfigError("MetaConfig.meta_grad='reptile' needs adapt='all': Reptile moves "
                              "params towards adapted params, and with adapt='head' the features "
                              "never adapt, so they would get no meta-gradient")
 
@@ -598,11 +599,11 @@ def check_pools(config: MetaConfig, good_pool: ClassPool, bad_pool: Optional[Cla
     if config.bad_tasks == 0:
         return
     if bad_pool is None:
-        raise ValueError(f"bad_tasks={config.bad_tasks} needs a malicious pool, got None")
+        raise ConfigError(f"bad_tasks={config.bad_tasks} needs a malicious pool, got None")
     check_task_shape(bad_pool, config.ways, config.shots, config.queries, "malicious pool")
     good_shape, bad_shape = good_pool.images.shape[2:], bad_pool.images.shape[2:]
     if good_shape != bad_shape or good_pool.images.dtype != bad_pool.images.dtype:
-        raise ValueError(f"beneficial and malicious images must match; got "
+        raise ConfigError(f"beneficial and malicious images must match; got "
                          f"{good_shape} {good_pool.images.dtype} and {bad_shape} "
                          f"{bad_pool.images.dtype}")
 
@@ -635,10 +636,10 @@ def make_meta_step(config: MetaConfig, model: Any,
     """
     if config.adapt == "head" and not all(
             hasattr(model, a) for a in ("features", "head", "init_head")):
-        raise ValueError("adapt='head' needs a Model-like object with features/head/init_head, "
+        raise ConfigError("adapt='head' needs a Model-like object with features/head/init_head, "
                          f"got {model!r}")
     if config.adapt == "all" and not callable(_apply_fn(model)):
-        raise ValueError(f"adapt='all' needs apply_fn(params, x) or a Model, got {model!r}")
+        raise ConfigError(f"adapt='all' needs apply_fn(params, x) or a Model, got {model!r}")
 
     def step(params: Params, opt_state: optax.OptState, key: chex.PRNGKey,
              good_pool: ClassPool, bad_pool: Optional[ClassPool]
@@ -669,5 +670,5 @@ def _check_labels(config: MetaConfig, model: Any, pool: ClassPool) -> None:
     needed = pool.images.shape[0] if config.label_mode == "fixed" else config.ways
     outputs = getattr(model, "num_classes", None)
     if outputs is not None and needed > outputs:
-        raise ValueError(f"label_mode={config.label_mode!r} needs {needed} head outputs but "
+        raise ConfigError(f"label_mode={config.label_mode!r} needs {needed} head outputs but "
                          f"the model has {outputs}")

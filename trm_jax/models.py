@@ -21,6 +21,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from trm_jax.errors import ConfigError
 
 Params = Any  # a pytree of arrays
 Padding = Literal["VALID", "SAME"]
@@ -178,7 +179,7 @@ def lenet(num_classes: int = 10, input_shape: tuple[int, int, int] = (32, 32, 3)
     _check_shape(input_shape)
     h, w, _ = input_shape
     if padding == "VALID" and (h < 16 or w < 16):
-        raise ValueError(f"lenet with VALID padding needs inputs of at least 16x16, got "
+        raise ConfigError(f"lenet with VALID padding needs inputs of at least 16x16, got "
                          f"{input_shape}; use padding='SAME' for small images such as digits.")
     return Model("lenet", LeNetFeatures(padding, param_dtype), num_classes,
                  tuple(input_shape), "fc2", param_dtype, (("padding", padding),))
@@ -190,7 +191,7 @@ def conv4(num_classes: int = 5, input_shape: tuple[int, int, int] = (28, 28, 1),
     """The MAML Conv4 net (Finn et al., 2017) without BatchNorm."""
     _check_shape(input_shape)
     if norm not in ("none", "layer"):
-        raise ValueError(f"conv4 norm must be 'none' or 'layer', got {norm!r}")
+        raise ConfigError(f"conv4 norm must be 'none' or 'layer', got {norm!r}")
     return Model("conv4", Conv4Features(width, norm, param_dtype), num_classes,
                  tuple(input_shape), "conv4", param_dtype, (("width", width), ("norm", norm)))
 
@@ -201,7 +202,7 @@ MODELS: dict[str, Callable[..., Model]] = {"lenet": lenet, "conv4": conv4}
 def make_model(name: str, **kwargs: Any) -> Model:
     """Builds a model by name (``"lenet"`` or ``"conv4"``)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+        raise ConfigError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
     return MODELS[name](**kwargs)
 
 
@@ -220,4 +221,4 @@ def count_params(params: Params) -> int:
 
 def _check_shape(input_shape: tuple[int, ...]) -> None:
     if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):
-        raise ValueError(f"input_shape must be (H, W, C) with positive sizes, got {input_shape}")
+        raise ConfigError(f"input_shape must be (H, W, C) with positive sizes, got {input_shape}")

@@ -30,6 +30,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from trm_jax.errors import ConfigError
 
 LabelMode = Literal["fixed", "shuffled"]
 LABEL_MODES = ("fixed", "shuffled")
@@ -82,14 +83,14 @@ def group_by_class(images: np.ndarray, labels: np.ndarray, num_classes: int) -> 
     """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim < 2 or labels.shape != images.shape[:1]:
-        raise ValueError(f"group_by_class needs images [B, ...] and labels [B]; got images "
+        raise ConfigError(f"group_by_class needs images [B, ...] and labels [B]; got images "
                          f"{images.shape} and labels {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got range "
+        raise ConfigError(f"labels must lie in [0, {num_classes}), got range "
                          f"[{labels.min()}, {labels.max()}]")
     counts = np.bincount(labels.astype(np.int64), minlength=num_classes).astype(np.int32)
     if (counts == 0).any():
-        raise ValueError(f"every class needs at least one example; empty classes: "
+        raise ConfigError(f"every class needs at least one example; empty classes: "
                          f"{np.flatnonzero(counts == 0).tolist()}")
     pooled = np.zeros((num_classes, int(counts.max()), *images.shape[1:]), images.dtype)
     for c in range(num_classes):
@@ -107,21 +108,21 @@ def check_task_shape(pool: ClassPool, ways: int, shots: int, queries: int,
     (``make_meta_step``'s caller or the training loop), before compiling.
     """
     if ways < 1 or shots < 1 or queries < 0:
-        raise ValueError(f"need ways >= 1, shots >= 1, queries >= 0; got ways={ways}, "
+        raise ConfigError(f"need ways >= 1, shots >= 1, queries >= 0; got ways={ways}, "
                          f"shots={shots}, queries={queries}")
     num_classes, max_count = pool.images.shape[:2]
     if ways > num_classes:
-        raise ValueError(f"{name}: ways={ways} but the pool has only {num_classes} classes")
+        raise ConfigError(f"{name}: ways={ways} but the pool has only {num_classes} classes")
     per_class = shots + queries
     if per_class > max_count:
-        raise ValueError(f"{name}: shots + queries = {per_class} but the largest class has "
+        raise ConfigError(f"{name}: shots + queries = {per_class} but the largest class has "
                          f"only {max_count} examples")
     try:
         counts = np.asarray(pool.counts)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return  # traced under jit: checked by the caller on the concrete pool
     if per_class > counts.min():
-        raise ValueError(f"{name}: shots + queries = {per_class} but class "
+        raise ConfigError(f"{name}: shots + queries = {per_class} but class "
                          f"{int(counts.argmin())} has only {int(counts.min())} examples; "
                          f"lower shots/queries or drop that class")
 
@@ -146,7 +147,7 @@ def sample_task(key: chex.PRNGKey, pool: ClassPool, ways: int, shots: int, queri
       ``query_x[N*Q, ...]``, ``query_y int32[N*Q]``.
     """
     if label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+        raise ConfigError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     check_task_shape(pool, ways, shots, queries)
     images, counts = jnp.asarray(pool.images), jnp.asarray(pool.counts)
     num_classes, max_count = images.shape[:2]

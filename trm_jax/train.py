@@ -18,6 +18,7 @@ Both give the same numbers (tested).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import chex
@@ -44,7 +45,7 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 number of optimizer steps taken
 
 
-from trm_jax.errors import NonFiniteError  # noqa: E402,F401  (re-exported)
+from trm_jax.errors import ConfigError, NonFiniteError  # noqa: E402,F401  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +80,15 @@ class TrainConfig:
 def validate_config(config: TrainConfig) -> None:
     """Raises ``ValueError`` naming the bad value and what is allowed."""
     if config.epochs < 0:
-        raise ValueError(f"epochs must be >= 0, got {config.epochs}")
+        raise ConfigError(f"epochs must be >= 0, got {config.epochs}")
     if config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
-    if not config.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {config.learning_rate}")
+        raise ConfigError(f"batch_size must be >= 1, got {config.batch_size}")
+    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
+        raise ConfigError(f"learning_rate must be finite and > 0, got {config.learning_rate}")
     if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}; allowed: {OPTIMIZERS}")
+        raise ConfigError(f"unknown optimizer {config.optimizer!r}; allowed: {OPTIMIZERS}")
     if config.strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {config.strategy!r}; allowed: {STRATEGIES}")
+        raise ConfigError(f"unknown strategy {config.strategy!r}; allowed: {STRATEGIES}")
 
 
 def make_optimizer(name: str, learning_rate: float | jax.Array, *, b1: float = 0.9,
@@ -99,14 +100,14 @@ def make_optimizer(name: str, learning_rate: float | jax.Array, *, b1: float = 0
     validated here, traced values are validated by the caller before tracing.
     """
     if not isinstance(learning_rate, jax.Array) and not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
     if name == "adam":
         return optax.adam(learning_rate, b1=b1)
     if name == "sgd":
         return optax.sgd(learning_rate)
     if name == "momentum":
         return optax.sgd(learning_rate, momentum=momentum)
-    raise ValueError(f"unknown optimizer {name!r}; allowed: {OPTIMIZERS}")
+    raise ConfigError(f"unknown optimizer {name!r}; allowed: {OPTIMIZERS}")
 
 
 def trainable_mask(params: Params, trainable: str | Sequence[str]) -> Params:
@@ -123,7 +124,7 @@ def trainable_mask(params: Params, trainable: str | Sequence[str]) -> Params:
              for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     for prefix in prefixes:
         if not any(p == prefix or p.startswith(prefix + "/") for p in paths):
-            raise ValueError(f"trainable prefix {prefix!r} matches no parameter; "
+            raise ConfigError(f"trainable prefix {prefix!r} matches no parameter; "
                              f"parameter paths: {sorted(paths)}")
     flags = [any(p == q or p.startswith(q + "/") for q in prefixes) for p in paths]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), flags)
@@ -175,7 +176,7 @@ def epoch_batches(key: chex.PRNGKey, num_examples: int, batch_size: int) -> jax.
     """``int32[num_batches, batch_size]`` shuffled indices; the remainder is dropped."""
     num_batches = num_examples // batch_size
     if num_batches < 1:
-        raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} examples; "
+        raise ConfigError(f"batch_size={batch_size} exceeds the {num_examples} examples; "
                          f"allowed: 1..{num_examples}")
     perm = jax.random.permutation(key, num_examples)
     return perm[: num_batches * batch_size].reshape(num_batches, batch_size)
@@ -230,7 +231,7 @@ def evaluate(apply_fn: Callable[[Params, jax.Array], jax.Array], params: Params,
 def resolve_strategy(strategy: str) -> str:
     """``"auto"`` -> ``"scan"`` on GPU/TPU, ``"step"`` on CPU (measured; BENCHMARKS.md)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; allowed: {STRATEGIES}")
+        raise ConfigError(f"unknown strategy {strategy!r}; allowed: {STRATEGIES}")
     if strategy != "auto":
         return strategy
     return "step" if jax.default_backend() == "cpu" else "scan"
@@ -306,8 +307,8 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
         if bad:
             seeds = sorted({int(i) for k in bad for i in np.flatnonzero(~np.isfinite(metrics[k]))})
             raise NonFiniteError(
-                f"non-finite {bad} at epoch {epoch} (seed indices {seeds}); training stopped, "
-                f"the state after epoch {epoch - 1} is kept in err.state", state, epoch - 1)
+                f"non-finite {bad} at epoch {epoch} (seed indices {seeds}); training stopped; "
+                f"the state after epoch {epoch - 1} is the last good one", state, epoch - 1)
         state = new_state
         history.append(metrics)
         if hasattr(bar, "set_postfix"):
@@ -349,7 +350,7 @@ _seed_batches = jax.jit(jax.vmap(epoch_batches, in_axes=(0, None, None)), static
 def _num_examples(data: Batch) -> int:
     sizes = {int(a.shape[0]) for a in jax.tree_util.tree_leaves(data)}
     if len(sizes) != 1:
-        raise ValueError(f"all data arrays must share their leading (example) axis, got sizes {sizes}")
+        raise ConfigError(f"all data arrays must share their leading (example) axis, got sizes {sizes}")
     return sizes.pop()
 
 
