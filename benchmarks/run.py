@@ -22,17 +22,23 @@ import jax
 from benchmarks import harness
 
 BENCHES = ("meta_step", "meta_step_scaling", "attack_sweep", "train_epoch", "distill_epoch",
-           "seed_sharding")
+           "seed_sharding", "paper_e2e")
+#: Not in the default selection (minutes to hours): ask for them with --bench.
+ON_REQUEST = ("paper_e2e",)
 # Ratios are against PyTorch where it ran, else against the plain-JAX alternative.
 TORCH_REFERENCE = {"meta_step": "torch best (2nd order)", "attack_sweep": "torch natural",
                    "train_epoch": "torch", "distill_epoch": "torch"}
 JAX_REFERENCE = {"attack_sweep": "jax per-run loop", "train_epoch": "jax step",
                  "distill_epoch": "jax step", "meta_step_scaling": "K=1",
-                 "seed_sharding": "4 seeds on 1 CPU device(s)"}
+                 "seed_sharding": "4 seeds on 1 CPU device(s)", "paper_e2e": "cold"}
 
 
-def jax_benches(quick: bool, warmup: int, repeats: int) -> dict[str, Callable[[], list]]:
-    from benchmarks import bench_meta, bench_sharding, bench_train
+def jax_benches(quick: bool, warmup: int, repeats: int, e2e_size: str = "auto",
+                e2e_seeds: int = 5) -> dict[str, Callable[[], list]]:
+    from benchmarks import bench_meta, bench_paper_e2e, bench_sharding, bench_train
+
+    size = e2e_size if e2e_size != "auto" else (
+        "reduced" if quick or jax.default_backend() == "cpu" else "paper")
 
     out = {
         # seconds per call on a CPU: one timed call each in --quick keeps it under 5 minutes
@@ -40,6 +46,7 @@ def jax_benches(quick: bool, warmup: int, repeats: int) -> dict[str, Callable[[]
         "meta_step_scaling": lambda: bench_meta.bench_meta_step_scaling(quick, warmup, min(repeats, 2)),
         "train_epoch": lambda: bench_train.bench_train_throughput(quick, warmup, repeats),
         "seed_sharding": lambda: bench_sharding.bench_seed_sharding(quick),
+        "paper_e2e": lambda: bench_paper_e2e.bench_paper_e2e(size, e2e_seeds),
     }
     try:
         from benchmarks import bench_attack
@@ -62,18 +69,21 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     p.add_argument("--out", default=None, help="write rows + machine info as JSON here")
     p.add_argument("--bench", action="append", choices=BENCHES, help="repeatable; default: all")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--e2e-size", choices=("auto", "reduced", "paper"), default="auto",
+                   help="paper_e2e data and budgets (auto: paper on a GPU/TPU, reduced on CPU)")
+    p.add_argument("--e2e-seeds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=None, help="default 3 (2 with --quick)")
     args = p.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 3)
-    selected = args.bench or [b for b in BENCHES
-                              if b != "seed_sharding" or jax.default_backend() == "cpu"]
+    selected = args.bench or [b for b in BENCHES if b not in ON_REQUEST
+                              and (b != "seed_sharding" or jax.default_backend() == "cpu")]
     info = harness.machine_info(args.device_label)
     print(f"machine: {info.get('cpu_model')} x{info.get('cpu_count')}, backend "
           f"{jax.default_backend()}, device {info.get('device_kind')}", flush=True)
     start = time.perf_counter()
     rows: list[harness.Row] = []
-    benches = jax_benches(args.quick, args.warmup, repeats)
+    benches = jax_benches(args.quick, args.warmup, repeats, args.e2e_size, args.e2e_seeds)
     for name in selected:
         if name in benches:
             t0 = time.perf_counter()

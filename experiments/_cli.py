@@ -21,7 +21,7 @@ import json
 import re
 import sys
 import time
-from typing import Any, Callable, TypeVar
+from typing import Annotated, Any, Callable, TypeVar
 
 import jax
 import numpy as np
@@ -83,6 +83,20 @@ class RunOptions:
             if getattr(self, name) < 1:
                 raise errors.ConfigError(f"--{name.replace('_', '-')} must be >= 1, "
                                          f"got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """The fields every experiment's config has (subclass it and add the method's)."""
+
+    dataset: str = "cifar10"
+    """'digits' works offline; the others download through TFDS (any registered dataset)"""
+    seeds: int = 5
+    """seeds 0..N-1, vmapped in one program"""
+    model: str | None = None
+    """architecture (default: the dataset's preset)"""
+    protocol: Annotated[ProtocolOptions, FLAT] = ProtocolOptions()
+    run: Annotated[RunOptions, FLAT] = RunOptions()
 
 
 RUN_FIELDS = ("run",)  # config fields that may change on --resume

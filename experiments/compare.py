@@ -17,7 +17,7 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Annotated, Any
+from typing import Any
 
 from experiments import _cli
 from trm_jax import checkpoint, config_for, errors, evaluation, methods, metrics, plots, runs
@@ -38,13 +38,9 @@ ENTRIES = {"reference": ("reference", "Unprotected reference"),
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_cli.Experiment):
     """Every method under one protocol, one seed set and one scratch reference."""
 
-    dataset: str = "cifar10"
-    """'digits' works offline; the others download through TFDS"""
-    seeds: int = 5
-    """seeds 0..N-1, vmapped in one program"""
     methods: tuple[str, ...] = tuple(ENTRIES)
     """which entries to run (reverse_maml_fo = reverse_maml with first-order meta-gradients)"""
     reference: ReferenceConfig = ReferenceConfig()
@@ -56,7 +52,6 @@ class Config:
     attack: SuiteConfig = SuiteConfig(attacks=("all",))
     force: bool = False
     """redo methods whose run folder already finished"""
-    run: Annotated[_cli.RunOptions, _cli.FLAT] = _cli.RunOptions()
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in ENTRIES]
@@ -107,7 +102,10 @@ def run_entry(entry: str, config: Config, protocol, keys, seeds, root) -> tuple[
             cfg = config.method_config(entry)
             if epochs is not None:
                 cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, epochs=epochs))
-            protected = methods.protect(method, cfg, protocol, keys, hooks=hooks)
+            num_classes = (protocol.pretrain.beneficial.num_classes
+                           + protocol.pretrain.malicious.num_classes) if method == "unsir" else None
+            model = _cli.model_override(config.dataset, config.model, protocol, num_classes)
+            protected = methods.protect(method, cfg, protocol, keys, hooks=hooks, model=model)
             if epochs is not None:
                 ablation.append({"teacher_epochs": epochs, **{
                     k: v for k, v in _cli.summarize(protected.metrics).items() if k in SUMMARY_KEYS}})
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                         description=__doc__)
     command = "python -m experiments.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     seeds, keys = _cli.seeds_of(config.seeds)
-    protocol = _cli.load_protocol(config.dataset, _cli.ProtocolOptions(), config.run)
+    protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     suite = config.attack
     suite.plan(protocol.finetune.malicious.num_classes, suite.epochs_for(protocol))  # validate early
     for entry in config.methods:  # every method's settings, before any compute

@@ -26,22 +26,14 @@ NAME = "reverse_maml"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_cli.Experiment):
     """Reverse-MAML (exact second-order meta-gradients), then the attack."""
 
-    dataset: str = "cifar10"
-    """'digits' works offline; the others download through TFDS"""
-    seeds: int = 5
-    """seeds 0..N-1, vmapped in one program"""
     method: Annotated[ReverseMAMLConfig, _cli.FLAT] = ReverseMAMLConfig()
     with_reference: bool = True
     """also train and attack the unprotected reference"""
     reference: ReferenceConfig = ReferenceConfig()
     attack: SuiteConfig = SuiteConfig()
-    model: str | None = None
-    """architecture (default: the dataset's preset)"""
-    protocol: Annotated[_cli.ProtocolOptions, _cli.FLAT] = _cli.ProtocolOptions()
-    run: Annotated[_cli.RunOptions, _cli.FLAT] = _cli.RunOptions()
 
 
 def defaults(dataset: str) -> Config:

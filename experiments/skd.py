@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated
 
-import numpy as np
 
 from experiments import _cli
 from trm_jax import checkpoint, config_for, errors, evaluation, methods, plots
@@ -30,21 +29,13 @@ NAME = "skd"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_cli.Experiment):
     """Selective knowledge distillation, then the attack."""
 
-    dataset: str = "cifar10"
-    """'digits' works offline; the others download through TFDS"""
-    seeds: int = 5
-    """seeds 0..N-1, vmapped in one program"""
     method: Annotated[SKDMethodConfig, _cli.FLAT] = SKDMethodConfig()
     teacher_epochs: tuple[int, ...] = ()
     """teacher budgets of the ablation (the last one is attacked); default: teacher.epochs"""
     attack: SuiteConfig = SuiteConfig()
-    model: str | None = None
-    """architecture (default: the dataset's preset)"""
-    protocol: Annotated[_cli.ProtocolOptions, _cli.FLAT] = _cli.ProtocolOptions()
-    run: Annotated[_cli.RunOptions, _cli.FLAT] = _cli.RunOptions()
 
     def __post_init__(self) -> None:
         budgets = self.teacher_epochs

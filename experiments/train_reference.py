@@ -20,18 +20,10 @@ NAME = "train_reference"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_cli.Experiment):
     """The unprotected reference (plain training on the beneficial classes)."""
 
-    dataset: str = "cifar10"
-    """'digits' works offline; the others download through TFDS"""
-    seeds: int = 5
-    """seeds 0..N-1, vmapped in one program"""
     method: Annotated[ReferenceConfig, _cli.FLAT] = ReferenceConfig()
-    model: str | None = None
-    """architecture (default: the dataset's preset)"""
-    protocol: Annotated[_cli.ProtocolOptions, _cli.FLAT] = _cli.ProtocolOptions()
-    run: Annotated[_cli.RunOptions, _cli.FLAT] = _cli.RunOptions()
 
 
 def defaults(dataset: str) -> Config:

@@ -28,21 +28,13 @@ NAME = "unlearning"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(_cli.Experiment):
     """The UNSIR machine-unlearning baseline, then the attack."""
 
-    dataset: str = "cifar10"
-    """'digits' works offline; the others download through TFDS"""
-    seeds: int = 5
-    """seeds 0..N-1, vmapped in one program"""
     method: Annotated[UnsirMethodConfig, _cli.FLAT] = UnsirMethodConfig()
     attack_original: bool = True
     """also attack the original model (before unlearning) as a reference"""
     attack: SuiteConfig = SuiteConfig()
-    model: str | None = None
-    """architecture (default: the dataset's preset)"""
-    protocol: Annotated[_cli.ProtocolOptions, _cli.FLAT] = _cli.ProtocolOptions()
-    run: Annotated[_cli.RunOptions, _cli.FLAT] = _cli.RunOptions()
 
 
 def defaults(dataset: str) -> Config:

@@ -27,3 +27,34 @@ def test_library_example_runs_as_written(digits_data_dir, monkeypatch, capsys):
     assert set(report["attacks"]) == {"linear_probe", "full_finetune"}
     assert "scratch" in report["references"] and "unprotected/linear_probe" in report["references"]
     assert "linear_probe" in capsys.readouterr().out
+
+
+RESULTS = ROOT / "experiments" / "results" / "digits"
+
+
+def quickstart_claim(results: dict) -> str:
+    """The quick-start sentence of README.md, written from a reverse_maml results.json."""
+    pm = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
+    return (f"beneficial test accuracy {pm(results['beneficial_test_accuracy'])}, linear-probe "
+            f"malicious accuracy {pm(results['attacks']['linear_probe']['final'])} (unprotected "
+            f"{pm(results['references']['unprotected/linear_probe']['final'])})")
+
+
+def test_quickstart_numbers_are_the_committed_run():
+    import json
+
+    results = json.loads((RESULTS / "quickstart.json").read_text())
+    assert results["experiment"] == "reverse_maml" and len(results["seeds"]) == 3
+    assert quickstart_claim(results) in " ".join(README.split()), quickstart_claim(results)
+
+
+def test_results_table_is_the_committed_comparison():
+    import json
+
+    from experiments import compare
+
+    results = json.loads((RESULTS / "results.json").read_text())
+    rows = [ln for ln in compare.markdown(results).splitlines() if ln.startswith("| ")]
+    assert len(rows) >= 2 + len(results["table"])
+    for row in rows:
+        assert row in README, row
