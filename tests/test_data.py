@@ -43,7 +43,7 @@ def test_digits_split_is_fixed_and_stratified():
 
 
 @pytest.mark.parametrize("spec, message", [
-    (data.ProtocolSpec("imagenet"), r"unknown dataset 'imagenet'; known datasets: \['cifar10', 'digits', 'mnist', 'omniglot'\]"),
+    (data.ProtocolSpec("imagenet"), r"unknown dataset 'imagenet'; allowed: \['cifar10', 'digits', 'mnist', 'omniglot'\]"),
     (data.ProtocolSpec("digits", (0, 1, 2), (2, 3)), r"overlap on \[2\]"),
     (data.ProtocolSpec("digits", (0, 1), (5, 12)), r"\[12\] out of range .* allowed 0..9"),
     (data.ProtocolSpec("digits", (), (5,)), "beneficial_classes is empty"),
@@ -100,7 +100,7 @@ def test_unprepared_dataset_offline_says_how_to_prepare_it(tmp_path):
 
 
 def test_import_does_not_load_tensorflow():
-    code = ("import sys, trm_jax, trm_jax.data, experiments.common, experiments.train_reference; "
+    code = ("import sys, trm_jax, trm_jax.data, experiments._cli, experiments.compare; "
             "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

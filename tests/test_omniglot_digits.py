@@ -48,6 +48,8 @@ def check_run_folder(path, seeds=2, scratch=True):
     assert set(runs.RESULT_KEYS) <= set(results)
     assert {"beneficial_fewshot_accuracy", "malicious_fewshot_accuracy", "data_provenance"} <= set(results)
     for where, value in numbers(results):
+        if value is None and where.endswith("/persistent_cache"):
+            continue  # tests run without the persistent compilation cache (conftest)
         if value is None:  # JSON null = inf = "never reached" (trm_jax.metrics), nothing else
             assert "steps_to_reach" in where, where
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
