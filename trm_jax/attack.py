@@ -437,7 +437,8 @@ def attack_phases(model: models.Model, config: AttackConfig, *, return_params: b
         train_f = model.features_chunked(params["features"], data.finetune_images, chunk)
         test_f = model.features_chunked(params["features"], data.test_images, chunk)
         if spec.standardize:  # the attacker's statistics, applied to its test features too
-            mu, sd = train_f.mean(axis=0), jnp.maximum(train_f.std(axis=0), 1e-6)
+            mu = train_f.mean(axis=0, keepdims=True)
+            sd = jnp.maximum(train_f.std(axis=0, keepdims=True), 1e-6)
             train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
         return train_f, test_f
 
@@ -501,7 +502,7 @@ def attack_phases(model: models.Model, config: AttackConfig, *, return_params: b
 
 def _linear(head: Params, z: jax.Array) -> jax.Array:
     """The head's dense layer without its ReLU: ``z[B, D] -> z @ W + b``."""
-    return z @ head["dense"]["kernel"] + head["dense"]["bias"]
+    return z @ head["dense"]["kernel"] + head["dense"]["bias"][None]
 
 
 def _warm_start(model: models.Model, config: AttackConfig, params: Params,
