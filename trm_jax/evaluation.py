@@ -13,8 +13,10 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Mapping
+import time
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -148,6 +150,39 @@ def scratch_reference(protected: Protected, protocol: data.ProtocolData,
 FULL_SUITE = SuiteConfig(attacks=("all",), learning_rates=attack.WIDE_LEARNING_RATE_GRID,
                          optimizers=attack.WIDE_OPTIMIZERS, data_per_class=(5, 20, 50, None),
                          steps_multipliers=(1, 4, 16))
+
+
+#: The default suite of ``experiments.compare``: sized to run the five methods on digits,
+#: 5 seeds, within 15 minutes on 2 CPU cores (see BENCHMARKS/README): every attack, three
+#: data budgets, Adam at 3 learning rates, 1x steps; scratch on the same grid and budgets.
+#: :data:`FULL_SUITE` is the skeptic's full grid (``--attack.preset full`` in compare).
+COMPARE_SUITE = SuiteConfig(attacks=("all",), learning_rates=(1e-3, 1e-2, 1e-1),
+                            optimizers=("adam",), data_per_class=(5, 20, None),
+                            steps_multipliers=(1,))
+
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[dict[str, float]]:
+    """Counts XLA backend compilations inside the block (``jax.monitoring``): yields a
+    dict that holds ``{"programs", "compile_seconds", "wall_seconds"}`` on exit.
+    Every compile counts, the small eager ones too (a few dozen per evaluation)."""
+    import jax
+
+    stats = {"programs": 0, "compile_seconds": 0.0, "wall_seconds": 0.0}
+    active = [True]
+
+    def listener(event: str, duration: float, **_: Any) -> None:
+        if active[0] and event == "/jax/core/compile/backend_compile_duration":
+            stats["programs"] += 1
+            stats["compile_seconds"] += float(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    start = time.perf_counter()
+    try:
+        yield stats
+    finally:
+        active[0] = False  # jax.monitoring has no public unregister
+        stats["wall_seconds"] = time.perf_counter() - start
 
 
 def summary_table(report: Mapping[str, Any]) -> str:
