@@ -19,11 +19,26 @@ accuracy before fine-tuning (epoch 0) and after every epoch: a learning curve
   ReLU is dead and gradients vanish) cannot hide information that survives in
   the layer below the mask.
 * ``full_finetune`` -- fresh head, every parameter trainable.
+* adaptive attacks (issue 12): ``standardized_probe`` (a linear classifier on
+  frozen features standardised with the attacker's data: undoes activation
+  scaling), ``reinit_top2`` / ``reinit_top3`` (``reinit_penultimate`` is top 1;
+  top ``L`` = 4 is scratch), ``warm_start`` (a few epochs on the beneficial data
+  first) and ``probe_then_finetune`` (LP-FT). :class:`AttackSpec` marks the
+  *reuse* attacks (those keeping at least the lower half of the network).
 * ``scratch`` (a *reference*, :func:`scratch_reference`) -- the same
   architecture from random init, trained on the same malicious data with the
   same budget: what the attacker gets without the protected model. It is
   literally ``full_finetune`` applied to freshly initialised models (one code
   path, one compiled program).
+
+**Budgets** (:class:`Budgets`): attacker data per class (:func:`data_budget`: a
+subset tiled to the full size, so every data budget runs in the same compiled
+program) and steps as multiples of the default epochs, all read off ONE run of
+the longest budget (a constant-lr attacker's short run is the long run's prefix).
+Every entry is summarised at every budget (``entry["budgets"]``) and the report
+gives, per budget, the worst attack over the suite and over the reuse attacks
+with their own numbers and their advantage over scratch at the same budget
+(:func:`trm_jax.metrics.budget_summary`).
 
 Every attack is written for ONE (seed, learning rate) by :func:`make_attack`
 (purejaxrl style: ``make_attack(model, config) -> attack(params, key, lr, data)``)
