@@ -197,3 +197,121 @@ def test_reinit_penultimate_replaces_and_trains_only_the_last_two_layers(setup):
     fresh_init = model.init(jax.random.key(123))["features"][model.penultimate]["kernel"]
     assert after[model.penultimate]["kernel"].shape == fresh_init.shape
     assert np.all(np.isfinite(np.asarray(out.curve)))
+
+
+# ----------------------------------------------------------------------------- issue 12
+
+
+def _layers_equal(after, before) -> dict[str, bool]:
+    return {name: all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(after[name]),
+                                                            jax.tree.leaves(layer)))
+            for name, layer in before.items()}
+
+
+def test_reinit_top_k_parts_follow_the_layer_order(setup):
+    model = setup[0]
+    assert attack.feature_layers(model) == (("conv1",), ("conv2",), ("fc1",), ("fc2",))
+    assert attack.resolve_parts(model, ("top:1",)) == ("features/fc2",)
+    assert attack.resolve_parts(model, ("head", "top:3")) == (
+        "head", "features/conv2", "features/fc1", "features/fc2")
+    with pytest.raises(ValueError, match=r"1\.\.3.*scratch"):
+        attack.resolve_parts(model, ("top:4",))
+    reuse = {n for n, s in attack.ATTACK_SPECS.items() if s.reuse}
+    assert reuse == set(attack.ATTACKS) - {"reinit_top3"}  # k=3 > L/2 keeps only conv1
+
+
+@pytest.mark.parametrize("name,k", [("reinit_top2", 2), ("reinit_top3", 3)])
+def test_reinit_top_k_reinitialises_and_trains_the_top_k_only(setup, name, k):
+    model, params, keys, data = setup
+    # lr 1e-7: training alone moves a weight by <= ~1e-7 per step, so a change of
+    # O(0.01) is the re-initialisation; the layers below stay the released bits
+    out = attack.attack_sweep(model, params, keys, (1e-7,), data, config(name),
+                              batching="map", return_params=True)
+    after = jax.tree.map(lambda x: x[0, 0], out.params["features"])
+    released = jax.tree.map(lambda x: x[0], params["features"])
+    top = ("conv1", "conv2", "fc1", "fc2")[4 - k:]
+    assert _layers_equal(after, released) == {n: n not in top for n in released}
+    for n in top:
+        assert float(jnp.max(jnp.abs(after[n]["kernel"] - released[n]["kernel"]))) > 1e-2, n
+
+
+def test_standardized_probe_standardises_frozen_features_and_trains_a_linear_head(setup):
+    model, params, keys, data = setup
+    cfg = config("standardized_probe")
+    prepare, _ = attack.attack_phases(model, cfg)
+    one = jax.tree.map(lambda x: x[0], params)
+    train_f, test_f = prepare(one, data)
+    raw = model.features(one["features"], data.finetune_images)
+    np.testing.assert_allclose(train_f.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(train_f.std(0), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(train_f, (raw - raw.mean(0, keepdims=True))
+                               / raw.std(0, keepdims=True), atol=1e-3)
+    # SKD-like scaling of the last layer (x 0.1, - 100; float32 keeps ~1e-4 of it) changes nothing after standardising
+    fc2 = one["features"]["fc2"]
+    skd_like = {**one, "features": {**one["features"], "fc2": {
+        "kernel": fc2["kernel"] * 0.1, "bias": fc2["bias"] * 0.1 - 100.0}}}
+    np.testing.assert_allclose(prepare(skd_like, data)[0], train_f, atol=2e-2)
+    out = attack.attack_sweep(model, params, keys, (0.1,), data, cfg, batching="vmap",
+                              return_params=True)
+    assert all(_layers_equal(jax.tree.map(lambda x: x[0, 0], out.params["features"]),
+                             jax.tree.map(lambda x: x[0], params["features"])).values())
+    assert float(out.curve[0, :, -1].mean()) > 0.5
+
+
+def test_warm_start_trains_everything_on_beneficial_data_first(setup):
+    model, params, keys, data = setup
+    lrs = (1e-2,)
+    warm = attack.attack_sweep(model, params, keys, lrs, data, config("warm_start"),
+                               batching="map", return_params=True)
+    full = attack.attack_sweep(model, params, keys, lrs, data, config("full_finetune"),
+                               batching="map", return_params=True)
+    # same fresh head, same shuffles: the only difference is the warm start before epoch 0
+    assert not np.array_equal(np.asarray(warm.curve[..., 0]), np.asarray(full.curve[..., 0]))
+    released = jax.tree.map(lambda x: x[0], params["features"])
+    after = jax.tree.map(lambda x: x[0, 0], warm.params["features"])
+    assert not any(_layers_equal(after, released).values())  # every layer trained
+    with pytest.raises(ValueError, match="beneficial"):
+        attack.attack_sweep(model, params, keys, lrs, attack.AttackData(*data[:4]),
+                            config("warm_start"))
+
+
+def test_probe_then_finetune_is_a_linear_probe_first_then_full_finetuning(setup):
+    model, params, keys, data = setup
+    probe_epochs = attack.ATTACK_SPECS["probe_then_finetune"].probe_epochs
+    epochs = probe_epochs + 1
+    two = attack.attack_sweep(model, params, keys, (1e-2,), data,
+                              attack.AttackConfig("probe_then_finetune", 5, epochs=epochs, batch_size=64),
+                              batching="map", return_params=True)
+    probe = attack.attack_sweep(model, params, keys, (1e-2,), data,
+                                attack.AttackConfig("linear_probe", 5, epochs=epochs, batch_size=64,
+                                                    precompute_features=False), batching="vmap")
+    # stage 1 is the (masked) linear probe, step for step
+    np.testing.assert_allclose(two.curve[..., :probe_epochs + 1], probe.curve[..., :probe_epochs + 1],
+                               atol=1e-6)
+    after = jax.tree.map(lambda x: x[0, 0], two.params["features"])
+    assert not any(_layers_equal(after, jax.tree.map(lambda x: x[0], params["features"])).values())
+    with pytest.raises(ValueError, match="epochs must be > 3"):
+        attack.AttackConfig("probe_then_finetune", 5, epochs=3)
+
+
+def test_budgets_share_one_program_and_short_budgets_are_prefixes(setup):
+    model, params, keys, data = setup
+    small = attack.data_budget(data, 5)
+    assert small.finetune_images.shape == data.finetune_images.shape
+    labels = np.asarray(small.finetune_labels)
+    kept = {(int(l), np.asarray(im).tobytes()) for l, im in zip(labels, small.finetune_images)}
+    assert sorted(np.bincount([l for l, _ in kept])) == [5] * 5  # 5 distinct images per class
+    assert attack.data_budget(data, None) is data
+    cfg = config("linear_probe")
+    fn = attack.compiled_sweep(model, cfg, "vmap", False)
+    long = attack.attack_sweep(model, params, keys, LRS, small, cfg, batching="vmap")
+    before = fn._cache_size()
+    attack.attack_sweep(model, params, keys, LRS, data, cfg, batching="vmap")
+    assert fn._cache_size() == before  # another data budget: the same compiled program
+    # steps budgets: a 1-epoch attacker's curve is the first epoch of the 2-epoch run
+    short = attack.attack_sweep(model, params, keys, LRS, small,
+                                attack.AttackConfig("linear_probe", 5, epochs=1, batch_size=64),
+                                batching="vmap")
+    np.testing.assert_array_equal(short.curve, long.curve[..., :2])
+    with pytest.raises(ValueError, match="per class"):
+        attack.data_budget(data, 0)

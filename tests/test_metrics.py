@@ -83,3 +83,33 @@ def test_bad_inputs():
         metrics.worst_case({})
     with pytest.raises(ValueError, match="zero seeds"):
         metrics.summarize([])
+
+
+def _at_budget(final: float, auc: float, lr: float, optimizer: str = "adam") -> dict:
+    """A hand-built budget summary: every seed at ``final`` / ``auc``."""
+    s = lambda v: {"per_seed": [v, v], "mean": v, "std": 0.0}
+    return {"final": s(final), "auc": s(auc), "best_lr": lr, "optimizer": optimizer,
+            "steps_to_reach": {"mean": 8.0, "reached": 1.0, "target": 0.81}}
+
+
+def test_budget_summary_worst_cases_are_the_worst_attacks_own_numbers():
+    # full_finetune has the highest final, reinit_top3 the highest AUC (a trap for a table
+    # that takes each column's max separately), linear_probe is the best reuse attack.
+    entries = {"linear_probe": _at_budget(0.70, 0.65, 0.1),
+               "full_finetune": _at_budget(0.95, 0.50, 1e-3, "sgd"),
+               "reinit_top3": _at_budget(0.80, 0.90, 1e-2)}
+    scratch = {**_at_budget(0.90, 0.80, 1e-2), "optimizer": "momentum"}
+    out = metrics.budget_summary(entries, scratch, reuse=["linear_probe"])
+    worst, reuse = out["worst"], out["worst_reuse"]
+    assert worst["entry"] == "full_finetune" and worst["optimizer"] == "sgd"
+    assert worst["learning_rate"] == 1e-3
+    assert worst["final"]["mean"] == 0.95 and worst["auc"]["mean"] == 0.50  # its own AUC
+    assert worst["advantage_final"] == pytest.approx(0.05)
+    assert worst["advantage_auc"] == pytest.approx(-0.30)
+    assert worst["steps_to_90"]["mean"] == 8.0
+    assert reuse["entry"] == "linear_probe" and reuse["final"]["mean"] == 0.70
+    assert reuse["auc"]["mean"] == 0.65 and reuse["advantage_final"] == pytest.approx(-0.20)
+    assert out["scratch"]["optimizer"] == "momentum" and out["scratch"]["final"]["mean"] == 0.90
+    assert metrics.budget_summary(entries, scratch, reuse=[])["worst_reuse"] is None
+    with pytest.raises(ValueError, match="not entries"):
+        metrics.budget_summary(entries, scratch, reuse=["bogus"])

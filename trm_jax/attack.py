@@ -19,11 +19,26 @@ accuracy before fine-tuning (epoch 0) and after every epoch: a learning curve
   ReLU is dead and gradients vanish) cannot hide information that survives in
   the layer below the mask.
 * ``full_finetune`` -- fresh head, every parameter trainable.
+* adaptive attacks (issue 12): ``standardized_probe`` (a linear classifier on
+  frozen features standardised with the attacker's data: undoes activation
+  scaling), ``reinit_top2`` / ``reinit_top3`` (``reinit_penultimate`` is top 1;
+  top ``L`` = 4 is scratch), ``warm_start`` (a few epochs on the beneficial data
+  first) and ``probe_then_finetune`` (LP-FT). :class:`AttackSpec` marks the
+  *reuse* attacks (those keeping at least the lower half of the network).
 * ``scratch`` (a *reference*, :func:`scratch_reference`) -- the same
   architecture from random init, trained on the same malicious data with the
   same budget: what the attacker gets without the protected model. It is
   literally ``full_finetune`` applied to freshly initialised models (one code
   path, one compiled program).
+
+**Budgets** (:class:`Budgets`): attacker data per class (:func:`data_budget`: a
+subset tiled to the full size, so every data budget runs in the same compiled
+program) and steps as multiples of the default epochs, all read off ONE run of
+the longest budget (a constant-lr attacker's short run is the long run's prefix).
+Every entry is summarised at every budget (``entry["budgets"]``) and the report
+gives, per budget, the worst attack over the suite and over the reuse attacks
+with their own numbers and their advantage over scratch at the same budget
+(:func:`trm_jax.metrics.budget_summary`).
 
 Every attack is written for ONE (seed, learning rate) by :func:`make_attack`
 (purejaxrl style: ``make_attack(model, config) -> attack(params, key, lr, data)``)
@@ -68,7 +83,9 @@ class AttackSpec:
 
     Parts are named symbolically and resolved against the model
     (:func:`resolve_parts`): ``"head"``, ``"penultimate"`` (the last features
-    layer, ``model.penultimate``), ``"all"``, or a ``features/<layer>`` path.
+    layer, ``model.penultimate``), ``"top:k"`` (the top ``k`` features layers
+    of :func:`feature_layers`, a conv4 norm with its conv), ``"all"``, or a
+    ``features/<layer>`` path.
 
     Attributes:
       name: the entry's name in reports.
@@ -79,6 +96,22 @@ class AttackSpec:
         so the features can be computed once (the linear-probe shortcut).
       trains_convs: conv kernels are trained (on CPU a ``lax.map`` over runs beats
         vmapped grouped convolutions, see :func:`resolve_batching`).
+      reuse: the attack keeps at least the lower half of the protected network
+        (its bottom ``L/2`` features layers, ``L = 4`` for lenet and conv4) as
+        released: the *reuse* worst case (:func:`trm_jax.metrics.budget_summary`)
+        judges a defence by what an attacker gets out of its weights.
+      standardize: (frozen features only) standardise each feature with the mean
+        and std of the attacker's fine-tuning features, ``z = (f - mu) / max(sd,
+        1e-6)``, and train a linear classifier on ``z`` (no ReLU: it would drop the
+        half that standardising recovers). Undoes activation scaling such as SKD's
+        -100 targets.
+      warm_start_epochs: before the attack, this many epochs of training every
+        parameter with the *released* head on the beneficial fine-tuning data (same
+        optimizer and learning rate, its own optimizer state): moves the weights
+        out of a region shaped against fine-tuning. Epoch 0 of the curve is after it.
+      probe_epochs: a two-stage attack: the first ``probe_epochs`` epochs train the
+        fresh head only (features frozen), the rest train ``trainable`` with a
+        fresh optimizer state (LP-FT, Kumar et al., 2022).
       description: one line for ``--help`` and the README.
     """
 
@@ -87,25 +120,52 @@ class AttackSpec:
     reinit: tuple[str, ...] = ()
     frozen_features: bool = False
     trains_convs: bool = False
+    reuse: bool = False
+    standardize: bool = False
+    warm_start_epochs: int = 0
+    probe_epochs: int = 0
     description: str = ""
 
 
-#: The attack suite, in report order.
+#: The attack suite, in report order. ``reinit_penultimate`` is ``reinit_top1``:
+#: the top ``k`` features layers (lenet: conv1 conv2 fc1 fc2; conv4: conv1..conv4)
+#: fresh and trained with the head on the frozen layers below; ``k = L = 4`` is the
+#: scratch reference itself, so large ``k`` approaches it (hence "advantage over scratch").
 ATTACK_SPECS: dict[str, AttackSpec] = {s.name: s for s in (
-    AttackSpec("linear_probe", ("head",), frozen_features=True,
+    AttackSpec("linear_probe", ("head",), frozen_features=True, reuse=True,
                description="the paper's: a fresh head on frozen features"),
-    AttackSpec("head_and_penultimate", ("head", "penultimate"),
+    AttackSpec("standardized_probe", ("head",), frozen_features=True, standardize=True, reuse=True,
+               description="a linear classifier on frozen features standardised with the "
+                           "attacker's data (undoes activation scaling such as SKD's -100)"),
+    AttackSpec("head_and_penultimate", ("head", "penultimate"), reuse=True,
                description="fresh head; the last features layer trainable too (can re-learn "
                            "an activation mask's bias)"),
-    AttackSpec("reinit_penultimate", ("head", "penultimate"), reinit=("penultimate",),
+    AttackSpec("reinit_penultimate", ("head", "penultimate"), reinit=("penultimate",), reuse=True,
                description="fresh head and a freshly initialised penultimate layer on the "
-                           "frozen layers below (the adaptive attack on activation masking)"),
-    AttackSpec("full_finetune", ("all",), trains_convs=True,
+                           "frozen layers below (reinit top 1; the adaptive attack on "
+                           "activation masking)"),
+    AttackSpec("reinit_top2", ("head", "top:2"), reinit=("top:2",), reuse=True,
+               description="fresh head and the top 2 features layers freshly initialised and "
+                           "trained, the bottom half frozen"),
+    AttackSpec("reinit_top3", ("head", "top:3"), reinit=("top:3",), trains_convs=True,
+               description="fresh head and the top 3 features layers freshly initialised and "
+                           "trained: only the first layer reused (close to scratch)"),
+    AttackSpec("full_finetune", ("all",), trains_convs=True, reuse=True,
                description="fresh head, every parameter trainable"),
+    AttackSpec("warm_start", ("all",), trains_convs=True, reuse=True, warm_start_epochs=2,
+               description="2 epochs on the beneficial fine-tuning data with the released "
+                           "head, then full fine-tuning with a fresh head"),
+    AttackSpec("probe_then_finetune", ("all",), trains_convs=True, reuse=True, probe_epochs=3,
+               description="two stages: 3 epochs of linear probe, then full fine-tuning "
+                           "(fresh optimizer state)"),
 )}
 ATTACKS = tuple(ATTACK_SPECS)
 #: Optimizers of the ``"all"`` suite: Adam (b1 0.9, b2 0.999) and SGD with momentum 0.9.
 SUITE_OPTIMIZERS = ("adam", "momentum")
+#: The skeptic's grid (issue 12): 9 learning rates, half-decades from 1e-5 to 1e-1, and
+#: three optimizers (MLAC searches 1e-5..1e-2; SOPHON's protection held only at SGD 1e-4).
+WIDE_LEARNING_RATE_GRID = tuple(float(f"{x:.3g}") for x in np.logspace(-5, -1, 9))
+WIDE_OPTIMIZERS = ("sgd", "momentum", "adam")
 OPTIMIZERS = train.OPTIMIZERS
 #: The paper's linear-probe learning rate (Adam).
 PAPER_LEARNING_RATE = 0.1
@@ -167,12 +227,16 @@ class AttackData(NamedTuple):
     Attributes:
       finetune_images: ``uint8[N, H, W, C]``; finetune_labels: ``int32[N]``.
       test_images: ``uint8[T, H, W, C]``; test_labels: ``int32[T]``.
+      beneficial_images: ``uint8[B, H, W, C]``, beneficial_labels: ``int32[B]``: the
+        beneficial fine-tuning split (the ``warm_start`` attack trains on it).
     """
 
     finetune_images: jax.Array
     finetune_labels: jax.Array
     test_images: jax.Array
     test_labels: jax.Array
+    beneficial_images: jax.Array | None = None
+    beneficial_labels: jax.Array | None = None
 
     @property
     def num_finetune(self) -> int:
@@ -211,6 +275,10 @@ def validate_config(config: AttackConfig) -> None:
         raise ConfigError(f"eval_batch_size must be >= 1, got {config.eval_batch_size}")
     if config.num_classes < 2:
         raise ConfigError(f"num_classes must be >= 2, got {config.num_classes}")
+    probe = ATTACK_SPECS[config.attack].probe_epochs
+    if probe and config.epochs <= probe:
+        raise ConfigError(f"attack {config.attack!r} probes for {probe} epochs first; epochs must "
+                         f"be > {probe}, got {config.epochs}")
 
 
 def validate_learning_rates(learning_rates: Iterable[float]) -> tuple[float, ...]:
@@ -259,8 +327,48 @@ def resolve_batching(batching: str, config: AttackConfig) -> str:
 
 def attack_data(protocol: data_lib.ProtocolData) -> AttackData:
     """The malicious fine-tuning and test halves of ``protocol``, put on the device once."""
-    ft, te = protocol.finetune.malicious, protocol.test.malicious
-    return AttackData(*(jax.device_put(a) for a in (ft.images, ft.labels, te.images, te.labels)))
+    ft, te, ben = protocol.finetune.malicious, protocol.test.malicious, protocol.finetune.beneficial
+    return AttackData(*(jax.device_put(a) for a in (ft.images, ft.labels, te.images, te.labels,
+                                                    ben.images, ben.labels)))
+
+
+def data_budget(data: AttackData, per_class: int | None, *, seed: int = 0) -> AttackData:
+    """The attacker's data budget: ``per_class`` fine-tuning examples of each class
+    (``None``: all), *tiled* to the full set's size ``N``.
+
+    The subset is the first ``per_class`` of each class in a fixed permutation
+    (``seed``; the same for every seed, method and reference, so all compare on the
+    same examples). Tiling keeps every array's shape, so every budget runs in the
+    SAME compiled program, and an epoch is ``N // batch_size`` steps at every budget
+    (the steps budget does not depend on the data budget); each kept example appears
+    ``floor(N / n)`` or ``ceil(N / n)`` times per epoch.
+    """
+    if per_class is None:
+        return data
+    if not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ConfigError(f"attacker data per class must be an integer >= 1 or None (all), got "
+                         f"{per_class!r}")
+    labels = np.asarray(data.finetune_labels)
+    order = np.random.default_rng(seed).permutation(labels.shape[0])
+    keep = np.concatenate([order[labels[order] == c][:per_class] for c in np.unique(labels)])
+    keep = np.random.default_rng(seed + 1).permutation(keep)  # classes interleaved in the tiling
+    idx = keep[np.arange(labels.shape[0]) % keep.shape[0]]
+    return data._replace(finetune_images=data.finetune_images[idx],
+                         finetune_labels=data.finetune_labels[idx])
+
+
+#: Features layers of each architecture, bottom to top (conv4's ``norm<i>`` belongs to ``conv<i>``).
+FEATURE_LAYERS = {"lenet": ("conv1", "conv2", "fc1", "fc2"),
+                  "conv4": ("conv1", "conv2", "conv3", "conv4")}
+
+
+def feature_layers(model: models.Model) -> tuple[tuple[str, ...], ...]:
+    """``model``'s features layers bottom to top, each the tuple of its param names."""
+    if model.name not in FEATURE_LAYERS:
+        raise ConfigError(f"no layer order for model {model.name!r}; known: {sorted(FEATURE_LAYERS)}")
+    names = set(jax.eval_shape(model.init, jax.random.key(0))["features"])
+    return tuple((n,) + tuple(m for m in (f"norm{n[4:]}",) if n.startswith("conv") and m in names)
+                 for n in FEATURE_LAYERS[model.name])
 
 
 def resolve_parts(model: models.Model, parts: Sequence[str]) -> tuple[str, ...]:
@@ -268,10 +376,18 @@ def resolve_parts(model: models.Model, parts: Sequence[str]) -> tuple[str, ...]:
     names = {"head": "head", "penultimate": f"features/{model.penultimate}", "all": "all"}
     out = []
     for part in parts:
-        if part not in names and not part.startswith("features/"):
-            raise ConfigError(f"unknown model part {part!r}; allowed: {sorted(names)} or "
+        if part.startswith("top:"):
+            layers = feature_layers(model)
+            k = int(part[4:])
+            if not 1 <= k < len(layers):
+                raise ConfigError(f"{part!r}: k must be in 1..{len(layers) - 1} for {model.name} "
+                                  f"(k = {len(layers)} re-initialises everything: the scratch reference)")
+            out += [f"features/{n}" for layer in layers[-k:] for n in layer]
+        elif part in names or part.startswith("features/"):
+            out.append(names.get(part, part))
+        else:
+            raise ConfigError(f"unknown model part {part!r}; allowed: {sorted(names)}, 'top:k' or "
                               "'features/<layer>'")
-        out.append(names.get(part, part))
     return tuple(out)
 
 
@@ -328,11 +444,18 @@ def attack_phases(model: models.Model, config: AttackConfig, *, return_params: b
     trainable = trainable_prefixes(model, config.attack)
     chunk = config.eval_batch_size
 
+    spec = config.spec
+
     def prepare(params: Params, data: AttackData) -> tuple[jax.Array, jax.Array]:
-        if config.frozen_features:
-            return (model.features_chunked(params["features"], data.finetune_images, chunk),
-                    model.features_chunked(params["features"], data.test_images, chunk))
-        return data.finetune_images, data.test_images
+        if not config.frozen_features:
+            return data.finetune_images, data.test_images
+        train_f = model.features_chunked(params["features"], data.finetune_images, chunk)
+        test_f = model.features_chunked(params["features"], data.test_images, chunk)
+        if spec.standardize:  # the attacker's statistics, applied to its test features too
+            mu = train_f.mean(axis=0, keepdims=True)
+            sd = jnp.maximum(train_f.std(axis=0, keepdims=True), 1e-6)
+            train_f, test_f = (train_f - mu) / sd, (test_f - mu) / sd
+        return train_f, test_f
 
     def fit(params: Params, inputs: tuple[jax.Array, jax.Array], key: jax.Array,
             learning_rate: jax.Array, data: AttackData) -> AttackOutput:
@@ -340,42 +463,77 @@ def attack_phases(model: models.Model, config: AttackConfig, *, return_params: b
         key = jax.random.fold_in(key, _ATTACK_STREAM)
         head_key, shuffle_key = jax.random.split(key)
         head = model.init_head(head_key, config.num_classes)
-        optimizer = train.make_optimizer(config.optimizer, learning_rate, b1=config.b1,
-                                         momentum=config.momentum)
-        mask = None
+        base = train.make_optimizer(config.optimizer, learning_rate, b1=config.b1,
+                                    momentum=config.momentum)
+        optimizer, mask = base, None
         if config.frozen_features:
-            apply_fn, trained = model.head, head
+            apply_fn, trained = (_linear if spec.standardize else model.head), head
         else:
             apply_fn = model.apply
             features = params["features"]
-            if config.spec.reinit:  # fresh layers under the fresh head
+            if spec.warm_start_epochs:
+                features = _warm_start(model, config, params, base, data,
+                                       jax.random.fold_in(shuffle_key, streams.WARM_START))
+            if spec.reinit:  # fresh layers under the fresh head
                 fresh = model.init(jax.random.fold_in(head_key, streams.REINIT))
                 features = _replace_parts(features, fresh["features"],
-                                          resolve_parts(model, config.spec.reinit))
+                                          resolve_parts(model, spec.reinit))
             trained = {"features": features, "head": head}
             if trainable != "all":
                 mask = train.trainable_mask(trained, trainable)
-                optimizer = train.masked_optimizer(optimizer, mask)
+                optimizer = train.masked_optimizer(base, mask)
         loss_fn = train.classification_loss(apply_fn)
 
         def accuracy(p: Params) -> jax.Array:
             return train.evaluate(apply_fn, p, test_x, data.test_labels, chunk)["accuracy"]
 
-        def epoch(state: train.TrainState, _: None) -> tuple[train.TrainState, jax.Array]:
-            state, _ = train.train_epoch(state, (train_x, data.finetune_labels), loss_fn=loss_fn,
-                                         optimizer=optimizer, batch_size=config.batch_size,
-                                         mask=mask)
-            return state, accuracy(state.params)
+        def run(state: train.TrainState, opt, opt_mask, length: int):
+            def epoch(state: train.TrainState, _: None) -> tuple[train.TrainState, jax.Array]:
+                state, _ = train.train_epoch(state, (train_x, data.finetune_labels), loss_fn=loss_fn,
+                                             optimizer=opt, batch_size=config.batch_size,
+                                             mask=opt_mask)
+                return state, accuracy(state.params)
+            return jax.lax.scan(epoch, state, None, length=length)
 
-        state = train.init_state(shuffle_key, trained, optimizer)
-        state, accs = jax.lax.scan(epoch, state, None, length=config.epochs)
-        curve = jnp.concatenate([accuracy(trained)[None], accs]).astype(jnp.float32)
+        accs = [accuracy(trained)[None]]
+        if spec.probe_epochs:  # stage 1: the head only; stage 2 gets a fresh optimizer state
+            probe_mask = train.trainable_mask(trained, ("head",))
+            probe_opt = train.masked_optimizer(base, probe_mask)
+            probe, probe_accs = run(train.init_state(shuffle_key, trained, probe_opt), probe_opt,
+                                    probe_mask, spec.probe_epochs)
+            accs.append(probe_accs)
+            state = train.init_state(probe.key, probe.params, optimizer)
+        else:
+            state = train.init_state(shuffle_key, trained, optimizer)
+        state, rest = run(state, optimizer, mask, config.epochs - spec.probe_epochs)
+        curve = jnp.concatenate([*accs, rest]).astype(jnp.float32)
         final = ({"features": params["features"], "head": state.params}
                  if config.frozen_features else state.params)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(state.params)]))
         return AttackOutput(curve, finite, final if return_params else None)
 
     return prepare, fit
+
+
+def _linear(head: Params, z: jax.Array) -> jax.Array:
+    """The head's dense layer without its ReLU: ``z[B, D] -> z @ W + b``."""
+    return z @ head["dense"]["kernel"] + head["dense"]["bias"][None]
+
+
+def _warm_start(model: models.Model, config: AttackConfig, params: Params,
+                optimizer, data: AttackData, key: jax.Array) -> Params:
+    """``config.spec.warm_start_epochs`` epochs of every parameter with the released head
+    on the beneficial fine-tuning data; returns the features."""
+    loss_fn = train.classification_loss(model.apply)
+    beneficial = (data.beneficial_images, data.beneficial_labels)
+
+    def epoch(state: train.TrainState, _: None) -> tuple[train.TrainState, None]:
+        return train.train_epoch(state, beneficial, loss_fn=loss_fn, optimizer=optimizer,
+                                 batch_size=config.batch_size)[0], None
+
+    state = train.init_state(key, params, optimizer)
+    state, _ = jax.lax.scan(epoch, state, None, length=config.spec.warm_start_epochs)
+    return state.params["features"]
 
 
 def _replace_parts(features: Params, fresh: Params, parts: Sequence[str]) -> Params:
@@ -492,6 +650,11 @@ def check_inputs(model: models.Model, params: Params, keys: jax.Array, data: Att
                          f"examples; allowed: 1..{n}")
     chex.assert_equal_shape_prefix([data.finetune_images, data.finetune_labels], 1)
     chex.assert_equal_shape_prefix([data.test_images, data.test_labels], 1)
+    if config.spec.warm_start_epochs and (data.beneficial_images is None or
+                                          config.batch_size > data.beneficial_labels.shape[0]):
+        raise ConfigError(f"attack {config.attack!r} trains on the beneficial fine-tuning data first: "
+                          f"AttackData needs beneficial_images/labels (attack_data(protocol) gives "
+                          f"them) with at least batch_size={config.batch_size} examples")
     if tuple(data.finetune_images.shape[1:]) != tuple(model.input_shape):
         raise ConfigError(f"images of shape {data.finetune_images.shape[1:]} do not fit the model's "
                          f"input_shape {model.input_shape}")
@@ -553,10 +716,129 @@ def default_epochs(protocol: data_lib.ProtocolData) -> int:
     return datasets.get(protocol.spec.dataset).attack_epochs
 
 
+class Budgets(NamedTuple):
+    """The attacker's budgets (issue 12): every attack and scratch run at each.
+
+    Attributes:
+      data_per_class: fine-tuning examples per malicious class (``None``: all), see
+        :func:`data_budget`; every budget runs in the same compiled program.
+      steps_multipliers: multiples of the default epochs. ONE run of
+        ``epochs x max(steps_multipliers)`` epochs gives all of them: with a constant
+        learning rate, an attacker with budget ``m x epochs`` takes exactly the
+        first ``m x epochs`` epochs of the long run (same init, shuffles and
+        optimizer state), so its curve is the long curve's prefix and its learning
+        rate is re-chosen on that prefix.
+    """
+
+    data_per_class: tuple[int | None, ...] = (None,)
+    steps_multipliers: tuple[int, ...] = (1,)
+
+    def validate(self) -> "Budgets":
+        data = tuple(self.data_per_class)
+        steps = tuple(self.steps_multipliers)
+        if not data or len(set(data)) != len(data) or any(
+                d is not None and (not isinstance(d, (int, np.integer)) or d < 1) for d in data):
+            raise ConfigError(f"data_per_class must be distinct integers >= 1 or None (all), got {data}")
+        if not steps or len(set(steps)) != len(steps) or any(
+                not isinstance(m, (int, np.integer)) or m < 1 for m in steps):
+            raise ConfigError(f"steps_multipliers must be distinct integers >= 1, got {steps}")
+        return Budgets(data, steps)
+
+    @property
+    def headline(self) -> tuple[str, str]:
+        """The budget of an entry's top-level numbers: the most data (all, if given) and the
+        fewest steps (the old single-budget protocol by default)."""
+        most = None if None in self.data_per_class else max(self.data_per_class)
+        return budget_key(most), f"{min(self.steps_multipliers)}x"
+
+
+def budget_key(per_class: int | None) -> str:
+    """``None`` -> ``"all"``; ``n`` -> ``"n"`` (the keys of ``entry["budgets"]``)."""
+    return "all" if per_class is None else str(int(per_class))
+
+
+def budget_summaries(curves: Mapping[str, np.ndarray], learning_rates: Sequence[float], *,
+                     epochs: int, budgets: Budgets, steps_per_epoch: int,
+                     targets: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
+    """An entry's numbers at every budget from its long runs.
+
+    Args:
+      curves: ``{data key: f[L, S, epochs * max(m) + 1]}``.
+      targets: ``{data key: {"<m>x": accuracy}}`` for ``steps_to_reach``.
+    Returns:
+      ``{data key: {"<m>x": {"steps", "epochs", "best_lr", "initial", "final", "best",
+      "auc"[, "steps_to_reach"], "per_lr": [{learning_rate, final, auc} means]},
+      "curve": [S][E_max+1] at the best lr of the longest budget}}``.
+    """
+    out = {}
+    longest = f"{max(budgets.steps_multipliers)}x"
+    for d, c in curves.items():
+        per = {}
+        for m in budgets.steps_multipliers:
+            e = epochs * m
+            target = None if targets is None else targets[d][f"{m}x"]
+            summary = metrics.sweep_summary(c[..., :e + 1], learning_rates,
+                                            steps_per_epoch=steps_per_epoch, target=target)
+            summary["per_lr"] = [{"learning_rate": p["learning_rate"], "final": p["final"]["mean"],
+                                  "auc": p["auc"]["mean"]} for p in summary["per_lr"]]
+            per[f"{m}x"] = {"steps": e * steps_per_epoch, "epochs": e, **summary}
+        out[d] = {**per, "curve": c[per[longest]["best_lr_index"]].tolist()}
+    return out
+
+
+def _long_runs(model: models.Model, params: Params, keys: jax.Array, lrs: Sequence[float],
+               datas: Mapping[str, AttackData], config: AttackConfig, batching: str
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One sweep per data budget, all in ONE compiled program (same shapes)."""
+    curves, finite = {}, {}
+    for d, data in datas.items():
+        out = jax.block_until_ready(attack_sweep(model, params, keys, lrs, data, config,
+                                                 batching=batching))
+        curves[d], finite[d] = np.asarray(out.curve, np.float64), np.asarray(out.finite)
+    return curves, finite
+
+
+def _headline_entry(curves: Mapping[str, np.ndarray], finite: Mapping[str, np.ndarray],
+                    lrs: Sequence[float], config: AttackConfig, data: AttackData, epochs: int,
+                    budgets: Budgets, scratch: Mapping[str, Any] | None) -> dict[str, Any]:
+    """:func:`make_entry` at the headline budget (the old entry, bitwise) plus ``budgets``."""
+    d, s = budgets.headline
+    e = epochs * int(s[:-1])
+    head = AttackOutput(curves[d][..., :e + 1], finite[d])
+    entry = make_entry(head, lrs, dataclasses.replace(config, epochs=e), data, scratch=scratch)
+    targets = None if scratch is None else {
+        dk: {sk: metrics.SCRATCH_FRACTION * b["final"]["mean"] for sk, b in per.items()
+             if sk != "curve"} for dk, per in scratch["budgets"].items()}
+    entry["budgets"] = budget_summaries(curves, lrs, epochs=epochs, budgets=budgets,
+                                        steps_per_epoch=entry["steps_per_epoch"], targets=targets)
+    entry["data_per_class"] = [budget_key(x) for x in budgets.data_per_class]
+    entry["steps_multipliers"] = list(budgets.steps_multipliers)
+    entry["reuse"] = config.spec.reuse
+    return entry
+
+
+def _best_per_budget(per_opt: Sequence[Mapping[str, Any]], optimizers: Sequence[str],
+                     budgets: Budgets) -> dict[str, Any]:
+    """``entry["budgets"]`` of several optimizers -> at every budget, the one best for the
+    attacker (by mean final accuracy at its best lr), tagged with its ``optimizer``."""
+    longest = f"{max(budgets.steps_multipliers)}x"
+    out = {}
+    for d in per_opt[0]:
+        per = {}
+        for s in (f"{m}x" for m in budgets.steps_multipliers):
+            i = metrics.best_over([b[d][s] for b in per_opt])
+            per[s] = {**per_opt[i][d][s], "optimizer": optimizers[i]}
+        per["curve"] = per_opt[metrics.best_over([b[d][longest] for b in per_opt])][d]["curve"]
+        out[d] = per
+    return out
+
+
 def scratch_reference(model: models.Model, keys: jax.Array, protocol: data_lib.ProtocolData, *,
-                      learning_rates: Sequence[float] | None = None, optimizer: str = "adam",
+                      learning_rates: Sequence[float] | None = None,
+                      optimizer: str | Sequence[str] = "adam",
                       epochs: int | None = None, batch_size: int = 64, batching: str = "auto",
-                      data: AttackData | None = None) -> dict[str, Any]:
+                      data: AttackData | None = None, budgets: Budgets = Budgets()
+                      ) -> dict[str, Any]:
     """The scratch reference entry: ``model``'s architecture from random init (per
     seed, :func:`scratch_init`), every parameter trained on the malicious
     fine-tuning split with the attack's budget (``epochs``, ``batch_size``): the
@@ -568,21 +850,35 @@ def scratch_reference(model: models.Model, keys: jax.Array, protocol: data_lib.P
     Args:
       learning_rates: default :data:`SCRATCH_LEARNING_RATES` (the headline is the
         best one for the attacker, :func:`trm_jax.metrics.best_lr_index`).
-      optimizer: ``"adam"`` by default.
-      epochs: default :func:`default_epochs`.
+      optimizer: one name or several; with several, every budget's numbers are those
+        of the best (optimizer, learning rate) for the attacker at that budget.
+      epochs: default :func:`default_epochs` (the 1x steps budget).
+      budgets: data and steps budgets (:class:`Budgets`); scratch gets the same ones as
+        the attacks, so every comparison is at equal budget.
 
     Returns:
-      An entry (see :func:`make_entry`) with ``curves: [L][S][E+1]``.
+      An entry (see :func:`make_entry`) with ``curves: [L][S][E+1]`` at the headline
+      budget, ``optimizer`` (the headline's best) and ``budgets`` (each with its ``optimizer``).
     """
     lrs = validate_learning_rates(SCRATCH_LEARNING_RATES if learning_rates is None else learning_rates)
-    config = AttackConfig("full_finetune", protocol.finetune.malicious.num_classes, optimizer,
-                          default_epochs(protocol) if epochs is None else epochs, batch_size)
+    optimizers = (optimizer,) if isinstance(optimizer, str) else tuple(optimizer)
+    budgets = budgets.validate()
+    epochs = default_epochs(protocol) if epochs is None else epochs
     data = attack_data(protocol) if data is None else data
+    datas = {budget_key(d): data_budget(data, d) for d in budgets.data_per_class}
     start = time.perf_counter()
     params = scratch_init(model, keys)
-    out = jax.block_until_ready(attack_sweep(model, params, keys, lrs, data, config, batching=batching))
-    entry = make_entry(out, lrs, config, data, wall_seconds=time.perf_counter() - start)
-    return {**entry, "attack": "scratch"}
+    per_opt = []
+    for opt in optimizers:
+        config = AttackConfig("full_finetune", protocol.finetune.malicious.num_classes, opt,
+                              epochs * max(budgets.steps_multipliers), batch_size)
+        curves, finite = _long_runs(model, params, keys, lrs, datas, config, batching)
+        per_opt.append(_headline_entry(curves, finite, lrs, config, data, epochs, budgets, None))
+    entry = dict(per_opt[metrics.best_over(per_opt)])
+    entry["budgets"] = _best_per_budget([e["budgets"] for e in per_opt], optimizers, budgets)
+    entry["optimizers"] = list(optimizers)
+    entry["wall_seconds"] = time.perf_counter() - start
+    return {**entry, "attack": "scratch", "reuse": False}
 
 
 def scratch_init(model: models.Model, keys: jax.Array) -> Params:
@@ -629,6 +925,9 @@ def attack_report(model: models.Model, params: Params, keys: jax.Array,
                   batch_size: int = 64, include_scratch: bool = True,
                   scratch: Mapping[str, Any] | None = None,
                   reference_params: Params | None = None, batching: str = "auto",
+                  budgets: Budgets = Budgets(),
+                  scratch_learning_rates: Sequence[float] | None = None,
+                  scratch_optimizers: Sequence[str] = ("adam",),
                   verbose: bool = False) -> dict[str, Any]:
     """Attacks a stack of protected models: the evaluation every experiment reports.
 
@@ -654,21 +953,33 @@ def attack_report(model: models.Model, params: Params, keys: jax.Array,
       reference_params: optional ``[S, ...]`` unprotected reference models,
         attacked the same way; entries in ``references["unprotected/<name>"]``.
       batching: see :func:`resolve_batching`.
+      budgets: the attacker's data and steps budgets (:class:`Budgets`); each attack
+        runs ``epochs x max(steps)`` epochs once per data budget, all in one program.
+        Entries' top-level numbers are at :attr:`Budgets.headline`, ``entry["budgets"]``
+        holds every budget.
+      scratch_learning_rates, scratch_optimizers: the scratch reference's grid
+        (default: :data:`SCRATCH_LEARNING_RATES`, adam); give the attacks' grid for
+        comparisons at equal budget.
 
     Returns:
       ``{"attacks": {name: entry}, "references": {"scratch": entry, ...},
-      "summary": {"worst_case": ..., "relative_to_scratch": {name: ...}}}`` with
-      entries as in :func:`make_entry`.
+      "summary": {"worst_case": ..., "relative_to_scratch": {name: ...},
+      "budgets": {data key: {"<m>x": budget summary}}}}`` with entries as in
+      :func:`make_entry` (+ ``budgets``) and budget summaries as in
+      :func:`trm_jax.metrics.budget_summary` (+ ``unprotected`` with the reference's
+      ``worst`` and ``worst_reuse`` when ``reference_params`` is given).
 
     Raises:
       ValueError: unknown attack/optimizer, non-positive learning rate, epochs < 1,
         batch size larger than the data or mismatched seeds -- before any compute.
     """
     epochs = default_epochs(protocol) if epochs is None else epochs
+    budgets = budgets.validate()
     plan = attack_plan(attacks, learning_rates=learning_rates, optimizers=optimizers,
-                       num_classes=protocol.finetune.malicious.num_classes, epochs=epochs,
-                       batch_size=batch_size)
+                       num_classes=protocol.finetune.malicious.num_classes,
+                       epochs=epochs * max(budgets.steps_multipliers), batch_size=batch_size)
     data = attack_data(protocol)
+    datas = {budget_key(d): data_budget(data, d) for d in budgets.data_per_class}
     for config, _ in plan.values():  # every check before any compute
         check_inputs(model, params, keys, data, config)
         if reference_params is not None:
@@ -679,13 +990,21 @@ def attack_report(model: models.Model, params: Params, keys: jax.Array,
             f"the given scratch reference has epochs={scratch.get('epochs')}, batch_size="
             f"{scratch.get('batch_size')}, {np.shape(scratch['curves'])[1]} seeds; this report "
             f"needs epochs={epochs}, batch_size={batch_size}, {keys.shape[0]} seeds (same budget)")
+    if scratch is not None and (scratch.get("data_per_class", ["all"]), scratch.get(
+            "steps_multipliers", [1])) != ([budget_key(d) for d in budgets.data_per_class],
+                                           list(budgets.steps_multipliers)):
+        raise ConfigError(f"the given scratch reference has data budgets "
+                          f"{scratch.get('data_per_class')} and steps {scratch.get('steps_multipliers')}"
+                          f"; this report needs {budgets} (same budget)")
 
     references: dict[str, Any] = {}
     if scratch is not None:
         references["scratch"] = dict(scratch)
     elif include_scratch:
-        references["scratch"] = scratch_reference(model, keys, protocol, epochs=epochs,
-                                                  batch_size=batch_size, batching=batching, data=data)
+        references["scratch"] = scratch_reference(
+            model, keys, protocol, learning_rates=scratch_learning_rates,
+            optimizer=scratch_optimizers, epochs=epochs, batch_size=batch_size,
+            batching=batching, data=data, budgets=budgets)
         _say(verbose, "scratch", references["scratch"])
     target = references.get("scratch")
 
@@ -693,20 +1012,40 @@ def attack_report(model: models.Model, params: Params, keys: jax.Array,
         out = {}
         for name, (config, lrs) in plan.items():
             start = time.perf_counter()
-            result = jax.block_until_ready(
-                attack_sweep(model, stack, keys, lrs, data, config, batching=batching))
-            out[prefix + name] = make_entry(result, lrs, config, data, scratch=target,
-                                            wall_seconds=time.perf_counter() - start)
+            curves, finite = _long_runs(model, stack, keys, lrs, datas, config, batching)
+            entry = _headline_entry(curves, finite, lrs, config, data, epochs, budgets, target)
+            out[prefix + name] = {**entry, "attack_name": name,
+                                  "wall_seconds": time.perf_counter() - start}
             _say(verbose, prefix + name, out[prefix + name])
         return out
 
     entries = run_all(params, "")
-    if reference_params is not None:
-        references.update(run_all(reference_params, "unprotected/"))
+    unprotected = run_all(reference_params, "unprotected/") if reference_params is not None else {}
+    references.update(unprotected)
     summary: dict[str, Any] = {"worst_case": metrics.worst_case(entries)}
     if target is not None:
         summary["relative_to_scratch"] = {n: e["relative_to_scratch"] for n, e in entries.items()}
+        summary["budgets"] = report_budgets(entries, target, unprotected or None)
     return {"attacks": entries, "references": references, "summary": summary}
+
+
+def report_budgets(entries: Mapping[str, Mapping[str, Any]], scratch: Mapping[str, Any],
+                   unprotected: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """``{data key: {"<m>x": metrics.budget_summary}}`` over ``entries`` (each with
+    ``budgets`` and ``reuse``), next to the unprotected reference's worst cases."""
+    out: dict[str, Any] = {}
+    for d, per in scratch["budgets"].items():
+        out[d] = {}
+        for s in (k for k in per if k != "curve"):
+            at = lambda es: {n: {**e["budgets"][d][s], "attack_name": n, "optimizer": e["optimizer"]}
+                             for n, e in es.items()}
+            reuse = lambda es: [n for n, e in es.items() if e["reuse"]]
+            b = metrics.budget_summary(at(entries), per[s], reuse(entries))
+            if unprotected:
+                u = metrics.budget_summary(at(unprotected), per[s], reuse(unprotected))
+                b["unprotected"] = {"worst": u["worst"], "worst_reuse": u["worst_reuse"]}
+            out[d][s] = b
+    return out
 
 
 def _say(verbose: bool, name: str, entry: Mapping[str, Any]) -> None:

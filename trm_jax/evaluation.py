@@ -42,6 +42,13 @@ class SuiteConfig:
       batch_size: examples per attack step.
       scratch: also train the from-scratch reference.
       batching: ``"auto"``, ``"vmap"`` or ``"map"`` (see :func:`trm_jax.attack.resolve_batching`).
+      data_per_class: attacker data budgets, fine-tuning examples per malicious class
+        (``None``: all); see :func:`trm_jax.attack.data_budget`.
+      steps_multipliers: steps budgets as multiples of ``epochs``, read off ONE long
+        run (see :class:`trm_jax.attack.Budgets`).
+      scratch_learning_rates, scratch_optimizers: the scratch reference's grid;
+        ``None``: the attacks' own (``learning_rates`` or the suite's default grid,
+        and ``optimizers``), so every comparison is at equal budget.
     """
 
     attacks: tuple[str, ...] = ("linear_probe",)
@@ -51,13 +58,34 @@ class SuiteConfig:
     batch_size: int = 64
     scratch: bool = True
     batching: str = "auto"
+    data_per_class: tuple[int | None, ...] = (None,)
+    steps_multipliers: tuple[int, ...] = (1,)
+    scratch_learning_rates: tuple[float, ...] | None = None
+    scratch_optimizers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
             raise ConfigError(f"attack epochs must be an integer >= 1, got {self.epochs!r}")
         if self.batching not in attack.BATCHINGS:
             raise ConfigError(f"unknown batching {self.batching!r}; allowed: {attack.BATCHINGS}")
-        self.plan(num_classes=2, epochs=self.epochs or 1)  # validates names, lrs, optimizers
+        self.plan(num_classes=2, epochs=self.epochs or 8)  # validates names, lrs, optimizers
+        self.budgets  # validates the budgets
+        attack.validate_learning_rates(self.scratch_grid[0])
+
+    @property
+    def budgets(self) -> attack.Budgets:
+        return attack.Budgets(tuple(self.data_per_class), tuple(self.steps_multipliers)).validate()
+
+    @property
+    def scratch_grid(self) -> tuple[tuple[float, ...], tuple[str, ...]]:
+        """``(learning rates, optimizers)`` of the scratch reference: the attacks' grid
+        unless set (the old single-lr paper probe keeps :data:`SCRATCH_LEARNING_RATES`)."""
+        plan = self.plan(num_classes=2, epochs=8)
+        lrs = max((l for _, l in plan.values()), key=len)
+        if len(lrs) == 1:
+            lrs = attack.SCRATCH_LEARNING_RATES
+        opts = tuple(dict.fromkeys(c.optimizer for c, _ in plan.values()))
+        return (tuple(self.scratch_learning_rates or lrs), tuple(self.scratch_optimizers or opts))
 
     @property
     def suite(self) -> str | tuple[str, ...]:
@@ -98,16 +126,40 @@ def evaluate(protected: Protected, protocol: data.ProtocolData,
         learning_rates=config.learning_rates, optimizers=config.optimizers,
         epochs=config.epochs_for(protocol), batch_size=config.batch_size,
         include_scratch=config.scratch, scratch=scratch, reference_params=ref_params,
-        batching=config.batching, verbose=verbose)
+        batching=config.batching, budgets=config.budgets,
+        scratch_learning_rates=config.scratch_grid[0], scratch_optimizers=config.scratch_grid[1],
+        verbose=verbose)
 
 
 def scratch_reference(protected: Protected, protocol: data.ProtocolData,
                       config: SuiteConfig = SuiteConfig()) -> dict[str, Any]:
     """The from-scratch entry for ``protected``'s architecture and seeds at ``config``'s
     budget: compute it once and pass it to :func:`evaluate` for every method."""
-    return attack.scratch_reference(protected.model, protected.keys, protocol,
-                                    epochs=config.epochs_for(protocol),
-                                    batch_size=config.batch_size, batching=config.batching)
+    lrs, optimizers = config.scratch_grid
+    return attack.scratch_reference(protected.model, protected.keys, protocol, learning_rates=lrs,
+                                    optimizer=optimizers, epochs=config.epochs_for(protocol),
+                                    batch_size=config.batch_size, batching=config.batching,
+                                    budgets=config.budgets)
+
+
+#: The skeptic's full grid (issue 12): every attack, 3 optimizers x 9 learning rates
+#: (1e-5..1e-1), attacker data 5/20/50/all per class, 1x/4x/16x the default steps; scratch
+#: on the same grid and budgets. Far beyond 15 CPU minutes on digits: a GPU run.
+FULL_SUITE = SuiteConfig(attacks=("all",), learning_rates=attack.WIDE_LEARNING_RATE_GRID,
+                         optimizers=attack.WIDE_OPTIMIZERS, data_per_class=(5, 20, 50, None),
+                         steps_multipliers=(1, 4, 16))
+
+
+#: The default suite of ``experiments.compare``: sized to run the five methods on digits,
+#: 5 seeds, within 15 minutes on 2 CPU cores: every attack, three data budgets, Adam at 3
+#: learning rates, 1x steps; scratch on the same grid and budgets. Measured (2 shared cores,
+#: load ~6.5, random-init lenet stacks): scratch 26 s, first method 160 s (8 sweep programs,
+#: 64 s of XLA compile), each further method 91 s (0 compiles): ~9 min for five methods.
+#: :data:`FULL_SUITE` is the skeptic's full grid (``--full-grid`` in compare): its conv-training
+#: attacks alone are ~350k run-epochs per method at ~45 ms each on this CPU, hours: a GPU run.
+COMPARE_SUITE = SuiteConfig(attacks=("all",), learning_rates=(1e-3, 1e-2, 1e-1),
+                            optimizers=("adam",), data_per_class=(5, 20, None),
+                            steps_multipliers=(1,))
 
 
 def summary_table(report: Mapping[str, Any]) -> str:

@@ -213,3 +213,81 @@ def relative_to_scratch(entry: Mapping[str, Any], scratch: Mapping[str, Any]) ->
     ratio = entry["auc"]["mean"] / scratch_auc if scratch_auc > 0 else math.inf
     return {"auc_ratio": float(ratio),
             "final_gap": float(entry["final"]["mean"] - scratch["final"]["mean"])}
+
+
+# ----------------------------------------------------------------------------- budgets (issue 12)
+
+#: Steps for the worst attack to reach this fraction of scratch's final accuracy.
+SCRATCH_FRACTION = 0.9
+
+
+def best_over(entries: Sequence[Mapping[str, Any]], metric: str = "final") -> int:
+    """Index of the entry with the highest ``entry[metric]["mean"]`` (first on ties): the
+    attacker's choice among optimizers (or attacks), each at its own best learning rate."""
+    if not entries:
+        raise ConfigError("best_over needs at least one entry")
+    return int(np.argmax([e[metric]["mean"] for e in entries]))
+
+
+def advantage(entry: Mapping[str, Any], scratch: Mapping[str, Any]) -> dict[str, Any]:
+    """One attack's own numbers at one budget, next to scratch at the same budget.
+
+    ``advantage_auc = mean_s AUC - mean_s AUC_scratch``, ``advantage_final = mean_s
+    final - mean_s final_scratch`` (> 0: the protected weights help the attacker
+    more than no weights at all) and ``steps_to_90``: steps until the attack's
+    curve (at its best lr) first reaches ``SCRATCH_FRACTION x`` scratch's mean
+    final (``inf``: never within the budget; ``reached``: fraction of seeds).
+    """
+    out = {"attack": entry.get("attack_name", entry.get("attack")),
+           "optimizer": entry.get("optimizer"), "learning_rate": entry.get("best_lr"),
+           "final": _ms(entry["final"]), "auc": _ms(entry["auc"]),
+           "advantage_auc": float(entry["auc"]["mean"] - scratch["auc"]["mean"]),
+           "advantage_final": float(entry["final"]["mean"] - scratch["final"]["mean"])}
+    steps = entry.get("steps_to_reach")
+    if steps is not None:
+        out["steps_to_90"] = {"mean": steps["mean"], "reached": steps["reached"],
+                              "target": steps["target"]}
+    return out
+
+
+def budget_summary(entries: Mapping[str, Mapping[str, Any]], scratch: Mapping[str, Any],
+                   reuse: Sequence[str]) -> dict[str, Any]:
+    """The defence at one attacker budget (data, steps): two worst cases, each the
+    worst attack's OWN numbers (:func:`advantage`), never a mix of attacks.
+
+    * ``worst``: over the whole suite, the entry with the highest mean final
+      accuracy (judge it by its advantage over scratch: ``reinit_top3`` is nearly
+      scratch itself);
+    * ``worst_reuse``: the same over the *reuse* attacks (``reuse``: entry names
+      that keep at least the lower half of the protected network; judge it by
+      absolute accuracy), ``None`` if the suite has none.
+
+    Args:
+      entries: ``{name: summary at this budget}`` (:func:`sweep_summary` with
+        ``target = SCRATCH_FRACTION x scratch final``).
+      scratch: scratch's summary at the same budget (its best optimizer and lr).
+      reuse: the names of ``entries`` that are reuse attacks.
+    Returns:
+      ``{"scratch": {"final", "auc", "optimizer", "learning_rate"}, "worst": ...,
+      "worst_reuse": ...}``.
+    """
+    if not entries:
+        raise ConfigError("budget_summary needs at least one attack entry")
+    unknown = sorted(set(reuse) - set(entries))
+    if unknown:
+        raise ConfigError(f"reuse names {unknown} are not entries; entries: {sorted(entries)}")
+
+    def worst(names: Sequence[str]) -> dict[str, Any] | None:
+        if not names:
+            return None
+        name = names[best_over([entries[n] for n in names])]
+        return {**advantage(entries[name], scratch), "entry": name}
+
+    return {"scratch": {"final": _ms(scratch["final"]), "auc": _ms(scratch["auc"]),
+                        "optimizer": scratch.get("optimizer"),
+                        "learning_rate": scratch.get("best_lr")},
+            "worst": worst(list(entries)), "worst_reuse": worst([n for n in entries if n in reuse])}
+
+
+def _ms(summary: Mapping[str, Any]) -> dict[str, float]:
+    return {"mean": summary["mean"], "std": summary["std"]}

@@ -16,6 +16,8 @@ SCRATCH = 0x5C7A
 META = 0x3E7A
 #: Inside an attack: the re-initialised layers below the fresh head.
 REINIT = 1
+#: Inside an attack: the warm start's shuffles (folded into the attack's shuffle key).
+WARM_START = 2
 #: SKD: a fresh student (``init_student(..., "fresh")``).
 SKD_STUDENT = 1
 #: SKD: the fresh head attached to the masked student.
