@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Literal, NamedTuple, Optional, Protocol
 
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from trm_jax import models
 from trm_jax.tasks import LABEL_MODES, ClassPool, LabelMode, Task, check_task_shape, sample_tasks
 
 Params = Any  # a pytree of arrays
@@ -58,6 +60,11 @@ TASK_BATCHINGS = ("vmap", "map", "unroll", "auto")
 # 2-core build machine (lenet 32x32x3, 4 good + 4 bad tasks, 5-way 10-shot
 # 15-query, 5 inner steps, exact second order); see ``resolve_task_batching``.
 _AUTO_CPU = {"all": "unroll", "head": "unroll"}
+# The longest inner loop ``adapt`` unrolls fully on cpu; longer ones are unrolled
+# by this factor. Compile time grows with the unrolled length: the exact LeNet
+# meta-step (8 tasks) compiled in ~75 s at K=5 unrolled but ~860 s at K=20 fully
+# unrolled on the loaded 2-core machine (BENCHMARKS.md).
+_CPU_UNROLL_MAX = 5
 
 
 class SplitModel(Protocol):
@@ -159,10 +166,27 @@ BAD_TERMS: dict[str, BadTermFn] = {
 # ----------------------------------------------------------------------- inner loop
 
 
+def _meta_convs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Traces ``fn`` with ``conv_impl="auto"`` models on im2col convolutions on cpu.
+
+    Second-order meta-gradients need every convolution's input gradient at every
+    inner step, and XLA:CPU runs those (and the convolutions inside a loop) several
+    times slower than the same maths as slices + one 2-D ``dot`` (BENCHMARKS.md).
+    Same numbers up to float32 summation order; no effect on gpu/tpu.
+    """
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with models.auto_conv_impl("im2col"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+@_meta_convs
 def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
           loss_fn: Optional[LossFn] = None, apply_fn: Optional[ApplyFn] = None,
           inner_lr: chex.Numeric, steps: int, first_order: bool = False,
-          remat: bool = False, mask: Any = None) -> Params:
+          remat: bool = False, mask: Any = None,
+          unroll: Optional[int | bool] = None) -> Params:
     r"""``steps`` inner SGD steps on the support set (the MAML inner loop).
 
     .. math::
@@ -190,6 +214,9 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
       mask: optional pytree prefix of ``params`` with python bool leaves;
         ``False`` subtrees are frozen (not updated, no gradient taken through
         their inner update).
+      unroll: the ``lax.scan`` unroll factor (``True`` = all ``steps``); ``None``
+        picks one per backend (:func:`resolve_inner_unroll`). Same numbers
+        either way; it changes only how XLA runs the loop.
 
     Returns:
       The adapted params ``phi_K``, same structure and dtypes as ``params``.
@@ -212,8 +239,23 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
 
     if remat:
         step = jax.checkpoint(step)
-    adapted, _ = jax.lax.scan(step, params, None, length=steps)
+    unroll = resolve_inner_unroll(steps) if unroll is None else unroll
+    adapted, _ = jax.lax.scan(step, params, None, length=steps, unroll=unroll)
     return adapted
+
+
+def resolve_inner_unroll(steps: int, backend: Optional[str] = None) -> int | bool:
+    """The inner loop's ``lax.scan`` unroll factor for ``backend`` (default: JAX's).
+
+    On cpu the loop is unrolled (fully up to ``_CPU_UNROLL_MAX`` steps, else by
+    that factor): XLA:CPU runs a convolution and its gradients inside a loop body
+    slower than the same ops unrolled (2.8x on the exact LeNet meta-step with
+    ``lax.conv``, 1.2x with the im2col convolutions the meta-step now uses; see
+    BENCHMARKS.md). Elsewhere it stays a rolled loop (``1``), which compiles fastest.
+    """
+    if (backend or jax.default_backend()) != "cpu":
+        return 1
+    return True if steps <= _CPU_UNROLL_MAX else _CPU_UNROLL_MAX
 
 
 def _resolve_loss(loss_fn: Optional[LossFn], apply_fn: Optional[ApplyFn]) -> LossFn:
@@ -272,6 +314,7 @@ def map_tasks(fn: Callable[[Any], Any], xs: Any, strategy: TaskBatching = "vmap"
 # ------------------------------------------------------------- generic MAML / Reptile
 
 
+@_meta_convs
 def post_adaptation_loss(params: Params, task: Task, *, loss_fn: LossFn, inner_lr: chex.Numeric,
                          steps: int, first_order: bool = False, remat: bool = False) -> chex.Array:
     r"""One task's MAML loss ``L_q(adapt(theta, support))`` (scalar).
@@ -287,6 +330,7 @@ def post_adaptation_loss(params: Params, task: Task, *, loss_fn: LossFn, inner_l
     return loss_fn(adapted, task.query_x, task.query_y)
 
 
+@_meta_convs
 def meta_loss(params: Params, tasks: Task, *, loss_fn: LossFn, inner_lr: chex.Numeric,
               steps: int, first_order: bool = False, remat: bool = False,
               weights: Optional[chex.Array] = None,
@@ -315,6 +359,7 @@ def meta_loss(params: Params, tasks: Task, *, loss_fn: LossFn, inner_lr: chex.Nu
     return jnp.sum(weights.astype(per_task.dtype) * per_task)
 
 
+@_meta_convs
 def reptile_gradient(params: Params, tasks: Task, *, loss_fn: LossFn, inner_lr: chex.Numeric,
                      steps: int, weights: Optional[chex.Array] = None,
                      task_batching: TaskBatching = "vmap") -> Params:
@@ -369,6 +414,8 @@ class MetaConfig:
       lam: weight ``lambda >= 0`` of the bad term.
       loss_cap: the cap of ``clipped_ascent``; ``None`` = ``log C`` (chance level).
       task_batching: ``"vmap"``, ``"map"``, ``"unroll"`` or ``"auto"``.
+      inner_unroll: the inner loop's ``lax.scan`` unroll factor (``True`` = fully
+        unrolled); ``None`` = per backend (:func:`resolve_inner_unroll`). Speed only.
       label_mode: ``"fixed"`` (the default: a task's labels are its classes'
         protocol labels, so every task trains the same ``C``-way head and the
         meta-learned params stay a beneficial classifier, which is what the
@@ -392,6 +439,7 @@ class MetaConfig:
     loss_cap: Optional[float] = None
     task_batching: TaskBatching = "auto"
     label_mode: LabelMode = "fixed"
+    inner_unroll: Optional[int | bool] = None
 
     def __post_init__(self) -> None:
         choices = {"adapt": ADAPT_MODES, "head_init": HEAD_INITS, "meta_grad": META_GRADS,
@@ -406,6 +454,10 @@ class MetaConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ValueError(f"MetaConfig.{name} must be an int >= {low}, "
                                  f"got {getattr(self, name)!r}")
+        if not (self.inner_unroll is None or isinstance(self.inner_unroll, bool)
+                or (isinstance(self.inner_unroll, int) and self.inner_unroll >= 1)):
+            raise ValueError(f"MetaConfig.inner_unroll must be None, a bool or an int >= 1, "
+                             f"got {self.inner_unroll!r}")
         if not self.inner_lr > 0:
             raise ValueError(f"MetaConfig.inner_lr must be > 0, got {self.inner_lr!r}")
         if not self.lam >= 0:
@@ -418,6 +470,7 @@ class MetaConfig:
                              "never adapt, so they would get no meta-gradient")
 
 
+@_meta_convs
 def task_logits(params: Params, task: Task, key: chex.PRNGKey, config: MetaConfig,
                 model: Any) -> tuple[chex.Array, chex.Array, Params]:
     """Pre- and post-adaptation query logits of one task.
@@ -445,6 +498,7 @@ def task_logits(params: Params, task: Task, key: chex.PRNGKey, config: MetaConfi
                         feats[num_support:], key, config, model)
 
 
+@_meta_convs
 def batch_task_logits(params: Params, tasks: Task, keys: chex.PRNGKey, config: MetaConfig,
                       model: Any) -> tuple[chex.Array, chex.Array, Params]:
     """:func:`task_logits` for every task of a meta-batch (leading ``[T]`` axis).
@@ -475,7 +529,8 @@ def batch_task_logits(params: Params, tasks: Task, keys: chex.PRNGKey, config: M
 
 def _inner_kwargs(config: MetaConfig) -> dict[str, Any]:
     return dict(inner_lr=config.inner_lr, steps=config.inner_steps,
-                first_order=config.meta_grad == "first_order", remat=config.remat)
+                first_order=config.meta_grad == "first_order", remat=config.remat,
+                unroll=config.inner_unroll)
 
 
 def _adapted_logits(params: Params, task: Task, config: MetaConfig,
