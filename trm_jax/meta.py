@@ -60,10 +60,9 @@ TASK_BATCHINGS = ("vmap", "map", "unroll", "auto")
 # 2-core build machine (lenet 32x32x3, 4 good + 4 bad tasks, 5-way 10-shot
 # 15-query, 5 inner steps, exact second order); see ``resolve_task_batching``.
 _AUTO_CPU = {"all": "unroll", "head": "unroll"}
-# The longest inner loop ``adapt`` unrolls fully on cpu; longer ones are unrolled
-# by this factor. Compile time grows with the unrolled length: the exact LeNet
-# meta-step (8 tasks) compiled in ~75 s at K=5 unrolled but ~860 s at K=20 fully
-# unrolled on the loaded 2-core machine (BENCHMARKS.md).
+# The longest inner loop ``adapt`` unrolls on cpu; longer ones stay rolled. Measured
+# on the exact LeNet meta-step (8 tasks, im2col convs, loaded 2-core machine): K=20
+# rolled 5.2 s/step, compile 84 s; unroll=5 19.2 s, 159 s; fully unrolled 21.1 s, 858 s.
 _CPU_UNROLL_MAX = 5
 
 
@@ -247,15 +246,16 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
 def resolve_inner_unroll(steps: int, backend: Optional[str] = None) -> int | bool:
     """The inner loop's ``lax.scan`` unroll factor for ``backend`` (default: JAX's).
 
-    On cpu the loop is unrolled (fully up to ``_CPU_UNROLL_MAX`` steps, else by
-    that factor): XLA:CPU runs a convolution and its gradients inside a loop body
-    slower than the same ops unrolled (2.8x on the exact LeNet meta-step with
-    ``lax.conv``, 1.2x with the im2col convolutions the meta-step now uses; see
-    BENCHMARKS.md). Elsewhere it stays a rolled loop (``1``), which compiles fastest.
+    On cpu a short loop (up to ``_CPU_UNROLL_MAX`` steps) is unrolled: XLA:CPU
+    runs a ``lax.conv`` and its gradients inside a loop body slower than the same
+    ops unrolled (2.8x on the exact LeNet meta-step), 1.2x with the im2col
+    convolutions the meta-step now uses. Longer loops stay rolled (``1``): unrolled,
+    their compile time explodes and, measured at K=20, they also ran ~4x slower.
+    Elsewhere the loop stays rolled, which compiles fastest.
     """
     if (backend or jax.default_backend()) != "cpu":
         return 1
-    return True if steps <= _CPU_UNROLL_MAX else _CPU_UNROLL_MAX
+    return True if steps <= _CPU_UNROLL_MAX else 1
 
 
 def _resolve_loss(loss_fn: Optional[LossFn], apply_fn: Optional[ApplyFn]) -> LossFn:
