@@ -112,7 +112,7 @@ def torch_meta_gradient(params, task_batch, is_good) -> dict[str, np.ndarray]:
     from benchmarks import torch_reference as tr
 
     torch.set_num_threads(1)  # tiny work: spinning worker threads only slow it down
-    p = jax.tree.map(lambda a: torch.from_numpy(np.asarray(a)), params)
+    p = jax.tree.map(lambda a: torch.from_numpy(np.array(a)), params)  # writable copies
     f = p["features"]
     c2 = f["conv2"]["kernel"].shape[-1]
     fc1 = f["fc1"]["kernel"].reshape(5, 5, c2, -1).permute(3, 2, 0, 1).reshape(-1, 25 * c2)
