@@ -539,3 +539,25 @@ def test_generic_maml_on_linear_regression_learns():
         values.append(float(value))
     assert np.mean(values[-10:]) < 0.2 * np.mean(values[:10])
     np.testing.assert_allclose(w, [2.0, -1.0], atol=0.3)
+
+
+def test_resolve_inner_unroll_is_per_backend():
+    assert meta.resolve_inner_unroll(5, "gpu") == 1
+    assert meta.resolve_inner_unroll(5, "cpu") is True
+    assert meta.resolve_inner_unroll(50, "cpu") == 1
+    for bad in (0, -1, 1.5, "full"):
+        with pytest.raises(ValueError, match="inner_unroll"):
+            meta.MetaConfig(inner_unroll=bad)
+    assert meta.MetaConfig(inner_unroll=True).inner_unroll is True
+
+
+@pytest.mark.parametrize("unroll", [1, 2, True])
+def test_inner_unroll_gives_the_same_exact_meta_gradient(x64, unroll):
+    """Rolled, partially and fully unrolled inner loops (3 steps): same values and gradients."""
+    model = TinyNet(dtype=jnp.float64, conv=True)
+    params, tasks = model.init_np(21), random_tasks(22, 3, 4, 3, model.input_shape)
+    config = dataclasses.replace(CFG, inner_steps=3, task_batching="unroll")
+    want = value_and_grad(params, tasks, GOOD_BAD, KEYS3, config, model)
+    got = value_and_grad(params, tasks, GOOD_BAD, KEYS3,
+                         dataclasses.replace(config, inner_unroll=unroll), model)
+    assert_trees_close(got, want, rtol=1e-12, atol=1e-13)

@@ -71,3 +71,126 @@ def test_bad_model_settings_are_rejected_with_clear_messages():
         models.conv4(5, (8, 8))
     with pytest.raises(ValueError, match="norm"):
         models.conv4(5, (8, 8, 1), norm="batch")
+
+
+# ------------------------------------------------- conv / pool formulations (exactness)
+
+def _f64(rng, shape, scale=1.0):
+    return jnp.asarray(scale * rng.standard_normal(shape), jnp.float64)
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME", ((1, 2), (0, 1))])
+def test_im2col_conv_equals_lax_conv_with_first_and_second_derivatives(x64, padding):
+    rng = np.random.default_rng(0)
+    x, k = _f64(rng, (2, 7, 6, 3)), _f64(rng, (3, 3, 3, 4), 0.5)
+    lax_conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), padding,
+                                                         dimension_numbers=NHWC)
+    im2col = lambda x, k: models.im2col_conv(x, k, (1, 1), padding, dimension_numbers=NHWC)
+    np.testing.assert_allclose(im2col(x, k), lax_conv(x, k), rtol=1e-13, atol=1e-13)
+    # A smooth scalar of the output: its gradient and a Hessian-vector product in
+    # both arguments exercise the transposes a second-order meta-gradient uses.
+    scalar = lambda conv: lambda x, k: jnp.sum(jnp.tanh(conv(x, k)) ** 2)
+    vx, vk = _f64(rng, x.shape), _f64(rng, k.shape)
+    grads = [jax.grad(scalar(c), (0, 1))(x, k) for c in (im2col, lax_conv)]
+    hvps = [jax.jvp(jax.grad(scalar(c), (0, 1)), (x, k), (vx, vk))[1] for c in (im2col, lax_conv)]
+    for a, b in ((grads[0], grads[1]), (hvps[0], hvps[1])):
+        for u, v in zip(a, b):
+            np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-12)
+
+
+def test_im2col_conv_falls_back_to_lax_for_strides_and_groups():
+    x = jnp.ones((1, 6, 6, 2))
+    k = jnp.ones((3, 3, 1, 4))
+    got = models.im2col_conv(x, k, (2, 2), "VALID", dimension_numbers=NHWC, feature_group_count=2)
+    want = jax.lax.conv_general_dilated(x, k, (2, 2), "VALID", dimension_numbers=NHWC,
+                                        feature_group_count=2)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape,padding", [((2, 8, 6, 3), "VALID"), ((2, 9, 7, 3), "VALID"),
+                                           ((2, 9, 7, 3), "SAME"), ((3, 5, 5, 2), "SAME")])
+def test_max_pool_equals_reduce_window_with_first_and_second_derivatives(x64, shape, padding):
+    import flax.linen as nn
+
+    rng = np.random.default_rng(1)
+    x, v = _f64(rng, shape), _f64(rng, shape)
+    ours = lambda x: models.max_pool(x, 2, padding)
+    ref = lambda x: nn.max_pool(x, (2, 2), (2, 2), padding=padding)
+    np.testing.assert_array_equal(ours(x), ref(x))
+    scalar = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x)) * jnp.cos(pool(x) ** 2))
+    np.testing.assert_allclose(jax.grad(scalar(ours))(x), jax.grad(scalar(ref))(x), rtol=1e-13,
+                               atol=1e-14)
+    hvp = lambda pool: jax.jvp(jax.grad(scalar(pool)), (x,), (v,))[1]
+    np.testing.assert_allclose(hvp(ours), hvp(ref), rtol=1e-12, atol=1e-13)
+
+
+def test_max_pool_gives_tied_windows_gradient_to_the_first_maximum_like_reduce_window():
+    import flax.linen as nn
+
+    x = jnp.zeros((1, 4, 4, 2)).at[0, 3, 3, 1].set(1.0)  # ReLU outputs: ties at 0 are common
+    ours = jax.grad(lambda x: jnp.sum(models.max_pool(x) * jnp.arange(1.0, 9.0).reshape(1, 2, 2, 2)))
+    ref = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2))
+                                     * jnp.arange(1.0, 9.0).reshape(1, 2, 2, 2)))
+    np.testing.assert_array_equal(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("make", [
+    lambda impl: models.lenet(4, (8, 8, 1), padding="SAME", param_dtype=jnp.float64,
+                              conv_impl=impl),
+    lambda impl: models.conv4(4, (6, 6, 1), width=3, param_dtype=jnp.float64, conv_impl=impl),
+])
+def test_conv_impls_give_the_same_model_and_exact_meta_gradient(x64, make):
+    """lax vs im2col on a whole model: same init, outputs, and second-order meta-gradient
+    through ``meta.adapt`` (float64), rolled and unrolled inner loops."""
+    from trm_jax import meta
+
+    lax_model, im2col_model = make("lax"), make("im2col")
+    params = lax_model.init(jax.random.key(0))
+    chex.assert_trees_all_equal(params, im2col_model.init(jax.random.key(0)))
+    rng = np.random.default_rng(2)
+    xs, xq = _f64(rng, (6, *lax_model.input_shape)), _f64(rng, (5, *lax_model.input_shape))
+    ys, yq = jnp.asarray(rng.integers(0, 4, 6)), jnp.asarray(rng.integers(0, 4, 5))
+    np.testing.assert_allclose(im2col_model.apply(params, xq), lax_model.apply(params, xq),
+                               rtol=1e-12, atol=1e-13)
+
+    def outer(model, unroll):
+        def loss(p):
+            adapted = meta.adapt(p, xs, ys, apply_fn=model.apply, inner_lr=0.5, steps=2,
+                                 unroll=unroll)
+            return meta.softmax_cross_entropy(model.apply(adapted, xq), yq)
+        return jax.jit(jax.grad(loss))(params)
+
+    want = outer(lax_model, 1)
+    for model, unroll in ((im2col_model, 1), (im2col_model, True), (lax_model, True)):
+        chex.assert_trees_all_close(outer(model, unroll), want, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_conv_impl_is_per_backend_and_per_use():
+    assert models.resolve_conv_impl("auto", "gpu") == "lax"
+    assert models.resolve_conv_impl("auto", "cpu") == "lax"  # ordinary training
+    with models.auto_conv_impl("im2col"):
+        assert models.resolve_conv_impl("auto", "cpu") == "im2col"
+        assert models.resolve_conv_impl("auto", "gpu") == "lax"
+        assert models.resolve_conv_impl("lax", "cpu") == "lax"
+    assert models.resolve_conv_impl("auto", "cpu") == "lax"
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        models.lenet(10, conv_impl="fft")
+    with pytest.raises(ValueError, match="auto_conv_impl"):
+        with models.auto_conv_impl("auto"):
+            pass
+
+
+def test_conv_impl_enters_the_spec_only_when_set():
+    assert "conv_impl" not in models.lenet(10).spec()
+    model = models.lenet(10, conv_impl="im2col")
+    assert models.from_spec(model.spec()).spec() == model.spec()
+    assert model.spec()["conv_impl"] == "im2col"

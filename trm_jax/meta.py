@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Literal, NamedTuple, Optional, Protocol
 
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from trm_jax import models
 from trm_jax.tasks import LABEL_MODES, ClassPool, LabelMode, Task, check_task_shape, sample_tasks
 from trm_jax.errors import ConfigError
 
@@ -59,6 +61,10 @@ TASK_BATCHINGS = ("vmap", "map", "unroll", "auto")
 # 2-core build machine (lenet 32x32x3, 4 good + 4 bad tasks, 5-way 10-shot
 # 15-query, 5 inner steps, exact second order); see ``resolve_task_batching``.
 _AUTO_CPU = {"all": "unroll", "head": "unroll"}
+# The longest inner loop ``adapt`` unrolls on cpu; longer ones stay rolled. Measured
+# on the exact LeNet meta-step (8 tasks, im2col convs, loaded 2-core machine): K=20
+# rolled 5.2 s/step, compile 84 s; unroll=5 19.2 s, 159 s; fully unrolled 21.1 s, 858 s.
+_CPU_UNROLL_MAX = 5
 
 
 class SplitModel(Protocol):
@@ -160,10 +166,27 @@ BAD_TERMS: dict[str, BadTermFn] = {
 # ----------------------------------------------------------------------- inner loop
 
 
+def _meta_convs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Traces ``fn`` with ``conv_impl="auto"`` models on im2col convolutions on cpu.
+
+    Second-order meta-gradients need every convolution's input gradient at every
+    inner step, and XLA:CPU runs those (and the convolutions inside a loop) several
+    times slower than the same maths as slices + one 2-D ``dot`` (BENCHMARKS.md).
+    Same numbers up to float32 summation order; no effect on gpu/tpu.
+    """
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with models.auto_conv_impl("im2col"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+@_meta_convs
 def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
           loss_fn: Optional[LossFn] = None, apply_fn: Optional[ApplyFn] = None,
           inner_lr: chex.Numeric, steps: int, first_order: bool = False,
-          remat: bool = False, mask: Any = None) -> Params:
+          remat: bool = False, mask: Any = None,
+          unroll: Optional[int | bool] = None) -> Params:
     r"""``steps`` inner SGD steps on the support set (the MAML inner loop).
 
     .. math::
@@ -191,6 +214,9 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
       mask: optional pytree prefix of ``params`` with python bool leaves;
         ``False`` subtrees are frozen (not updated, no gradient taken through
         their inner update).
+      unroll: the ``lax.scan`` unroll factor (``True`` = all ``steps``); ``None``
+        picks one per backend (:func:`resolve_inner_unroll`). Same numbers
+        either way; it changes only how XLA runs the loop.
 
     Returns:
       The adapted params ``phi_K``, same structure and dtypes as ``params``.
@@ -213,8 +239,24 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
 
     if remat:
         step = jax.checkpoint(step)
-    adapted, _ = jax.lax.scan(step, params, None, length=steps)
+    unroll = resolve_inner_unroll(steps) if unroll is None else unroll
+    adapted, _ = jax.lax.scan(step, params, None, length=steps, unroll=unroll)
     return adapted
+
+
+def resolve_inner_unroll(steps: int, backend: Optional[str] = None) -> int | bool:
+    """The inner loop's ``lax.scan`` unroll factor for ``backend`` (default: JAX's).
+
+    On cpu a short loop (up to ``_CPU_UNROLL_MAX`` steps) is unrolled: XLA:CPU
+    runs a ``lax.conv`` and its gradients inside a loop body slower than the same
+    ops unrolled (2.8x on the exact LeNet meta-step), 1.2x with the im2col
+    convolutions the meta-step now uses. Longer loops stay rolled (``1``): unrolled,
+    their compile time explodes and, measured at K=20, they also ran ~4x slower.
+    Elsewhere the loop stays rolled, which compiles fastest.
+    """
+    if (backend or jax.default_backend()) != "cpu":
+        return 1
+    return True if steps <= _CPU_UNROLL_MAX else 1
 
 
 def _resolve_loss(loss_fn: Optional[LossFn], apply_fn: Optional[ApplyFn]) -> LossFn:
@@ -273,6 +315,7 @@ def map_tasks(fn: Callable[[Any], Any], xs: Any, strategy: TaskBatching = "vmap"
 # ------------------------------------------------------------- generic MAML / Reptile
 
 
+@_meta_convs
 def post_adaptation_loss(params: Params, task: Task, *, loss_fn: LossFn, inner_lr: chex.Numeric,
                          steps: int, first_order: bool = False, remat: bool = False) -> chex.Array:
     r"""One task's MAML loss ``L_q(adapt(theta, support))`` (scalar).
@@ -288,6 +331,7 @@ def post_adaptation_loss(params: Params, task: Task, *, loss_fn: LossFn, inner_l
     return loss_fn(adapted, task.query_x, task.query_y)
 
 
+@_meta_convs
 def meta_loss(params: Params, tasks: Task, *, loss_fn: LossFn, inner_lr: chex.Numeric,
               steps: int, first_order: bool = False, remat: bool = False,
               weights: Optional[chex.Array] = None,
@@ -316,6 +360,7 @@ def meta_loss(params: Params, tasks: Task, *, loss_fn: LossFn, inner_lr: chex.Nu
     return jnp.sum(weights.astype(per_task.dtype) * per_task)
 
 
+@_meta_convs
 def reptile_gradient(params: Params, tasks: Task, *, loss_fn: LossFn, inner_lr: chex.Numeric,
                      steps: int, weights: Optional[chex.Array] = None,
                      task_batching: TaskBatching = "vmap") -> Params:
@@ -370,6 +415,8 @@ class MetaConfig:
       lam: weight ``lambda >= 0`` of the bad term.
       loss_cap: the cap of ``clipped_ascent``; ``None`` = ``log C`` (chance level).
       task_batching: ``"vmap"``, ``"map"``, ``"unroll"`` or ``"auto"``.
+      inner_unroll: the inner loop's ``lax.scan`` unroll factor (``True`` = fully
+        unrolled); ``None`` = per backend (:func:`resolve_inner_unroll`). Speed only.
       label_mode: ``"fixed"`` (the default: a task's labels are its classes'
         protocol labels, so every task trains the same ``C``-way head and the
         meta-learned params stay a beneficial classifier, which is what the
@@ -393,6 +440,7 @@ class MetaConfig:
     loss_cap: Optional[float] = None
     task_batching: TaskBatching = "auto"
     label_mode: LabelMode = "fixed"
+    inner_unroll: Optional[int | bool] = None
 
     def __post_init__(self) -> None:
         choices = {"adapt": ADAPT_MODES, "head_init": HEAD_INITS, "meta_grad": META_GRADS,
@@ -407,6 +455,10 @@ class MetaConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ConfigError(f"MetaConfig.{name} must be an int >= {low}, "
                                  f"got {getattr(self, name)!r}")
+        if not (self.inner_unroll is None or isinstance(self.inner_unroll, bool)
+                or (isinstance(self.inner_unroll, int) and self.inner_unroll >= 1)):
+            raise ConfigError(f"MetaConfig.inner_unroll must be None, a bool or an int >= 1, "
+                             f"got {self.inner_unroll!r}")
         if not self.inner_lr > 0:
             raise ConfigError(f"MetaConfig.inner_lr must be > 0, got {self.inner_lr!r}")
         if not self.lam >= 0:
@@ -419,6 +471,7 @@ class MetaConfig:
                              "never adapt, so they would get no meta-gradient")
 
 
+@_meta_convs
 def task_logits(params: Params, task: Task, key: chex.PRNGKey, config: MetaConfig,
                 model: Any) -> tuple[chex.Array, chex.Array, Params]:
     """Pre- and post-adaptation query logits of one task.
@@ -446,6 +499,7 @@ def task_logits(params: Params, task: Task, key: chex.PRNGKey, config: MetaConfi
                         feats[num_support:], key, config, model)
 
 
+@_meta_convs
 def batch_task_logits(params: Params, tasks: Task, keys: chex.PRNGKey, config: MetaConfig,
                       model: Any) -> tuple[chex.Array, chex.Array, Params]:
     """:func:`task_logits` for every task of a meta-batch (leading ``[T]`` axis).
@@ -476,7 +530,8 @@ def batch_task_logits(params: Params, tasks: Task, keys: chex.PRNGKey, config: M
 
 def _inner_kwargs(config: MetaConfig) -> dict[str, Any]:
     return dict(inner_lr=config.inner_lr, steps=config.inner_steps,
-                first_order=config.meta_grad == "first_order", remat=config.remat)
+                first_order=config.meta_grad == "first_order", remat=config.remat,
+                unroll=config.inner_unroll)
 
 
 def _adapted_logits(params: Params, task: Task, config: MetaConfig,

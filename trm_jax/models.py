@@ -14,8 +14,10 @@ code, so datasets stay uint8 on the device) or already floating point.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import chex
 import flax.linen as nn
@@ -25,6 +27,8 @@ from trm_jax.errors import ConfigError
 
 Params = Any  # a pytree of arrays
 Padding = Literal["VALID", "SAME"]
+ConvImpl = Literal["auto", "lax", "im2col"]
+CONV_IMPLS = ("auto", "lax", "im2col")
 
 
 def to_float(images: chex.Array, dtype: Any = jnp.float32) -> chex.Array:
@@ -37,6 +41,165 @@ def to_float(images: chex.Array, dtype: Any = jnp.float32) -> chex.Array:
     return images
 
 
+# ------------------------------------------------------------------ conv and pool kernels
+# Two formulations of a convolution, same maths, chosen per backend and use (measured,
+# see BENCHMARKS.md): XLA:CPU's convolution *input* gradients are slow for LeNet's tiny
+# channel counts, which second-order meta-gradients need at every inner step, whereas
+# shifted slices + one 2-D ``dot`` differentiate into dots and pads; for first-order
+# training on cpu, and on GPU (cuDNN), ``lax.conv`` wins. Max-pooling as reshape + max
+# with a mask JVP is exact (its derivatives of every order are selections) where
+# ``reduce_window``'s second derivative runs at reduced precision on GPU, is cheaper
+# on CPU, and compiles faster.
+
+
+# What ``conv_impl="auto"`` means on cpu while a function is being traced; the
+# meta-learning code sets it to "im2col" (see ``auto_conv_impl``).
+_AUTO_CPU_CONV: contextvars.ContextVar[str] = contextvars.ContextVar("trm_jax_auto_cpu_conv",
+                                                                    default="lax")
+
+
+def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+    """Maps ``"auto"`` to a concrete convolution for ``backend`` (default: JAX's).
+
+    * ``"lax"``: ``lax.conv_general_dilated`` (cuDNN on GPU).
+    * ``"im2col"``: the ``kh * kw`` shifted slices of the input concatenated on
+      the channel axis, then ONE 2-D ``dot`` with the kernel reshaped to
+      ``[kh * kw * C, O]`` (see :func:`im2col_conv`). Same maths; float32 sums
+      are taken in another order, so the last bits differ.
+
+    ``"auto"`` is ``"lax"`` on gpu/tpu and for ordinary training on cpu (measured
+    fastest there, see BENCHMARKS.md); under :func:`auto_conv_impl` on cpu (which
+    :mod:`trm_jax.meta` uses while tracing second-order meta-gradients, where
+    XLA:CPU's convolution input gradients are slow) it is that context's choice.
+    """
+    if impl not in CONV_IMPLS:
+        raise ConfigError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return _AUTO_CPU_CONV.get() if (backend or jax.default_backend()) == "cpu" else "lax"
+
+
+@contextlib.contextmanager
+def auto_conv_impl(impl: str) -> Iterator[None]:
+    """Within this block, ``conv_impl="auto"`` resolves to ``impl`` on cpu while tracing.
+
+    A trace-time setting (like ``jax.default_matmul_precision``): use it inside
+    the function that is jitted, so every trace of that function sees the same
+    choice. Models built with an explicit ``conv_impl`` ignore it.
+    """
+    if impl not in ("lax", "im2col"):
+        raise ConfigError(f"auto_conv_impl takes 'lax' or 'im2col', got {impl!r}")
+    token = _AUTO_CPU_CONV.set(impl)
+    try:
+        yield
+    finally:
+        _AUTO_CPU_CONV.reset(token)
+
+
+def im2col_conv(lhs: chex.Array, rhs: chex.Array, window_strides: Sequence[int],
+                padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
+                rhs_dilation: Any = None, dimension_numbers: Any = None,
+                feature_group_count: int = 1, precision: Any = None,
+                **kwargs: Any) -> chex.Array:
+    """``lax.conv_general_dilated`` for NHWC x HWIO as shifted slices + one 2-D ``dot``.
+
+    ``lhs: f[B, H, W, C]``, ``rhs: f[kh, kw, C, O] -> f[B, H', W', O]``. Only stride 1,
+    no dilation and one feature group are rewritten (all this project's models use);
+    anything else falls back to ``lax.conv_general_dilated`` with the same arguments.
+    Slicing + concatenating is what XLA:CPU runs fastest: ``lax.conv_general_dilated_patches``
+    (itself a convolution) was 2.3x slower, and ``einsum`` over the stacked slices no faster.
+    """
+    plain = (tuple(window_strides) == (1, 1) and feature_group_count == 1 and not kwargs
+             and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+             and lhs.ndim == 4 and _is_nhwc(dimension_numbers))
+    if not plain:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision, **kwargs)
+    kh, kw, c, o = rhs.shape
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
+    padding = [tuple(p) for p in padding]
+    if any(p != (0, 0) for p in padding):
+        lhs = jnp.pad(lhs, [(0, 0), *padding, (0, 0)])
+    b, h, w, _ = lhs.shape
+    ho, wo = h - kh + 1, w - kw + 1
+    patches = jnp.concatenate([lhs[:, i:i + ho, j:j + wo, :]
+                               for i in range(kh) for j in range(kw)], axis=-1)
+    out = jax.lax.dot(patches.reshape(b * ho * wo, kh * kw * c), rhs.reshape(kh * kw * c, o),
+                      precision=precision)
+    return out.reshape(b, ho, wo, o)
+
+
+def _is_nhwc(dimension_numbers: Any) -> bool:
+    if dimension_numbers is None:  # lax's default is NCHW: not ours to rewrite
+        return False
+    if isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):
+        return dimension_numbers == jax.lax.conv_dimension_numbers(
+            (1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
+    return tuple(dimension_numbers) == ("NHWC", "HWIO", "NHWC")
+
+
+def conv_fn(impl: str = "auto") -> Callable[..., chex.Array]:
+    """A ``conv_general_dilated`` for ``flax.linen.Conv``, picked per backend at trace time."""
+    def conv(*args: Any, **kwargs: Any) -> chex.Array:
+        if resolve_conv_impl(impl) == "im2col":
+            return im2col_conv(*args, **kwargs)
+        return jax.lax.conv_general_dilated(*args, **kwargs)
+    return conv
+
+
+def max_pool(x: chex.Array, window: int = 2, padding: Padding = "VALID") -> chex.Array:
+    """Non-overlapping ``window x window`` max-pooling of ``x[..., H, W, C]``.
+
+    Equals ``nn.max_pool(x, (window,) * 2, (window,) * 2, padding)`` in value and in
+    derivatives of every order: ``VALID`` drops the last ``H % window`` rows (and
+    columns), ``SAME`` pads them with ``-inf`` at the end; the derivative routes each
+    output's tangent to the *first* maximum of its window in row-major order (as
+    ``reduce_window``'s ``select_and_scatter`` and PyTorch do). Written as reshape +
+    max with a hand-written JVP (a 0/1 mask times the tangent, linear, so its
+    transpose and its own derivatives are exact): cheaper on CPU than ``jnp.max``'s
+    generic rule (which divides by the number of ties), exact on GPU where
+    ``reduce_window``'s second derivative runs at reduced precision, and faster
+    to compile than either.
+    """
+    *batch, h, w, c = x.shape
+    if padding == "SAME":
+        ph, pw = -h % window, -w % window
+        if ph or pw:
+            pads = [(0, 0)] * len(batch) + [(0, ph), (0, pw), (0, 0)]
+            x = jnp.pad(x, pads, constant_values=-jnp.inf)
+    elif padding != "VALID":
+        raise ConfigError(f"max_pool padding must be 'VALID' or 'SAME', got {padding!r}")
+    h2, w2 = x.shape[-3] // window, x.shape[-2] // window
+    x = x[..., :h2 * window, :w2 * window, :]
+    return _window_max(x.reshape(*batch, h2, window, w2, window, c))
+
+
+@jax.custom_jvp
+def _window_max(x: chex.Array) -> chex.Array:
+    """``x[..., H2, k, W2, k, C] -> max over the two k axes``, first-max derivative."""
+    return jnp.max(x, axis=(-4, -2))
+
+
+@_window_max.defjvp
+def _window_max_jvp(primals: tuple[chex.Array], tangents: tuple[chex.Array]
+                    ) -> tuple[chex.Array, chex.Array]:
+    (x,), (t,) = primals, tangents
+    y = _window_max(x)
+    return y, jnp.sum(jnp.where(_first_max_mask(x, y), t, 0), axis=(-4, -2))
+
+
+def _first_max_mask(x: chex.Array, y: chex.Array) -> chex.Array:
+    """``bool[..., H2, k, W2, k, C]``: True at the first (row-major) maximum of each window."""
+    *batch, h2, k, w2, _, c = x.shape
+    hits = x == jnp.expand_dims(y, (-4, -2))
+    flat = jnp.moveaxis(hits, -4, -3).reshape(*batch, h2, w2, k * k, c)  # window order i*k+j
+    first = flat & (jnp.cumsum(flat, axis=-2) == 1)
+    return jnp.moveaxis(first.reshape(*batch, h2, w2, k, k, c), -3, -4)
+
+
 class LeNetFeatures(nn.Module):
     """The paper's CIFAR CNN up to the penultimate pre-activation.
 
@@ -47,14 +210,16 @@ class LeNetFeatures(nn.Module):
 
     padding: Padding = "VALID"
     param_dtype: Any = jnp.float32
+    conv_impl: ConvImpl = "auto"
 
     @nn.compact
     def __call__(self, x: chex.Array) -> chex.Array:
         dense = lambda n, name: nn.Dense(n, name=name, param_dtype=self.param_dtype, dtype=self.param_dtype)
         conv = lambda n, name: nn.Conv(n, (5, 5), padding=self.padding, name=name,
-                                       param_dtype=self.param_dtype, dtype=self.param_dtype)
-        x = nn.max_pool(nn.relu(conv(6, "conv1")(x)), (2, 2), (2, 2))
-        x = nn.max_pool(nn.relu(conv(16, "conv2")(x)), (2, 2), (2, 2))
+                                       param_dtype=self.param_dtype, dtype=self.param_dtype,
+                                       conv_general_dilated=conv_fn(self.conv_impl))
+        x = max_pool(nn.relu(conv(6, "conv1")(x)))
+        x = max_pool(nn.relu(conv(16, "conv2")(x)))
         x = x.reshape(x.shape[:-3] + (-1,))
         x = nn.relu(dense(120, "fc1")(x))
         return dense(84, "fc2")(x)
@@ -72,18 +237,20 @@ class Conv4Features(nn.Module):
     width: int = 64
     norm: Literal["none", "layer"] = "none"
     param_dtype: Any = jnp.float32
+    conv_impl: ConvImpl = "auto"
 
     @nn.compact
     def __call__(self, x: chex.Array) -> chex.Array:
         for i in range(4):
             x = nn.Conv(self.width, (3, 3), padding="SAME", name=f"conv{i + 1}",
-                        param_dtype=self.param_dtype, dtype=self.param_dtype)(x)
+                        param_dtype=self.param_dtype, dtype=self.param_dtype,
+                        conv_general_dilated=conv_fn(self.conv_impl))(x)
             if self.norm == "layer":
                 x = nn.LayerNorm(reduction_axes=(-3, -2, -1), name=f"norm{i + 1}",
                                  param_dtype=self.param_dtype, dtype=self.param_dtype)(x)
             if i < 3:
                 x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), (2, 2), padding="SAME")
+            x = max_pool(x, 2, padding="SAME")
         return x.reshape(x.shape[:-3] + (-1,))
 
 
@@ -174,26 +341,39 @@ class Model:
 
 
 def lenet(num_classes: int = 10, input_shape: tuple[int, int, int] = (32, 32, 3),
-          padding: Padding = "VALID", param_dtype: Any = jnp.float32) -> Model:
-    """The paper's LeNet-style CNN. Use ``padding="SAME"`` for inputs under 32x32."""
+          padding: Padding = "VALID", param_dtype: Any = jnp.float32,
+          conv_impl: ConvImpl = "auto") -> Model:
+    """The paper's LeNet-style CNN. Use ``padding="SAME"`` for inputs under 32x32.
+
+    ``conv_impl``: how convolutions run (:func:`resolve_conv_impl`; same params, same maths).
+    """
     _check_shape(input_shape)
+    resolve_conv_impl(conv_impl)
     h, w, _ = input_shape
     if padding == "VALID" and (h < 16 or w < 16):
         raise ConfigError(f"lenet with VALID padding needs inputs of at least 16x16, got "
                          f"{input_shape}; use padding='SAME' for small images such as digits.")
-    return Model("lenet", LeNetFeatures(padding, param_dtype), num_classes,
-                 tuple(input_shape), "fc2", param_dtype, (("padding", padding),))
+    return Model("lenet", LeNetFeatures(padding, param_dtype, conv_impl), num_classes,
+                 tuple(input_shape), "fc2", param_dtype,
+                 (("padding", padding), *_impl_option(conv_impl)))
 
 
 def conv4(num_classes: int = 5, input_shape: tuple[int, int, int] = (28, 28, 1),
           width: int = 64, norm: Literal["none", "layer"] = "none",
-          param_dtype: Any = jnp.float32) -> Model:
-    """The MAML Conv4 net (Finn et al., 2017) without BatchNorm."""
+          param_dtype: Any = jnp.float32, conv_impl: ConvImpl = "auto") -> Model:
+    """The MAML Conv4 net (Finn et al., 2017) without BatchNorm; ``conv_impl`` as in :func:`lenet`."""
     _check_shape(input_shape)
+    resolve_conv_impl(conv_impl)
     if norm not in ("none", "layer"):
         raise ConfigError(f"conv4 norm must be 'none' or 'layer', got {norm!r}")
-    return Model("conv4", Conv4Features(width, norm, param_dtype), num_classes,
-                 tuple(input_shape), "conv4", param_dtype, (("width", width), ("norm", norm)))
+    return Model("conv4", Conv4Features(width, norm, param_dtype, conv_impl), num_classes,
+                 tuple(input_shape), "conv4", param_dtype,
+                 (("width", width), ("norm", norm), *_impl_option(conv_impl)))
+
+
+def _impl_option(conv_impl: str) -> tuple[tuple[str, str], ...]:
+    """``conv_impl`` goes into ``spec()`` only when set: a run's config stays as before."""
+    return () if conv_impl == "auto" else (("conv_impl", conv_impl),)
 
 
 MODELS: dict[str, Callable[..., Model]] = {"lenet": lenet, "conv4": conv4}
