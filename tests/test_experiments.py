@@ -50,17 +50,32 @@ def golden_runs(tmp_path_factory, digits_data_dir):
             for name, module in MODULES.items()}
 
 
+# Where the numbers may move by float32 rounding, and by how much. Since the redesign the CPU
+# meta-step computes convolutions as im2col matmuls and max-pooling's derivative through a
+# mask (benchmarks, BENCHMARKS.md), which reorders float32 sums inside the meta-gradient:
+# measured, the meta-training losses after 4 outer steps moved by at most 2 float32 ulps
+# (2.4e-7 on 1.64); rtol 1e-5 is ~80x that. Every accuracy, curve, SKD and UNSIR number,
+# and the reverse_maml model's own attack curves stayed bitwise equal and are compared exactly.
+ROUNDING = {"/meta_final_metrics": 1e-5}
+
+
 def assert_same_numbers(expected, actual, path=""):
-    """Every number in ``expected`` equals the one at the same place in ``actual``."""
+    """Every number in ``expected`` equals the one at the same place in ``actual``
+    (exactly, or within :data:`ROUNDING` under the prefixes it names)."""
     if isinstance(expected, dict):
         for key, value in expected.items():
             if key in ("wall_seconds",):
                 continue
             assert key in actual, f"{path}/{key} missing"
             assert_same_numbers(value, actual[key], f"{path}/{key}")
-    elif isinstance(expected, list) and expected and not isinstance(expected[0], (str, dict)):
-        np.testing.assert_array_equal(np.asarray(actual, np.float64),
-                                      np.asarray(expected, np.float64), err_msg=path)
+        return
+    rtol = next((tol for prefix, tol in ROUNDING.items() if path.startswith(prefix)), 0.0)
+    if isinstance(expected, list) and expected and not isinstance(expected[0], (str, dict)):
+        np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
+                                   rtol=rtol, atol=0, err_msg=path)
+    elif isinstance(expected, float) and rtol:
+        # a mean or std over seeds carries the absolute error of the losses it is made of
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-6, err_msg=path)
     else:
         assert actual == expected, path
 
