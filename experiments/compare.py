@@ -277,7 +277,7 @@ def markdown(results: dict) -> str:
               f"(methods reused from an earlier run are not timed again)."
               + ("" if not evaluation_stats else
                  f" Attack evaluation (scratch + every method): {evaluation_stats['wall_seconds'] / 60:.1f} "
-                 f"min, {evaluation_stats['programs']} XLA compilations "
+                 f"min, {evaluation_stats['xla_compilations']} XLA compilations "
                  f"({evaluation_stats['compile_seconds']:.0f} s)."),
               f"Data: {results['data_provenance']}."]
     return "\n".join(lines) + "\n"

@@ -38,7 +38,7 @@ def test_markdown_and_figures_per_budget(tmp_path):
     results = {"dataset": "digits", "seeds": [0, 1], "chance": 0.2, "table": table,
                "attacks": attacks, "references": {"scratch": scratch}, "failed": {},
                "command": "python -m experiments.compare", "wall_seconds": 60.0,
-               "evaluation": {"wall_seconds": 30.0, "programs": 12, "compile_seconds": 9.0},
+               "evaluation": {"wall_seconds": 30.0, "xla_compilations": 12, "compile_seconds": 9.0},
                "data_provenance": "digits"}
     md = compare.markdown(results)
     for d, s in (("5 per class", "1x"), ("5 per class", "2x"), ("all", "1x"), ("all", "2x")):
