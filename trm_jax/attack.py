@@ -622,8 +622,10 @@ def attack_sweep(model: models.Model, params: Params, keys: jax.Array,
     batching = resolve_batching(batching, config)
     # The attack drops the model's head for a fresh ``config.num_classes`` one: models (and
     # params) that differ only in their head (UNSIR's 10-way model) share one compiled sweep.
-    model = dataclasses.replace(model, num_classes=config.num_classes)
-    params = {"features": params["features"]}
+    # A warm start first trains the released model, its own head included: it keeps it.
+    if not config.spec.warm_start_epochs:
+        model = dataclasses.replace(model, num_classes=config.num_classes)
+        params = {"features": params["features"]}
     params, keys, data = _place(params, keys, data, int(keys.shape[0]))
     fn = compiled_sweep(model, config, batching, return_params)
     return fn(params, keys, jnp.asarray(lrs, jnp.float32), data)
