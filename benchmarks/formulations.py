@@ -12,7 +12,7 @@ PyTorch many times slower when the cores are busy). Ratios are vs torch with 2 t
 from __future__ import annotations
 
 import sys, time, statistics, os
-import jax, optax, flax.linen as nn
+import flax.linen as nn
 from benchmarks import bench_meta, torch_reference as tr
 from trm_jax import meta, models
 
@@ -21,23 +21,13 @@ def main(rounds: int = 3) -> None:
     rw = lambda x, window=2, padding="VALID": nn.max_pool(x, (window, window), (window, window), padding=padding)
     orig_pool = models.max_pool
     def build(name, conv, pool, unroll, batching):
-        config = meta.MetaConfig(**bench_meta.SPEC, task_batching=batching, inner_unroll=unroll)
-        model = models.lenet(10, conv_impl=conv)
-        opt = optax.adam(1e-3)
-        params = model.init(jax.random.key(0)); st = opt.init(params)
-        tb, ig = bench_meta._tasks(config)
-        keys = jax.random.split(jax.random.key(3), ig.shape[0])
-        @jax.jit
-        def step(params, st, tb, ig, keys):
-            g, m = meta.meta_gradient(params, tb, ig, keys, config, model)
-            u, st = opt.update(g, st, params)
-            return optax.apply_updates(params, u), st, m["objective"]
-        args = (params, st, tb, ig, keys)
-        models.max_pool = rw if pool == "rw" else orig_pool
-        t0 = time.perf_counter(); jax.block_until_ready(step(*args)); c = time.perf_counter() - t0
+        step, args, run, sync = bench_meta.make_jax_meta_step(
+            "exact", task_batching=batching, conv_impl=conv, inner_unroll=unroll)
+        models.max_pool = rw if pool == "rw" else orig_pool  # traced (compiled) on the first call
+        t0 = time.perf_counter(); sync(run()); c = time.perf_counter() - t0
         models.max_pool = orig_pool
         print(f"{name}: compile+first {c:.1f}s", flush=True)
-        return lambda: jax.block_until_ready(step(*args))
+        return lambda: sync(run())
     fns = {
       "old: lax conv, reduce_window pool, rolled inner, unroll tasks": build("old", "lax", "rw", 1, "unroll"),
       "new default (auto): im2col, mask pool, unrolled inner, unroll tasks": build("new", "auto", "new", None, "unroll"),
