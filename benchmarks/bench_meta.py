@@ -35,11 +35,11 @@ def _tasks(config: meta.MetaConfig, seed: int = 0) -> tuple[tasks.Task, jax.Arra
 
 
 def make_jax_meta_step(meta_grad: str = "exact", remat: bool = False, task_batching: str = "auto",
-                       inner_steps: int = 5):
+                       inner_steps: int = 5, conv_impl: str = "auto", inner_unroll=None):
     """``(jitted_step, args, run, sync)`` for one outer step on pre-sampled tasks."""
     config = meta.MetaConfig(**{**SPEC, "inner_steps": inner_steps}, meta_grad=meta_grad,
-                             remat=remat, task_batching=task_batching)
-    model = models.lenet(10)
+                             remat=remat, task_batching=task_batching, inner_unroll=inner_unroll)
+    model = models.lenet(10, conv_impl=conv_impl)
     optimizer = optax.adam(1e-3)
     params = model.init(jax.random.key(0))
     opt_state = optimizer.init(params)

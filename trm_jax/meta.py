@@ -215,7 +215,7 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
         ``False`` subtrees are frozen (not updated, no gradient taken through
         their inner update).
       unroll: the ``lax.scan`` unroll factor (``True`` = all ``steps``); ``None``
-        picks one per backend (:func:`resolve_inner_unroll`). Same numbers
+        picks one per backend (:func:`resolve_inner_unroll`; rolled with ``remat``). Same numbers
         either way; it changes only how XLA runs the loop.
 
     Returns:
@@ -239,7 +239,8 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
 
     if remat:
         step = jax.checkpoint(step)
-    unroll = resolve_inner_unroll(steps) if unroll is None else unroll
+    if unroll is None:  # remat is for memory; unrolled, XLA:CPU kept as much (552 vs 542 MiB)
+        unroll = 1 if remat else resolve_inner_unroll(steps)
     adapted, _ = jax.lax.scan(step, params, None, length=steps, unroll=unroll)
     return adapted
 
