@@ -10,7 +10,7 @@ never accuracy results.
 
 Sizes: ``paper`` = the paper's split (40,000 pre-training / 10,000 fine-tuning /
 10,000 test) and budgets (20 epochs, 2,000 meta-steps, 10 attack epochs), for a
-GPU; ``reduced`` = 2,000 / 500 / 500 images, 2 epochs, 20 meta-steps, 2 attack
+GPU; ``reduced`` = 2,000 / 500 / 500 images, 2 epochs, 20 meta-steps, 4 attack
 epochs, for a CPU.
 
     python -m benchmarks.run --bench paper_e2e --e2e-size paper --device-label "H100"
@@ -31,7 +31,7 @@ SIZES = {
     "paper": dict(train=50_000, test=10_000, pretrain=40_000, epochs=20, meta_steps=2000,
                   attack_epochs=10, distill_epochs=20),
     "reduced": dict(train=2_500, test=500, pretrain=2_000, epochs=2, meta_steps=20,
-                    attack_epochs=2, distill_epochs=2),
+                    attack_epochs=4, distill_epochs=2),
 }
 DATASET = "synthetic_cifar"
 
