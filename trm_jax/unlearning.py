@@ -12,7 +12,7 @@ Kankanhalli; IEEE TNNLS 2023, arXiv:2111.08947) for a stack of seeds:
 
 :func:`unsir` runs steps 2-4; every training stage goes through the one training
 engine (:func:`trm_jax.train.fit_classifier`, or any ``run_phase`` with the same
-contract, e.g. the resumable ``experiments.common.train_phase``). Noise lives in the
+contract, e.g. the resumable :func:`trm_jax.methods.train_phase`). Noise lives in the
 model's float input space (``uint8`` images map to [-1, 1] in
 :func:`trm_jax.models.to_float`; float images pass through unchanged).
 
@@ -355,7 +355,7 @@ def validate_forget_labels(forget_labels: Sequence[int] | np.ndarray, num_classe
 # ------------------------------------------------------------------ the pipeline
 
 class RunPhase(Protocol):
-    """Trains one stage; the contract of :func:`fit_phase` and ``experiments.common.train_phase``."""
+    """Trains one stage; the contract of :func:`fit_phase` and :func:`trm_jax.methods.train_phase`."""
 
     def __call__(self, phase: str, keys: jax.Array, params: Params,
                  train_data: tuple[jax.Array, jax.Array], config: train.TrainConfig, *,
