@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# The persistent compilation cache stays off in tests (test_compilation turns it on in
-# its own subprocesses and temporary folders): tests never write to ~/.cache.
+# The library's persistent compilation cache (~/.cache) stays off in tests (test_compilation
+# turns it on in its own subprocesses and temporary folders): tests never write to ~/.cache.
+# jax's cache runs in a per-session temporary folder instead (session_compilation_cache).
 os.environ.setdefault("TRM_JAX_NO_COMPILE_CACHE", "1")
 
 import jax
@@ -13,6 +14,32 @@ import pytest
 
 # Catch silent broadcasting bugs (equinox does the same in its test-suite).
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_compilation_cache(tmp_path_factory):
+    """jax's persistent compilation cache in a per-session temporary folder (in this
+    process only; subprocesses keep their own settings).
+
+    Many tests build the same programs again in new closures (an experiment run, then
+    its resume; ``compare`` running the methods the golden runs ran), which jax's
+    in-memory cache cannot see; the persistent cache is keyed on the program itself,
+    so the second build loads XLA's executable (~ms) instead of compiling it (~s).
+    Loaded executables are XLA's own, bit for bit: no test's numbers change.
+    Measured (2 shared cores): the reverse_maml resume tests 29 -> 14 s and 24 -> 5 s,
+    the compare-failure test 47 -> 17 s.
+    """
+    saved = {name: getattr(jax.config, name) for name in CACHE_FLAGS}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    # Every program, however small or quick to compile (jax's defaults skip those).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="session")
