@@ -29,8 +29,9 @@ def session_compilation_cache(tmp_path_factory):
     in-memory cache cannot see; the persistent cache is keyed on the program itself,
     so the second build loads XLA's executable (~ms) instead of compiling it (~s).
     Loaded executables are XLA's own, bit for bit: no test's numbers change.
-    Measured (2 shared cores): the reverse_maml resume tests 29 -> 14 s and 24 -> 5 s,
-    the compare-failure test 47 -> 17 s.
+    Measured once each on 2 busy shared cores: the reverse_maml resume tests 29 -> 20 s and
+    24 -> 4 s, the compare-failure test 47 -> 25 s; tests with nothing to reuse pay no
+    measurable cost for the cache writes.
     """
     saved = {name: getattr(jax.config, name) for name in CACHE_FLAGS}
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
