@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from trm_jax import data, models, train
 from trm_jax.errors import ConfigError, NonFiniteError
@@ -128,3 +130,81 @@ def train_phase(hooks: Hooks | None, phase: str, keys: PRNGKey, params: Params,
                              f"stopped; {hooks.describe_last_good(phase)}",
                              err.state, err.epoch) from None
     return state
+
+
+def outer_loop(phase: str, step: Callable[..., tuple[Params, Any, dict[str, jax.Array]]],
+               params: Params, optimizer: optax.GradientTransformation, keys: PRNGKey,
+               steps: int, log_every: int, hooks: Hooks | None, *, shared: tuple = (),
+               per_seed: tuple = (), plain_step: Callable[..., Any] | None = None,
+               plain_every: int = 0, postfix: tuple[str, ...] = (), advice: str = ""
+               ) -> tuple[Params, dict[str, np.ndarray]]:
+    """A resumable, vmapped outer loop (meta-training): ``steps`` calls of one jitted step.
+
+    ``step(params, opt_state, key, *shared, *per_seed) -> (params, opt_state, metrics)``
+    is written for ONE seed and vmapped here (``shared`` arrays, e.g. the data, are not
+    vmapped; ``per_seed`` ones are ``[S, ...]``). The key of seed ``s`` at step ``t`` is
+    ``fold_in(fold_in(keys[s], streams.META), t)``: a resumed run draws exactly what an
+    uninterrupted one would. Every ``plain_every``-th step runs ``plain_step`` instead
+    (same signature). Metrics are logged every ``log_every`` steps, where NaN/Inf stops
+    the loop (the last saved state stays intact).
+
+    Returns:
+      ``(params[S, ...], metrics of the last logged step {name: f[S]})``.
+
+    Raises:
+      NonFiniteError: NaN/Inf at a logged step (``advice`` ends its message).
+    """
+    from trm_jax import sharding, streams
+
+    hooks = hooks or NO_HOOKS
+    opt_state = jax.vmap(optimizer.init)(params)
+    start, last = 0, {}
+    restored = hooks.restore(phase, lambda: (params, opt_state))
+    if restored is not None:
+        (params, opt_state), info = restored
+        start = int(info["step"])
+        last = {k: np.asarray(v) for k, v in info.get("metrics", {}).items()}
+    # Seeds across devices (no-op on one device); the shared data is replicated.
+    params, opt_state, keys, per_seed = sharding.shard_seeds((params, opt_state, keys, per_seed))
+    shared = sharding.replicate(shared, int(keys.shape[0]))
+    in_axes = (0, 0, 0) + (None,) * len(shared) + (0,) * len(per_seed)
+    step_fn = _seeds_program(step, in_axes)
+    plain_fn = _seeds_program(plain_step, in_axes) if plain_step else None
+    fold = _fold_seeds
+    stream = fold(keys, streams.META)
+    bar = range(start + 1, steps + 1)
+    if hooks.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(bar, desc=phase, initial=start, total=steps, dynamic_ncols=True)
+    for t in bar:
+        fn = plain_fn if plain_fn is not None and t % plain_every == 0 else step_fn
+        params, opt_state, metrics = fn(params, opt_state, fold(stream, t), *shared, *per_seed)
+        if t % log_every == 0 or t == steps:
+            metrics = {k: np.asarray(v) for k, v in metrics.items()}
+            bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+            if bad or not _finite(params):
+                raise NonFiniteError(
+                    f"[{phase}] non-finite {bad or 'params'} at outer step {t}: stopped; "
+                    f"{hooks.describe_last_good(phase)}. {advice}", None, t)
+            last = {**last, **metrics}
+            hooks.log({"phase": phase, "step": t,
+                       **{k: float(v.mean()) for k, v in metrics.items()}, "per_seed": metrics})
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix({k: f"{metrics[k].mean():.3f}" for k in postfix if k in metrics})
+        if hooks.should_save(phase, t, steps) and _finite(params):
+            hooks.save(phase, t, (params, opt_state),
+                       {"step": t, "metrics": {k: v.tolist() for k, v in last.items()}})
+    return params, last
+
+
+_fold_seeds = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+
+
+@functools.lru_cache(maxsize=32)
+def _seeds_program(step: Callable[..., Any], in_axes: tuple) -> Callable[..., Any]:
+    """``jit(vmap(step))``, one per (cached) step function: repeated runs reuse its programs."""
+    return jax.jit(jax.vmap(step, in_axes=in_axes))
+
+
+def _finite(tree: Any) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))

@@ -27,19 +27,18 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import data, meta, models, sharding, streams, tasks, train
-from trm_jax.errors import ConfigError, NonFiniteError
-from trm_jax.hooks import NO_HOOKS, Hooks
+from trm_jax import data, meta, models, tasks, train
+from trm_jax.errors import ConfigError
+from trm_jax.hooks import Hooks
 from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_batch,
-                                     check_keys, device_subset, train_phase)
+                                     check_keys, device_subset, outer_loop, train_phase)
 from trm_jax.typing import Params, PRNGKey
 
 NAME = "reverse_maml"
@@ -110,54 +109,21 @@ def meta_train(model: models.Model, config: ReverseMAMLConfig, keys: PRNGKey,
       ConfigError: tasks that do not fit the pools, before compiling.
       NonFiniteError: NaN/Inf at a logged step; the last saved state stays intact.
     """
-    hooks = hooks or NO_HOOKS
     meta.check_pools(config.meta, good_pool, bad_pool)
-    optimizer = optax.adam(config.outer_lr)
-    params = jax.vmap(model.init)(keys)
-    opt_state = jax.vmap(optimizer.init)(params)
-    start, last = 0, {}
-    restored = hooks.restore(phase, lambda: (params, opt_state))
-    if restored is not None:
-        (params, opt_state), info = restored
-        start = int(info["step"])
-        last = {k: np.asarray(v) for k, v in info.get("metrics", {}).items()}
-    # Seeds across devices (no-op on one device); the task pools are shared.
-    params, opt_state, keys = sharding.shard_seeds((params, opt_state, keys))
-    good_pool, bad_pool = sharding.replicate((good_pool, bad_pool), int(keys.shape[0]))
-    step_fn = jax.jit(jax.vmap(meta.make_meta_step(config.meta, model, optimizer),
-                               in_axes=(0, 0, 0, None, None)))
-    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
-    stream = fold(keys, streams.META)
-    bar = range(start + 1, config.meta_steps + 1)
-    if hooks.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(bar, desc=phase, initial=start, total=config.meta_steps, dynamic_ncols=True)
-    for step in bar:
-        params, opt_state, metrics = step_fn(params, opt_state, fold(stream, step), good_pool,
-                                             bad_pool)
-        if step % config.log_every == 0 or step == config.meta_steps:
-            metrics = {k: np.asarray(v) for k, v in metrics.items()}
-            bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
-            if bad or not _finite(params):
-                raise NonFiniteError(
-                    f"[{phase}] non-finite {bad or 'params'} at outer step {step}: stopped; "
-                    f"{hooks.describe_last_good(phase)}. Try another meta.bad_term (clipped_ascent, "
-                    "inverse_ce, uniform_kl) or a smaller meta.lam / outer_lr in a new run",
-                    None, step)
-            last = metrics
-            hooks.log({"phase": phase, "step": step,
-                       **{k: float(v.mean()) for k, v in metrics.items()}, "per_seed": metrics})
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix({"good": f"{metrics['good/post_loss'].mean():.3f}",
-                                 "bad": f"{metrics['bad/post_loss'].mean():.3f}"})
-        if hooks.should_save(phase, step, config.meta_steps) and _finite(params):
-            hooks.save(phase, step, (params, opt_state),
-                       {"step": step, "metrics": {k: v.tolist() for k, v in last.items()}})
-    return params, last
+    return outer_loop(
+        phase, _meta_step(config.meta, model, config.outer_lr), jax.vmap(model.init)(keys),
+        optax.adam(config.outer_lr), keys, config.meta_steps,
+        config.log_every, hooks, shared=(good_pool, bad_pool),
+        postfix=("good/post_loss", "bad/post_loss"),
+        advice="Try another meta.bad_term (clipped_ascent, inverse_ce, uniform_kl) or a smaller "
+               "meta.lam / outer_lr in a new run")
 
 
-def _finite(tree: Any) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+@functools.lru_cache(maxsize=8)
+def _meta_step(config: meta.MetaConfig, model: models.Model, outer_lr: float):
+    """One step function per (hashable) setting, so a second ``meta_train`` with the same
+    settings (a resume, ``compare`` running the method again) reuses its compiled program."""
+    return meta.make_meta_step(config, model, optax.adam(outer_lr))
 
 
 def check(config: ReverseMAMLConfig, protocol: data.ProtocolData) -> None:
