@@ -161,6 +161,7 @@ register(DatasetEntry(
     overrides={"reverse_maml": {"meta.shots": 5, "meta.queries": 10, "meta.inner_lr": 0.1,
                                 "meta_steps": 200},
                "skd": {"distill.epochs": 60, "distill.learning_rate": 3e-3},
+               "simulated_attack": {"meta_steps": 200},
                "unsir": {"unsir": _DIGITS_UNSIR}}))
 
 

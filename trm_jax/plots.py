@@ -117,3 +117,44 @@ def plot_bars(values: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, 
     fig.savefig(path)
     plt.close(fig)
     return pathlib.Path(path)
+
+
+def plot_tradeoff(points: list[tuple[str, float, float, str, str]], path: str | os.PathLike,
+                  title: str, *, goal_x: float | None = None,
+                  goal_y: float | None = None) -> pathlib.Path:
+    """A defence trade-off: beneficial accuracy (y) vs worst-case malicious accuracy (x).
+
+    Args:
+      points: ``(label, beneficial, malicious, marker, group)`` per configuration.
+      goal_x, goal_y: the goal region (``malicious <= goal_x`` and ``beneficial >= goal_y``),
+        shaded when both are given.
+
+    Returns:
+      The path written.
+    """
+    if not points:
+        raise ValueError("plot_tradeoff needs at least one point")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    groups = list(dict.fromkeys(p[4] for p in points))
+    colors = dict(zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    seen = set()
+    for label, y, x, marker, group in points:
+        ax.scatter([x], [y], marker=marker, color=colors[group],
+                   label=None if (group, marker) in seen else group)
+        seen.add((group, marker))
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if goal_x is not None and goal_y is not None:
+        ax.axvspan(0, goal_x, ymin=0, ymax=1, alpha=0.06, color="green")
+        ax.axhline(goal_y, color="green", lw=0.8, ls="--")
+        ax.axvline(goal_x, color="green", lw=0.8, ls="--")
+    ax.set_xlabel("worst-case malicious accuracy after the reuse attacks (lower is better)")
+    ax.set_ylabel("beneficial test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -301,6 +301,36 @@ def protocol_from_arrays(spec: ProtocolSpec, train: tuple[np.ndarray, np.ndarray
     return ProtocolData(spec=spec, **out)
 
 
+def validation_protocol(protocol: ProtocolData, fraction: float = 1 / 3) -> ProtocolData:
+    """The protocol for choosing hyper-parameters without touching the test split.
+
+    The last ``fraction`` of each fine-tuning half becomes the "test" split (the
+    attacker's held-out malicious data and the beneficial accuracy's), the rest stays
+    the attacker's fine-tuning data; pre-training is unchanged. Select on this, report on
+    ``protocol``.
+
+    Raises:
+      ConfigError: ``fraction`` outside (0, 1), or a half too small to split.
+    """
+    if not 0 < fraction < 1:
+        raise ConfigError(f"fraction must be in (0, 1), got {fraction!r}")
+
+    def cut(subset: Subset) -> tuple[Subset, Subset]:
+        n = len(subset)
+        held = int(round(n * fraction))
+        if held < 1 or held >= n:
+            raise ConfigError(f"a fine-tuning half of {n} examples cannot hold out "
+                              f"{fraction:.2f} of itself; use a larger finetune split")
+        part = lambda s: Subset(subset.images[s], subset.labels[s], subset.original_labels[s],
+                                subset.classes)
+        return part(slice(0, n - held)), part(slice(n - held, n))
+
+    (ben_ft, ben_val), (mal_ft, mal_val) = cut(protocol.finetune.beneficial), cut(
+        protocol.finetune.malicious)
+    return ProtocolData(protocol.pretrain, Halves(ben_ft, mal_ft), Halves(ben_val, mal_val),
+                        protocol.spec)
+
+
 def load_protocol(spec: ProtocolSpec, data_dir: str | None = None,
                   download: bool | None = None) -> ProtocolData:
     """Loads a dataset through TFDS and cuts it by the protocol.

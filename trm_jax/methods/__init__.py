@@ -7,6 +7,8 @@ name                      config                                  what
 ``"unsir"``               :class:`~.unsir.UnsirMethodConfig`      machine-unlearning baseline (UNSIR)
 ``"skd"``                 :class:`~.skd.SKDMethodConfig`          selective knowledge distillation
 ``"reverse_maml"``        :class:`~.reverse_maml.ReverseMAMLConfig`  Reverse-MAML, exact meta-gradients
+``"simulated_attack"``    :class:`~.simulated_attack.SimulatedAttackConfig`  meta-training against
+                                                                  the evaluation's attackers
 ========================  ======================================  ===================================
 
 Every config's defaults are the recommended settings; :func:`config_for` applies a
@@ -31,14 +33,16 @@ from typing import Any
 from trm_jax import datasets
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
-from trm_jax.methods import reference, reverse_maml, skd, unsir
+from trm_jax.methods import reference, reverse_maml, simulated_attack, skd, unsir
 from trm_jax.methods._phases import Protected, seed_keys, train_phase
 
 #: name -> module with ``NAME``, a config class, ``default_config(entry)`` and ``protect``.
-METHODS: dict[str, ModuleType] = {m.NAME: m for m in (reference, unsir, skd, reverse_maml)}
+METHODS: dict[str, ModuleType] = {m.NAME: m for m in (reference, unsir, skd, reverse_maml,
+                                                         simulated_attack)}
 CONFIGS: dict[str, type] = {"reference": reference.ReferenceConfig,
                             "unsir": unsir.UnsirMethodConfig, "skd": skd.SKDMethodConfig,
-                            "reverse_maml": reverse_maml.ReverseMAMLConfig}
+                            "reverse_maml": reverse_maml.ReverseMAMLConfig,
+                            "simulated_attack": simulated_attack.SimulatedAttackConfig}
 
 
 def method(name: str) -> ModuleType:
@@ -89,4 +93,5 @@ def protect(name: str, config: Any, protocol, keys, *, hooks: Hooks | None = Non
 
 
 __all__ = ["METHODS", "CONFIGS", "Protected", "check", "config_for", "method", "protect", "replace_path",
-           "seed_keys", "train_phase", "reference", "reverse_maml", "skd", "unsir"]
+           "seed_keys", "train_phase", "reference", "reverse_maml", "simulated_attack", "skd",
+           "unsir"]

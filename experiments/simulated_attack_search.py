@@ -1,0 +1,243 @@
+"""Search and ablation for simulated-attack meta-training: choose on validation, report on test.
+
+    python -m experiments.simulated_attack_search --dataset digits
+    python -m experiments.simulated_attack_search --dataset digits --grid "lam=1" "lam=3,anchor=0.3"
+
+1. **Search** (``--search-seeds`` seeds): every ``--grid`` variant of the base config
+   (``field=value`` changes, comma-separated; dotted paths reach nested fields, e.g.
+   ``attacker.steps=20``) is trained and attacked on ``trm_jax.data.validation_protocol``:
+   the attacker fine-tunes on two thirds of the fine-tuning split and is scored on the
+   last third; the test split is never read. The pick: among variants within 0.02 of the
+   reference's beneficial accuracy, the lowest worst-case reuse attack (then the lowest
+   advantage over scratch); if none is within 0.02, the smallest beneficial drop.
+2. **Test** (``--seeds`` seeds): the pick and each ``--ablations`` change of it (one
+   ingredient removed), attacked on the test split, with the goals of
+   ``trm_jax.evaluation.defence_goals``; the unprotected reference attacked the same way.
+
+Writes results.json, results.md (search and ablation tables) and tradeoff.png (beneficial
+accuracy vs worst reuse attack, one point per variant). ``--resume`` skips finished variants.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from typing import Annotated, Any
+
+from experiments import _cli
+from trm_jax import config_for, data, errors, evaluation, methods, plots, runs
+from trm_jax.evaluation import SuiteConfig
+from trm_jax.methods import simulated_attack
+from trm_jax.methods.simulated_attack import SimulatedAttackConfig
+
+NAME = "simulated_attack_search"
+
+#: The search: one knob at a time around the base config (lam, K, attacker mix, anchor,
+#: the SKD hybrid).
+GRID = ("lam=1", "lam=3", "anchor=0.1", "attacker.steps=20", "attacker.top_layers=(4,)",
+        "start=skd,attacker.reinit_probability=0.25")
+#: Each removes one ingredient of the pick.
+ABLATIONS = ("weighting=final", "meta_grad=first_order", "lam=0", "anchor=0",
+             "attacker.top_layers=(0,)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(_cli.Experiment):
+    """Validation search over variants, then the pick and its ablations on the test split."""
+
+    method: Annotated[SimulatedAttackConfig, _cli.FLAT] = SimulatedAttackConfig()
+    grid: tuple[str, ...] = GRID
+    """variants of the base config searched on the validation split ("field=value,...")"""
+    ablations: tuple[str, ...] = ABLATIONS
+    """changes of the pick evaluated on the test split (one ingredient removed each)"""
+    search_seeds: int = 3
+    """seeds of the validation search"""
+    attack: SuiteConfig = evaluation.COMPARE_SUITE
+    """the attack suite and budgets (default: compare's)"""
+
+
+def defaults(dataset: str) -> Config:
+    return Config(dataset=dataset, method=config_for(simulated_attack.NAME, dataset))
+
+
+def apply_variant(config: SimulatedAttackConfig, change: str) -> SimulatedAttackConfig:
+    """One ``"field=value"`` change (a dotted path, a Python literal or a bare word).
+
+    Raises:
+      ConfigError: not ``field=value``, an unknown field, or an invalid value.
+    """
+    path, sep, text = change.partition("=")
+    if not sep or not path.strip():
+        raise errors.ConfigError(f"variant change {change!r} is not field=value")
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        value = text.strip()  # a bare word is a string (start=skd)
+    return methods.replace_path(config, path.strip(), value)
+
+
+def _split_variants(variant: str) -> list[str]:
+    """Splits on the commas between changes, not inside tuples: "a=(1, 2),b=3"."""
+    out, depth, cur = [], 0, ""
+    for ch in variant:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [c for c in (*out, cur) if c.strip()]
+
+
+def variant_config(base: SimulatedAttackConfig, variant: str) -> SimulatedAttackConfig:
+    config = base
+    for change in _split_variants(variant):
+        config = apply_variant(config, change)
+    return config
+
+
+def evaluate_variant(name: str, config: SimulatedAttackConfig, protocol, keys, suite, scratch,
+                     start, model) -> dict[str, Any]:
+    """Protects and attacks one variant; returns its JSON-able record (goals included)."""
+    if config.start != "reference":
+        start = None  # the hybrid trains its own starting model (SKD)
+    protected = simulated_attack.protect(config, protocol, keys, model=model, start=start)
+    report = evaluation.evaluate(protected, protocol, suite, scratch=scratch)
+    summary = _cli.summarize(protected.metrics)
+    goals = evaluation.defence_goals(report, summary["beneficial_test_accuracy"],
+                                     summary["start_test_accuracy"])
+    budgets = report["summary"]["budgets"]
+    return json.loads(json.dumps(runs.to_jsonable({
+        "variant": name, "config": config, "beneficial": summary["beneficial_test_accuracy"],
+        "start_beneficial": summary["start_test_accuracy"], "goals": goals,
+        "budgets": budgets, "meta_final_metrics": summary["meta_final_metrics"]})))
+
+
+def pick(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The search's choice (see the module docstring)."""
+    ok = [p for p in points if p["goals"]["met"]["beneficial"]]
+    if ok:
+        return min(ok, key=lambda p: (p["goals"]["reuse"], p["goals"]["max_advantage"]))
+    return min(points, key=lambda p: p["goals"]["beneficial_drop"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = _cli.parse(Config, defaults, argv, prog=f"python -m experiments.{NAME}",
+                        description=__doc__)
+    variants = {v: variant_config(config.method, v) for v in config.grid}  # errors first
+    for ablation in config.ablations:
+        variant_config(config.method, ablation)
+    protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
+    validation = data.validation_protocol(protocol)
+    model = _cli.model_override(config.dataset, config.model, protocol)
+    for cfg in variants.values():
+        methods.check(simulated_attack.NAME, cfg, validation)
+    suite = config.attack
+    suite.plan(protocol.finetune.malicious.num_classes, suite.epochs_for(protocol))
+    with _cli.Run(NAME, config, config.run) as run:
+        done = run.path / "variants"
+        done.mkdir(exist_ok=True)
+
+        def cached(tag: str, compute) -> dict[str, Any]:
+            path = done / f"{tag}.json"
+            if config.run.resume and path.is_file():
+                print(f"[search] {tag}: reusing {path}", flush=True)
+                return json.loads(path.read_text())
+            record = compute()
+            path.write_text(json.dumps(record, indent=1))
+            return record
+
+        def stage(protocol_, seeds: int, entries: dict[str, SimulatedAttackConfig], split: str):
+            _, keys = _cli.seeds_of(seeds)
+            state: dict[str, Any] = {}
+
+            def shared():  # the reference start and scratch, once per stage, only if needed
+                if not state:
+                    state["start"] = simulated_attack.start_model(config.method, protocol_, keys,
+                                                                  model=model)
+                    state["scratch"] = evaluation.scratch_reference(state["start"], protocol_, suite)
+                return state["start"], state["scratch"]
+
+            records = []
+            for i, (name, cfg) in enumerate(entries.items()):
+                print(f"[search] {split}: {name}", flush=True)
+                records.append(cached(f"{split}-{i}", lambda: evaluate_variant(
+                    name, cfg, protocol_, keys, suite, shared()[1], shared()[0], model)))
+                print(f"[search]   {evaluation.goals_line(records[-1]['goals'])}", flush=True)
+            return records, state
+
+        with run.phase("search"):
+            points, _ = stage(validation, config.search_seeds, variants, "validation")
+        best = pick(points)
+        base = variant_config(config.method, best["variant"])
+        entries = {f"pick ({best['variant']})": base,
+                   **{f"pick, {a}": variant_config(base, a) for a in config.ablations}}
+        with run.phase("test"):
+            rows, state = stage(protocol, config.seeds, entries, "test")
+            unprotected = cached("test-unprotected", lambda: _unprotected(
+                protocol, config, state, suite))
+        results = run.finish({"experiment": NAME, "dataset": config.dataset,
+                              "search_seeds": config.search_seeds, "seeds": config.seeds,
+                              "beneficial_test_accuracy": rows[0]["beneficial"],
+                              "attacks": {}, "references": {},  # per-variant budgets below
+                              "search": points, "pick": best["variant"], "test": rows,
+                              "unprotected": unprotected, "suite": runs.to_jsonable(suite)})
+        (run.path / "results.md").write_text(markdown(results))
+        tradeoff_figure(run.path / "tradeoff.png", results)
+        print(markdown(results))
+        return results
+
+
+def _unprotected(protocol, config: Config, state: dict[str, Any], suite) -> dict[str, Any]:
+    """The test stage's starting model (the unprotected reference) attacked the same way."""
+    if not state:
+        raise errors.ConfigError("no test entry used the reference start")
+    start = state["start"]
+    report = evaluation.evaluate(start, protocol, suite, scratch=state["scratch"])
+    beneficial = _cli.summarize(start.metrics)["beneficial_test_accuracy"]
+    return json.loads(json.dumps(runs.to_jsonable({
+        "beneficial": beneficial, "goals": evaluation.defence_goals(report, beneficial, beneficial),
+        "budgets": report["summary"]["budgets"]})))
+
+
+def _cells(p: dict[str, Any]) -> str:
+    g = p["goals"]
+    return (f"{p['beneficial']['mean']:.3f} ± {p['beneficial']['std']:.3f} | {g['beneficial_drop']:+.3f} | "
+            f"{g['reuse']:.3f} ({g['reuse_attack']}) | {g['max_advantage']:+.3f} "
+            f"({g['max_advantage_at']}) | {'yes' if g['all_met'] else 'no'}")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    head = ("| variant | beneficial | drop vs reference | worst reuse (final) | max advantage over "
+            "scratch (budget) | all goals |\n|---|---|---|---|---|---|")
+    lines = [f"# Simulated-attack search on {results['dataset']}", "",
+             f"## Validation search ({results['search_seeds']} seeds; held-out third of the "
+             "fine-tuning split)", "", head]
+    lines += [f"| {p['variant']} | {_cells(p)} |" for p in results["search"]]
+    lines += ["", f"Pick: `{results['pick']}`.", "",
+              f"## Test split ({results['seeds']} seeds): the pick and its ablations", "", head]
+    u = results["unprotected"]
+    lines.append(f"| unprotected reference | {_cells(u)} |")
+    lines += [f"| {p['variant']} | {_cells(p)} |" for p in results["test"]]
+    lines += ["", "Goals: worst reuse attack <= 0.30, beneficial drop <= 0.02, advantage over "
+              "scratch <= 0 at every budget. Mean ± std over seeds."]
+    return "\n".join(lines) + "\n"
+
+
+def tradeoff_figure(path, results: dict[str, Any]) -> Any:
+    """Beneficial accuracy vs worst reuse attack, one point per variant (validation: circles,
+    test: squares), the goal region shaded."""
+    points = [(p["variant"], p["beneficial"]["mean"], p["goals"]["reuse"], "o", "validation")
+              for p in results["search"]]
+    points += [(p["variant"], p["beneficial"]["mean"], p["goals"]["reuse"], "s", "test")
+               for p in results["test"]]
+    u = results["unprotected"]
+    points.append(("unprotected", u["beneficial"]["mean"], u["goals"]["reuse"], "x", "test"))
+    return plots.plot_tradeoff(points, path, f"Simulated-attack meta-training on "
+                                             f"{results['dataset']}: beneficial vs worst reuse attack",
+                               goal_x=0.30, goal_y=u["beneficial"]["mean"] - 0.02)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli.main(main))
