@@ -4,7 +4,7 @@
     python -m benchmarks.run --device-label "H100 80GB" --out benchmarks/results/h100.json
 
 Benches (synthetic CIFAR-shaped data, so it runs anywhere, TFDS or not):
-``meta_step``, ``meta_step_scaling``, ``attack_sweep``, ``train_epoch``,
+``meta_step``, ``meta_step_scaling``, ``sim_attack_step`` (digits-shaped), ``attack_sweep``, ``train_epoch``,
 ``distill_epoch``, ``seed_sharding`` (CPU only), and the PyTorch reference of each
 where torch is installed (``pip install -e '.[bench]'``). Every JAX function is
 warmed up (compiled) first and synchronised with ``block_until_ready`` before
@@ -21,8 +21,8 @@ import jax
 
 from benchmarks import harness
 
-BENCHES = ("meta_step", "meta_step_scaling", "attack_sweep", "train_epoch", "distill_epoch",
-           "seed_sharding", "paper_e2e")
+BENCHES = ("meta_step", "meta_step_scaling", "sim_attack_step", "attack_sweep", "train_epoch",
+           "distill_epoch", "seed_sharding", "paper_e2e")
 #: Not in the default selection (minutes to hours): ask for them with --bench.
 ON_REQUEST = ("paper_e2e",)
 # Ratios are against PyTorch where it ran, else against the plain-JAX alternative.
@@ -30,12 +30,14 @@ TORCH_REFERENCE = {"meta_step": "torch best (2nd order)", "attack_sweep": "torch
                    "train_epoch": "torch", "distill_epoch": "torch"}
 JAX_REFERENCE = {"attack_sweep": "jax per-run loop", "train_epoch": "jax step",
                  "distill_epoch": "jax step", "meta_step_scaling": "K=1",
+                 "sim_attack_step": "K=5",
                  "seed_sharding": "4 seeds on 1 CPU device(s)", "paper_e2e": "cold"}
 
 
 def jax_benches(quick: bool, warmup: int, repeats: int, e2e_size: str = "auto",
                 e2e_seeds: int = 5) -> dict[str, Callable[[], list]]:
-    from benchmarks import bench_meta, bench_paper_e2e, bench_sharding, bench_train
+    from benchmarks import (bench_meta, bench_paper_e2e, bench_sharding, bench_simulated_attack,
+                            bench_train)
 
     size = e2e_size if e2e_size != "auto" else (
         "reduced" if quick or jax.default_backend() == "cpu" else "paper")
@@ -44,6 +46,8 @@ def jax_benches(quick: bool, warmup: int, repeats: int, e2e_size: str = "auto",
         # seconds per call on a CPU: one timed call each in --quick keeps it under 5 minutes
         "meta_step": lambda: bench_meta.bench_meta_step(quick, warmup, 1 if quick else repeats),
         "meta_step_scaling": lambda: bench_meta.bench_meta_step_scaling(quick, warmup, min(repeats, 2)),
+        "sim_attack_step": lambda: bench_simulated_attack.bench_simulated_attack_step(
+            quick, warmup, repeats),
         "train_epoch": lambda: bench_train.bench_train_throughput(quick, warmup, repeats),
         "seed_sharding": lambda: bench_sharding.bench_seed_sharding(quick),
         "paper_e2e": lambda: bench_paper_e2e.bench_paper_e2e(size, e2e_seeds),
