@@ -3,7 +3,7 @@
     python -m experiments.simulated_attack --dataset digits --seeds 3
     python -m experiments.simulated_attack --dataset digits --lam 3 --attacker.steps 20
 
-Trains the unprotected reference (the starting model), meta-trains it against
+Trains the unprotected reference (the starting model and the goals' baseline), meta-trains against
 attackers sampled from the evaluation's suite (``trm_jax.methods.simulated_attack``),
 then attacks the result with ``--attack`` (default: compare's suite, every attack at
 three data budgets) and reports the goals of ``trm_jax.evaluation.defence_goals``:
@@ -51,25 +51,27 @@ def main(argv: list[str] | None = None) -> dict:
     methods.check(NAME, config.method, protocol)
     config.attack.plan(protocol.finetune.malicious.num_classes, config.attack.epochs_for(protocol))
     with _cli.Run(NAME, config, config.run) as run:
-        with run.phase("start"):
-            start = simulated_attack.start_model(config.method, protocol, keys, hooks=run.hooks,
-                                                 model=model)
-        with run.phase("meta"):
-            protected = simulated_attack.protect(config.method, protocol, keys, hooks=run.hooks,
-                                                 model=model, start=start)
+        with run.phase("reference"):  # the unprotected model: the goals' beneficial baseline
+            reference = simulated_attack.start_model(
+                dataclasses.replace(config.method, start="reference"), protocol, keys,
+                hooks=run.hooks, model=model)
+        with run.phase("meta"):  # from the reference, or (start=skd) from SKD's student
+            protected = simulated_attack.protect(
+                config.method, protocol, keys, hooks=run.hooks, model=model,
+                start=reference if config.method.start == "reference" else None)
         checkpoint.save_model(run.path, protected.model, protected.params, seeds)
         summary = _cli.summarize(protected.metrics)
-        for key, label in (("start_test_accuracy", "starting model (unprotected)"),
-                           ("beneficial_test_accuracy", "protected")):
-            _cli.print_accuracy(f"{label} beneficial accuracy", summary[key])
+        unprotected = _cli.summarize(reference.metrics)["beneficial_test_accuracy"]
+        _cli.print_accuracy("unprotected reference beneficial accuracy", unprotected)
+        _cli.print_accuracy("protected beneficial accuracy", summary["beneficial_test_accuracy"])
         with run.phase("attack"):
             report = evaluation.evaluate(protected, protocol, config.attack,
                                          verbose=config.run.progress)
-        goals = evaluation.defence_goals(report, summary["beneficial_test_accuracy"],
-                                         summary["start_test_accuracy"])
+        goals = evaluation.defence_goals(report, summary["beneficial_test_accuracy"], unprotected)
         results = run.finish({"experiment": NAME, "dataset": config.dataset, "seeds": seeds,
                               "split": "validation" if config.validation else "test",
-                              **summary, **report, "goals": goals})
+                              **summary, "unprotected_beneficial_test_accuracy": unprotected,
+                              **report, "goals": goals})
         print(evaluation.summary_table(results))
         print(evaluation.goals_line(goals))
         return results

@@ -99,19 +99,34 @@ def variant_config(base: SimulatedAttackConfig, variant: str) -> SimulatedAttack
 
 def evaluate_variant(name: str, config: SimulatedAttackConfig, protocol, keys, suite, scratch,
                      start, model) -> dict[str, Any]:
-    """Protects and attacks one variant; returns its JSON-able record (goals included)."""
+    """Protects and attacks one variant: its JSON-able record (goals: :func:`with_goals`)."""
     if config.start != "reference":
         start = None  # the hybrid trains its own starting model (SKD)
     protected = simulated_attack.protect(config, protocol, keys, model=model, start=start)
     report = evaluation.evaluate(protected, protocol, suite, scratch=scratch)
     summary = _cli.summarize(protected.metrics)
-    goals = evaluation.defence_goals(report, summary["beneficial_test_accuracy"],
-                                     summary["start_test_accuracy"])
-    budgets = report["summary"]["budgets"]
     return json.loads(json.dumps(runs.to_jsonable({
         "variant": name, "config": config, "beneficial": summary["beneficial_test_accuracy"],
-        "start_beneficial": summary["start_test_accuracy"], "goals": goals,
-        "budgets": budgets, "meta_final_metrics": summary["meta_final_metrics"]})))
+        "start_beneficial": summary["start_test_accuracy"],
+        "budgets": report["summary"]["budgets"],
+        "meta_final_metrics": summary["meta_final_metrics"]})))
+
+
+def reference_record(start, protocol, suite, scratch) -> dict[str, Any]:
+    """The unprotected reference (the search's starting model) attacked the same way."""
+    report = evaluation.evaluate(start, protocol, suite, scratch=scratch)
+    return json.loads(json.dumps(runs.to_jsonable({
+        "variant": "unprotected reference",
+        "beneficial": _cli.summarize(start.metrics)["beneficial_test_accuracy"],
+        "budgets": report["summary"]["budgets"]})))
+
+
+def with_goals(record: dict[str, Any], reference_beneficial: dict[str, Any]) -> dict[str, Any]:
+    """``record`` plus its goals, the beneficial drop measured against the UNPROTECTED
+    reference (never against the variant's own start: the SKD hybrid starts lower)."""
+    report = {"summary": {"budgets": record["budgets"]}}
+    return {**record, "goals": evaluation.defence_goals(report, record["beneficial"],
+                                                        reference_beneficial)}
 
 
 def pick(points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -151,54 +166,45 @@ def main(argv: list[str] | None = None) -> dict:
         def stage(protocol_, seeds: int, entries: dict[str, SimulatedAttackConfig], split: str):
             _, keys = _cli.seeds_of(seeds)
             state: dict[str, Any] = {}
+            reference_config = dataclasses.replace(config.method, start="reference")
 
             def shared():  # the reference start and scratch, once per stage, only if needed
                 if not state:
-                    state["start"] = simulated_attack.start_model(config.method, protocol_, keys,
-                                                                  model=model)
+                    state["start"] = simulated_attack.start_model(reference_config, protocol_,
+                                                                  keys, model=model)
                     state["scratch"] = evaluation.scratch_reference(state["start"], protocol_, suite)
                 return state["start"], state["scratch"]
 
+            reference = cached(f"{split}-reference", lambda: reference_record(
+                shared()[0], protocol_, suite, shared()[1]))
+            reference = with_goals(reference, reference["beneficial"])
             records = []
             for i, (name, cfg) in enumerate(entries.items()):
                 print(f"[search] {split}: {name}", flush=True)
-                records.append(cached(f"{split}-{i}", lambda: evaluate_variant(
-                    name, cfg, protocol_, keys, suite, shared()[1], shared()[0], model)))
+                records.append(with_goals(cached(f"{split}-{i}", lambda: evaluate_variant(
+                    name, cfg, protocol_, keys, suite, shared()[1], shared()[0], model)),
+                    reference["beneficial"]))
                 print(f"[search]   {evaluation.goals_line(records[-1]['goals'])}", flush=True)
-            return records, state
+            return records, reference
 
         with run.phase("search"):
-            points, _ = stage(validation, config.search_seeds, variants, "validation")
+            points, val_reference = stage(validation, config.search_seeds, variants, "validation")
         best = pick(points)
         base = variant_config(config.method, best["variant"])
         entries = {f"pick ({best['variant']})": base,
                    **{f"pick, {a}": variant_config(base, a) for a in config.ablations}}
         with run.phase("test"):
-            rows, state = stage(protocol, config.seeds, entries, "test")
-            unprotected = cached("test-unprotected", lambda: _unprotected(
-                protocol, config, state, suite))
+            rows, unprotected = stage(protocol, config.seeds, entries, "test")
         results = run.finish({"experiment": NAME, "dataset": config.dataset,
                               "search_seeds": config.search_seeds, "seeds": config.seeds,
                               "beneficial_test_accuracy": rows[0]["beneficial"],
                               "attacks": {}, "references": {},  # per-variant budgets below
                               "search": points, "pick": best["variant"], "test": rows,
-                              "unprotected": unprotected, "suite": runs.to_jsonable(suite)})
+                              "unprotected": unprotected, "unprotected_validation": val_reference, "suite": runs.to_jsonable(suite)})
         (run.path / "results.md").write_text(markdown(results))
         tradeoff_figure(run.path / "tradeoff.png", results)
         print(markdown(results))
         return results
-
-
-def _unprotected(protocol, config: Config, state: dict[str, Any], suite) -> dict[str, Any]:
-    """The test stage's starting model (the unprotected reference) attacked the same way."""
-    if not state:
-        raise errors.ConfigError("no test entry used the reference start")
-    start = state["start"]
-    report = evaluation.evaluate(start, protocol, suite, scratch=state["scratch"])
-    beneficial = _cli.summarize(start.metrics)["beneficial_test_accuracy"]
-    return json.loads(json.dumps(runs.to_jsonable({
-        "beneficial": beneficial, "goals": evaluation.defence_goals(report, beneficial, beneficial),
-        "budgets": report["summary"]["budgets"]})))
 
 
 def _cells(p: dict[str, Any]) -> str:
@@ -214,12 +220,12 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Simulated-attack search on {results['dataset']}", "",
              f"## Validation search ({results['search_seeds']} seeds; held-out third of the "
              "fine-tuning split)", "", head]
-    lines += [f"| {p['variant']} | {_cells(p)} |" for p in results["search"]]
+    lines += [f"| {p['variant']} | {_cells(p)} |"
+              for p in [results["unprotected_validation"], *results["search"]]]
     lines += ["", f"Pick: `{results['pick']}`.", "",
               f"## Test split ({results['seeds']} seeds): the pick and its ablations", "", head]
-    u = results["unprotected"]
-    lines.append(f"| unprotected reference | {_cells(u)} |")
-    lines += [f"| {p['variant']} | {_cells(p)} |" for p in results["test"]]
+    lines += [f"| {p['variant']} | {_cells(p)} |"
+              for p in [results["unprotected"], *results["test"]]]
     lines += ["", "Goals: worst reuse attack <= 0.30, beneficial drop <= 0.02, advantage over "
               "scratch <= 0 at every budget. Mean ± std over seeds."]
     return "\n".join(lines) + "\n"
@@ -232,8 +238,10 @@ def tradeoff_figure(path, results: dict[str, Any]) -> Any:
               for p in results["search"]]
     points += [(p["variant"], p["beneficial"]["mean"], p["goals"]["reuse"], "s", "test")
                for p in results["test"]]
+    for u, group in ((results["unprotected_validation"], "validation"),
+                     (results["unprotected"], "test")):
+        points.append(("unprotected", u["beneficial"]["mean"], u["goals"]["reuse"], "x", group))
     u = results["unprotected"]
-    points.append(("unprotected", u["beneficial"]["mean"], u["goals"]["reuse"], "x", "test"))
     return plots.plot_tradeoff(points, path, f"Simulated-attack meta-training on "
                                              f"{results['dataset']}: beneficial vs worst reuse attack",
                                goal_x=0.30, goal_y=u["beneficial"]["mean"] - 0.02)

@@ -145,8 +145,12 @@ def test_search_cli_end_to_end_and_resume(tmp_path, digits_data_dir, capsys):
     assert [p["variant"] for p in results["search"]] == ["lam=1", "anchor=0.5"]
     assert results["pick"] in ("lam=1", "anchor=0.5")
     assert [r["variant"] for r in results["test"]] == [f"pick ({results['pick']})", "pick, lam=0"]
-    for row in results["search"] + results["test"] + [results["unprotected"]]:
-        assert 0 <= row["goals"]["reuse"] <= 1 and row["goals"]["reuse_attack"] == "linear_probe"
+    for rows, ref in ((results["search"], results["unprotected_validation"]),
+                      (results["test"], results["unprotected"])):
+        for row in rows + [ref]:
+            assert 0 <= row["goals"]["reuse"] <= 1 and row["goals"]["reuse_attack"] == "linear_probe"
+            assert row["goals"]["beneficial_drop"] == pytest.approx(  # vs the UNPROTECTED model
+                ref["beneficial"]["mean"] - row["beneficial"]["mean"])
     run = tmp_path / "run"
     assert (run / "tradeoff.png").stat().st_size > 0
     assert "Pick: `" in (run / "results.md").read_text()
@@ -154,7 +158,7 @@ def test_search_cli_end_to_end_and_resume(tmp_path, digits_data_dir, capsys):
     assert stored["pick"] == results["pick"]
     capsys.readouterr()
     again = search.main(argv + ["--resume"])  # every variant finished: nothing recomputed
-    assert capsys.readouterr().out.count("reusing") == 5
+    assert capsys.readouterr().out.count("reusing") == 6  # 2 + 2 variants, 2 references
     assert again["test"] == results["test"]
 
 
@@ -164,3 +168,26 @@ def test_search_cli_bad_variant_is_one_line_exit_2(capsys):
     assert _cli.main(search.main, ["--dataset", "digits", "--grid", "lamb=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lamb" in err[0]
+
+
+def test_single_experiment_reports_goals_against_the_unprotected_reference(tmp_path,
+                                                                          digits_data_dir):
+    from experiments import simulated_attack as experiment
+
+    results = experiment.main([
+        "--dataset", "digits", "--data-dir", digits_data_dir, "--no-progress", "--seeds", "1",
+        "--workdir", str(tmp_path / "run"), "--meta-steps", "2", "--log-every", "1",
+        "--attacker.steps", "2", "--attacker.data-per-class", "2", "--shots", "2",
+        "--queries", "2", "--bad-tasks", "1", "--batch-size", "16", "--start-train.epochs", "1",
+        "--attacker.top-layers", "0", "--attacker.optimizers", "adam", "--validation",
+        "--attack.attacks", "linear_probe", "--attack.epochs", "2", "--attack.learning-rates",
+        "0.01"])
+    assert results["split"] == "validation"
+    goals = results["goals"]
+    drop = (results["unprotected_beneficial_test_accuracy"]["mean"]
+            - results["beneficial_test_accuracy"]["mean"])
+    assert goals["beneficial_drop"] == pytest.approx(drop)
+    assert goals["reuse_attack"] == "linear_probe" and set(goals["met"]) == {
+        "reuse", "beneficial", "advantage"}
+    stored = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert stored["goals"] == results["goals"]
