@@ -40,7 +40,7 @@ def jax_benches(quick: bool, warmup: int, repeats: int, e2e_size: str = "auto",
                             bench_train)
 
     size = e2e_size if e2e_size != "auto" else (
-        "reduced" if quick or jax.default_backend() == "cpu" else "paper")
+        "tiny" if quick or jax.default_backend() == "cpu" else "paper")
 
     out = {
         # seconds per call on a CPU: one timed call each in --quick keeps it under 5 minutes
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     p.add_argument("--out", default=None, help="write rows + machine info as JSON here")
     p.add_argument("--bench", action="append", choices=BENCHES, help="repeatable; default: all")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    p.add_argument("--e2e-size", choices=("auto", "reduced", "paper"), default="auto",
-                   help="paper_e2e data and budgets (auto: paper on a GPU/TPU, reduced on CPU)")
+    p.add_argument("--e2e-size", choices=("auto", "tiny", "reduced", "paper"), default="auto",
+                   help="paper_e2e data and budgets (auto: paper on a GPU/TPU, tiny on CPU)")
     p.add_argument("--e2e-seeds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=None, help="default 3 (2 with --quick)")
