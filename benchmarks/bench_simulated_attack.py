@@ -44,16 +44,24 @@ def setup(seed: int = 0):
 
 
 def bench_simulated_attack_step(quick: bool = False, warmup: int = 1, repeats: int = 3,
-                                steps: tuple[int, ...] | None = None) -> list[harness.Row]:
+                                steps: tuple[int, ...] | None = None,
+                                mix: bool = True) -> list[harness.Row]:
+    """Rows ``K=k`` and ``K=k remat`` (Adam only) and, with ``mix``, ``K=k mix``: the
+    attacker's optimizer drawn from sgd/momentum/adam (the ``lax.switch`` program the
+    method compiles), lr from 1e-4..1e-1: what sampling optimizers costs in compile and
+    step time."""
     steps = steps or ((5, 20) if quick else STEPS)
     model, params, (ben_x, ben_y, pool), anchor = setup()
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(params)
     key = jax.random.key(1)
     rows = []
+    variants = [("adam",), ("adam", "remat")] + ([("mix",)] if mix else [])
     for k in steps:
-        for remat in (False, True):
-            space = sa.AttackerSpace(optimizers=("adam",), learning_rates=(1e-2, 1e-2), steps=k,
+        for variant in variants:
+            remat = "remat" in variant
+            opts, lrs = (sa.OPTIMIZERS, (1e-4, 1e-1)) if "mix" in variant else (("adam",), (1e-2, 1e-2))
+            space = sa.AttackerSpace(optimizers=opts, learning_rates=lrs, steps=k,
                                      top_layers=(4,), data_per_class=(10,))
             config = method.SimulatedAttackConfig(attacker=space, remat=remat, bad_tasks=2)
             step = jax.jit(method.make_step(config, model, 5, 1e-3))
@@ -65,7 +73,8 @@ def bench_simulated_attack_step(quick: bool = False, warmup: int = 1, repeats: i
                                      repeats=1 if (quick or k >= 50) else repeats,
                                      sync=jax.block_until_ready)
             rows.append(harness.Row.from_timing(
-                "sim_attack_step", f"K={k}" + (" remat" if remat else ""), timing,
+                "sim_attack_step", f"K={k}" + "".join(f" {v}" for v in variant[1:] if v)
+                + (" mix" if "mix" in variant else ""), timing,
                 extra={"compiled_temp_bytes": memory["temp"], "inner_steps": k, "remat": remat,
                        "lower_compile_s": compile_s}))
             print(harness.format_table(rows[-1:]), flush=True)
