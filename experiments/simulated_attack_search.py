@@ -240,7 +240,8 @@ def tradeoff_figure(path, results: dict[str, Any]) -> Any:
                for p in results["test"]]
     for u, group in ((results["unprotected_validation"], "validation"),
                      (results["unprotected"], "test")):
-        points.append(("unprotected", u["beneficial"]["mean"], u["goals"]["reuse"], "x", group))
+        points.append(("unprotected", u["beneficial"]["mean"], u["goals"]["reuse"], "x",
+                       f"unprotected ({group})"))
     u = results["unprotected"]
     return plots.plot_tradeoff(points, path, f"Simulated-attack meta-training on "
                                              f"{results['dataset']}: beneficial vs worst reuse attack",

@@ -58,3 +58,16 @@ def test_results_table_is_the_committed_comparison():
     assert len(rows) >= 2 + len(results["table"])
     for row in rows:
         assert row in README, row
+
+
+def test_simulated_attack_tables_are_the_committed_search():
+    import json
+
+    from experiments import simulated_attack_search as search
+
+    results = json.loads((RESULTS / "simulated_attack_search" / "results.json").read_text())
+    rows = [ln for ln in search.markdown(results).splitlines() if ln.startswith("| ")]
+    assert len(rows) == 2 + 2 + len(results["search"]) + len(results["test"])  # headers, references
+    for row in rows:
+        assert row in README, row
+    assert f"Pick: `{results['pick']}`" in README
