@@ -11,7 +11,7 @@ never accuracy results.
 Sizes: ``paper`` = the paper's split (40,000 pre-training / 10,000 fine-tuning /
 10,000 test) and budgets (20 epochs, 2,000 meta-steps, 10 attack epochs), for a
 GPU; ``reduced`` = 2,000 / 500 / 500 images, 2 epochs, 20 meta-steps, 4 attack
-epochs; ``tiny`` (the CPU default) = 500 / 200 / 200 images, 1 epoch, 4 meta-steps, 4 attack
+epochs; ``tiny`` (the CPU default) = 1,200 / 200 / 200 images, 1 epoch, 4 meta-steps, 4 attack
 epochs: every phase and compiled program of the paper run with little arithmetic.
 
     python -m benchmarks.run --bench paper_e2e --e2e-size paper --device-label "H100"
@@ -35,7 +35,7 @@ SIZES = {
                     attack_epochs=4, distill_epochs=2),
     # The CPU preset: every phase and program of the paper run, little arithmetic (the
     # "reduced" size did not finish in 18 minutes on 2 shared cores).
-    "tiny": dict(train=700, test=200, pretrain=500, epochs=1, meta_steps=4,
+    "tiny": dict(train=1_400, test=200, pretrain=1_200, epochs=1, meta_steps=4,
                  attack_epochs=4, distill_epochs=1),
 }
 DATASET = "synthetic_cifar"

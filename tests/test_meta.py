@@ -172,7 +172,7 @@ def test_fresh_head_mode_matches_finite_differences_and_ignores_the_head(x64):
 def test_bounded_bad_terms_match_finite_differences(x64):
     logits = normal(np.random.default_rng(2), (5, 4))
     labels = jnp.arange(5) % 4
-    for term in (meta.clipped_ascent, meta.inverse_ce, meta.uniform_kl):
+    for term in (meta.clipped_ascent, meta.inverse_ce, meta.uniform_kl, meta.max_entropy):
         f = jax.jit(jax.value_and_grad(lambda z: term(z, labels, 1.2)))
         check_finite_differences(f, logits)
 
@@ -395,6 +395,8 @@ def test_bad_terms_values_signs_and_caps(x64):
     kl = (0.25 * (np.log(0.25) - np.log(p))).sum(-1).mean()
     np.testing.assert_allclose(terms["uniform_kl"][0], -kl, rtol=1e-10)
     assert terms["inverse_ce"][0] < 0 and terms["uniform_kl"][0] < 0  # both bounded by 0
+    np.testing.assert_allclose(terms["max_entropy"][0], -(p * np.log(p)).sum(-1).mean(), rtol=1e-10)
+    assert 0 < terms["max_entropy"][0] < math.log(4)  # bounded by log C (uniform)
     # Larger = more resistant: each label-aware term grows as the true class loses mass.
     for name in ("ascent", "clipped_ascent", "inverse_ce"):
         assert terms[name][1] > terms[name][0], name

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Literal, NamedTuple, Optional, Protocol
+from typing import Any, Callable, Literal, Optional, Protocol
 
 import chex
 import jax
@@ -49,7 +49,7 @@ Metrics = dict[str, chex.Array]
 AdaptMode = Literal["all", "head"]
 HeadInit = Literal["keep", "fresh"]
 MetaGrad = Literal["exact", "first_order", "reptile"]
-BadTerm = Literal["ascent", "clipped_ascent", "inverse_ce", "uniform_kl"]
+BadTerm = Literal["ascent", "clipped_ascent", "inverse_ce", "uniform_kl", "max_entropy"]
 TaskBatching = Literal["vmap", "map", "unroll", "auto"]
 
 ADAPT_MODES = ("all", "head")
@@ -157,9 +157,22 @@ def uniform_kl(logits: chex.Array, labels: chex.Array, cap: Optional[float] = No
     return -kl.mean()
 
 
+def max_entropy(logits: chex.Array, labels: chex.Array, cap: Optional[float] = None) -> chex.Array:
+    """``R = mean_i H(p_i) = -mean_i sum_j p_ij log p_ij``: the entropy of the predictions
+    (TAR's objective), bounded above by ``log C`` (uniform). Labels and ``cap`` are ignored.
+
+    Unlike :func:`uniform_kl` (``-KL(u || p)``, unbounded below as a class's ``p`` goes to
+    0) it is bounded on both sides, so a confident attacked model costs at most ``log C``.
+    """
+    del labels, cap
+    chex.assert_rank(logits, 2)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1).mean()
+
+
 BAD_TERMS: dict[str, BadTermFn] = {
     "ascent": ascent, "clipped_ascent": clipped_ascent,
-    "inverse_ce": inverse_ce, "uniform_kl": uniform_kl,
+    "inverse_ce": inverse_ce, "uniform_kl": uniform_kl, "max_entropy": max_entropy,
 }
 
 

@@ -56,8 +56,9 @@ Start = Literal["reference", "skd"]
 class SimulatedAttackConfig:
     """Attributes:
       attacker: the attackers simulated in the inner loop.
-      bad_term: a bounded bad term of :data:`trm_jax.meta.BAD_TERMS` (``uniform_kl``:
-        the attacked model should know nothing; ``inverse_ce``, ``clipped_ascent``).
+      bad_term: a term of :data:`trm_jax.meta.BAD_TERMS` (``uniform_kl``: the attacked
+        model should know nothing; ``max_entropy``: TAR's, bounded by ``log C``;
+        ``inverse_ce``, ``clipped_ascent``).
       weighting: the inner steps' weights (:data:`trm_jax.simulated_attack.STEP_WEIGHTINGS`).
       lam: weight of the bad term (>= 0; 0 = fine-tuning with the anchor only).
       anchor: weight of the feature anchor to the starting model (>= 0).
