@@ -59,7 +59,10 @@ def register(size: str) -> None:
         DATASET, "", (32, 32, 3), 10, pretrain_size=spec["pretrain"], offline=True,
         epochs=spec["epochs"], attack_epochs=spec["attack_epochs"],
         overrides={"reverse_maml": {"meta_steps": spec["meta_steps"]},
-                   "skd": {"distill.epochs": spec["distill_epochs"]}},
+                   "skd": {"distill.epochs": spec["distill_epochs"]},
+                   # tiny: UNSIR's scaled-down stages (the digits preset), not CIFAR's
+                   **({"unsir": {"unsir": "trm_jax.unlearning:DIGITS_CONFIG"}}
+                      if size == "tiny" else {})},
         loader=loader), replace=True)
 
 

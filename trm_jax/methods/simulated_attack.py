@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal, Optional
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,8 @@ class SimulatedAttackConfig:
       start: ``"reference"`` (train the unprotected model first) or ``"skd"`` (start
         from SKD's masked student: the hybrid).
       start_train: the reference's training (``start="reference"``).
-      start_skd: SKD's settings (``start="skd"``).
+      start_skd: SKD's settings (``start="skd"``; :func:`trm_jax.config_for` gives the
+        dataset's).
       task_batching: how bad tasks are batched (:func:`trm_jax.meta.resolve_task_batching`).
     """
 
@@ -95,7 +96,7 @@ class SimulatedAttackConfig:
     log_every: int = 10
     start: Start = "reference"
     start_train: train.TrainConfig = train.TrainConfig(epochs=20)
-    start_skd: Optional[skd.SKDMethodConfig] = None
+    start_skd: skd.SKDMethodConfig = skd.SKDMethodConfig()
     task_batching: meta.TaskBatching = "auto"
 
     def __post_init__(self) -> None:
@@ -121,8 +122,11 @@ class SimulatedAttackConfig:
 
 
 def default_config(entry) -> SimulatedAttackConfig:
-    """The dataset's training budget for the starting model (and SKD's, for the hybrid)."""
-    return SimulatedAttackConfig(start_train=reference.dataset_train_config(entry))
+    """The dataset's training budget for the starting model and its SKD settings (the hybrid)."""
+    from trm_jax.methods import config_for  # the package imports this module
+
+    return SimulatedAttackConfig(start_train=reference.dataset_train_config(entry),
+                                 start_skd=config_for(skd.NAME, entry.name))
 
 
 def check(config: SimulatedAttackConfig, protocol: data.ProtocolData,
@@ -139,13 +143,7 @@ def check(config: SimulatedAttackConfig, protocol: data.ProtocolData,
     if config.start == "reference":
         check_batch(config.start_train, pre.beneficial, "start_train")
     else:
-        skd.check(_skd_config(config), protocol)
-
-
-def _skd_config(config: SimulatedAttackConfig) -> skd.SKDMethodConfig:
-    return config.start_skd or skd.SKDMethodConfig(
-        teacher=config.start_train, distill=config.start_train,
-        head=dataclasses.replace(config.start_train, trainable=("head",)))
+        skd.check(config.start_skd, protocol)
 
 
 def _malicious_pool(protocol: data.ProtocolData) -> tasks.ClassPool:
@@ -156,7 +154,8 @@ def _malicious_pool(protocol: data.ProtocolData) -> tasks.ClassPool:
 #: Fields that never change the compiled step (the loop, the starting model) or enter it
 #: as traced values (``lam``, ``anchor``): variants differing only in them share programs.
 _NOT_IN_PROGRAM = dict(lam=1.0, anchor=1.0, meta_steps=1, log_every=1, alternate_every=0,
-                       start="reference", start_train=train.TrainConfig(), start_skd=None)
+                       start="reference", start_train=train.TrainConfig(),
+                       start_skd=skd.SKDMethodConfig())
 
 
 def make_objective(config: SimulatedAttackConfig, model: models.Model, num_malicious: int):
@@ -245,7 +244,7 @@ def start_model(config: SimulatedAttackConfig, protocol: data.ProtocolData, keys
     if config.start == "reference":
         return reference.protect(reference.ReferenceConfig(config.start_train), protocol, keys,
                                  hooks=hooks, model=model, phase="start")
-    return skd.protect(_skd_config(config), protocol, keys, hooks=hooks, model=model)
+    return skd.protect(config.start_skd, protocol, keys, hooks=hooks, model=model)
 
 
 def protect(config: SimulatedAttackConfig, protocol: data.ProtocolData, keys: PRNGKey, *,
