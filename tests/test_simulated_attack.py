@@ -257,3 +257,7 @@ def test_attacker_space_check_against_model_and_support():
     with pytest.raises(ConfigError, match="data_per_class"):
         sa.AttackerSpace(data_per_class=(20,)).check(model, shots=10)
     sa.AttackerSpace(top_layers=(0, 4), data_per_class=(10,)).check(model, shots=10)
+    with pytest.raises(ConfigError, match="top_layers=3"):
+        sa.fixed_attacker(sa.AttackerSpace(top_layers=(0, 2)), "adam", 0.1, top_layers=3)
+    with pytest.raises(ConfigError, match="optimizer"):
+        sa.fixed_attacker(sa.AttackerSpace(optimizers=("sgd",)), "adam", 0.1, top_layers=0)

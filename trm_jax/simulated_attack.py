@@ -176,6 +176,9 @@ def fixed_attacker(space: AttackerSpace, optimizer: str, learning_rate: float,
     """One given attacker (tests, benchmarks, and evaluating the simulation itself)."""
     if optimizer not in space.optimizers:
         raise ConfigError(f"optimizer {optimizer!r} is not in the space's {space.optimizers}")
+    if not 0 <= top_layers <= max(space.top_layers):  # deeper layers are constants there
+        raise ConfigError(f"top_layers={top_layers} must be in 0..{max(space.top_layers)} "
+                          f"(the space's deepest attacker)")
     return Attacker(jnp.asarray(space.optimizers.index(optimizer), jnp.int32),
                     jnp.asarray(learning_rate, jnp.float32), jnp.asarray(top_layers, jnp.int32),
                     jnp.asarray(reinit), jnp.asarray(data_per_class or max(space.data_per_class),
