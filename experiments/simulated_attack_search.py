@@ -97,6 +97,11 @@ def variant_config(base: SimulatedAttackConfig, variant: str) -> SimulatedAttack
     return config
 
 
+def _json(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as it reads back from its JSON file (what ``--resume`` sees)."""
+    return json.loads(json.dumps(runs.to_jsonable(record)))
+
+
 def evaluate_variant(name: str, config: SimulatedAttackConfig, protocol, keys, suite, scratch,
                      start, model) -> dict[str, Any]:
     """Protects and attacks one variant: its JSON-able record (goals: :func:`with_goals`)."""
@@ -105,20 +110,20 @@ def evaluate_variant(name: str, config: SimulatedAttackConfig, protocol, keys, s
     protected = simulated_attack.protect(config, protocol, keys, model=model, start=start)
     report = evaluation.evaluate(protected, protocol, suite, scratch=scratch)
     summary = _cli.summarize(protected.metrics)
-    return json.loads(json.dumps(runs.to_jsonable({
+    return _json({
         "variant": name, "config": config, "beneficial": summary["beneficial_test_accuracy"],
         "start_beneficial": summary["start_test_accuracy"],
         "budgets": report["summary"]["budgets"],
-        "meta_final_metrics": summary["meta_final_metrics"]})))
+        "meta_final_metrics": summary["meta_final_metrics"]})
 
 
 def reference_record(start, protocol, suite, scratch) -> dict[str, Any]:
     """The unprotected reference (the search's starting model) attacked the same way."""
     report = evaluation.evaluate(start, protocol, suite, scratch=scratch)
-    return json.loads(json.dumps(runs.to_jsonable({
+    return _json({
         "variant": "unprotected reference",
         "beneficial": _cli.summarize(start.metrics)["beneficial_test_accuracy"],
-        "budgets": report["summary"]["budgets"]})))
+        "budgets": report["summary"]["budgets"]})
 
 
 def with_goals(record: dict[str, Any], reference_beneficial: dict[str, Any]) -> dict[str, Any]:

@@ -185,7 +185,7 @@ def defence_goals(report: Report, beneficial: Any, unprotected_beneficial: Any, 
 
     Returns:
       ``{"reuse", "reuse_attack", "beneficial", "beneficial_drop", "max_advantage",
-      "max_advantage_at", "met": {"reuse", "beneficial", "advantage"}, "all_met"}``.
+      "max_advantage_at", "limits", "met": {"reuse", "beneficial", "advantage"}, "all_met"}``.
     """
     mean = lambda v: float(v["mean"]) if isinstance(v, Mapping) else float(np.mean(v))
     budgets = report["summary"]["budgets"]
@@ -199,6 +199,7 @@ def defence_goals(report: Report, beneficial: Any, unprotected_beneficial: Any, 
            "beneficial": mean(beneficial),
            "beneficial_drop": mean(unprotected_beneficial) - mean(beneficial),
            "max_advantage": advantages[worst_at], "max_advantage_at": "/".join(worst_at)}
+    out["limits"] = {"reuse": max_reuse, "beneficial_drop": max_beneficial_drop}
     out["met"] = {"reuse": out["reuse"] <= max_reuse,
                   "beneficial": out["beneficial_drop"] <= max_beneficial_drop,
                   "advantage": out["max_advantage"] <= 0}
@@ -209,9 +210,11 @@ def defence_goals(report: Report, beneficial: Any, unprotected_beneficial: Any, 
 def goals_line(goals: Mapping[str, Any]) -> str:
     """One line: each goal's value and whether it is met."""
     mark = lambda ok: "met" if ok else "MISSED"
-    return (f"goals: worst reuse attack {goals['reuse']:.3f} ({goals['reuse_attack']}; <= 0.30 "
-            f"{mark(goals['met']['reuse'])}), beneficial drop {goals['beneficial_drop']:+.3f} "
-            f"(<= 0.02 {mark(goals['met']['beneficial'])}), max advantage over scratch "
+    limits = goals["limits"]
+    return (f"goals: worst reuse attack {goals['reuse']:.3f} ({goals['reuse_attack']}; <= "
+            f"{limits['reuse']:.2f} {mark(goals['met']['reuse'])}), beneficial drop "
+            f"{goals['beneficial_drop']:+.3f} (<= {limits['beneficial_drop']:.2f} "
+            f"{mark(goals['met']['beneficial'])}), max advantage over scratch "
             f"{goals['max_advantage']:+.3f} at {goals['max_advantage_at']} "
             f"(<= 0 {mark(goals['met']['advantage'])})")
 

@@ -144,7 +144,9 @@ def outer_loop(phase: str, step: Callable[..., tuple[Params, Any, dict[str, jax.
     is written for ONE seed and vmapped here (``shared`` arrays, e.g. the data, are not
     vmapped; ``per_seed`` ones are ``[S, ...]``). The key of seed ``s`` at step ``t`` is
     ``fold_in(fold_in(keys[s], streams.META), t)``: a resumed run draws exactly what an
-    uninterrupted one would. Every ``plain_every``-th step runs ``plain_step`` instead
+    uninterrupted one would. ``optimizer`` only initialises the state: it must be the one
+    ``step`` applies (the steps close over theirs so they can be cached per setting).
+    Every ``plain_every``-th step runs ``plain_step`` instead
     (same signature). Metrics are logged every ``log_every`` steps, where NaN/Inf stops
     the loop (the last saved state stays intact).
 
