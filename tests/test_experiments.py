@@ -50,11 +50,6 @@ def golden_runs(tmp_path_factory, digits_data_dir):
             for name, module in MODULES.items()}
 
 
-# pytest-xdist (the README's test command) runs every test of this group in one worker, so the
-# golden runs are computed once, not once per worker.
-GOLDEN_WORKER = pytest.mark.xdist_group("golden_runs")
-
-
 # Where the numbers may move by float32 rounding, and by how much. Since the redesign the CPU
 # meta-step computes convolutions as im2col matmuls and max-pooling's derivative through a
 # mask (benchmarks, BENCHMARKS.md), which reorders float32 sums inside the meta-gradient:
@@ -85,14 +80,12 @@ def assert_same_numbers(expected, actual, path=""):
         assert actual == expected, path
 
 
-@GOLDEN_WORKER
 @pytest.mark.parametrize("name", list(MODULES))
 def test_numbers_equal_the_golden_results_of_the_code_before_the_redesign(golden_runs, name):
     results, _ = golden_runs[name]
     assert_same_numbers(GOLDEN["results"][name], results)
 
 
-@GOLDEN_WORKER
 @pytest.mark.parametrize("name", list(MODULES))
 def test_run_folder_has_the_designed_shape(golden_runs, name):
     results, folder = golden_runs[name]
@@ -110,7 +103,6 @@ def test_run_folder_has_the_designed_shape(golden_runs, name):
         assert (folder / "attack_curves.png").stat().st_size > 0
 
 
-@GOLDEN_WORKER
 def test_config_json_holds_the_resolved_dataset_defaults(golden_runs):
     config = json.loads((golden_runs["skd"][1] / "config.json").read_text())
     assert config["method"]["distill"]["epochs"] == 2  # the flag
@@ -118,7 +110,6 @@ def test_config_json_holds_the_resolved_dataset_defaults(golden_runs):
     assert config["method"]["teacher"]["batch_size"] == 32  # the digits training default
 
 
-@GOLDEN_WORKER
 def test_reference_resumes_to_the_same_numbers(golden_runs, digits_data_dir, tmp_path, interrupt_at):
     """Interrupted after epoch 2 of 3, with what a kill mid-write leaves (a cut-off metrics
     line) and a corrupt latest checkpoint: the resume falls back to epoch 1 and still ends
@@ -145,7 +136,6 @@ def test_reference_resumes_to_the_same_numbers(golden_runs, digits_data_dir, tmp
     assert epochs == [1, 2, 3]
 
 
-@GOLDEN_WORKER
 def test_a_second_writer_of_a_run_folder_is_refused(golden_runs, digits_data_dir, tmp_path):
     """Another process writing the folder (here: holding its lock) makes a resume fail at
     once with a clear message, before any compute."""
@@ -163,7 +153,6 @@ def test_a_second_writer_of_a_run_folder_is_refused(golden_runs, digits_data_dir
         holder.wait()
 
 
-@GOLDEN_WORKER
 @pytest.mark.parametrize("key, value", [("step", 4), ("epoch", 1)])
 def test_reverse_maml_resumes_to_the_same_numbers(golden_runs, digits_data_dir, tmp_path,
                                                   interrupt_at, key, value):
@@ -185,7 +174,6 @@ def test_reverse_maml_resumes_to_the_same_numbers(golden_runs, digits_data_dir, 
     assert steps == [2, 4]
 
 
-@GOLDEN_WORKER
 def test_resume_with_other_settings_is_refused_but_defaults_are_not_changes(golden_runs,
                                                                            digits_data_dir):
     folder = golden_runs["train_reference"][1]
