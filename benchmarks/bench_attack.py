@@ -41,7 +41,7 @@ def make_problem(seeds: int, learning_rates, epochs: int, n_train: int, n_test: 
     """``(model, params[S], keys[S], lrs, data, config)`` for the spec (setup, untimed)."""
     model = models.lenet(10, (32, 32, 3), "VALID")
     keys = jax.vmap(jax.random.key)(jnp.arange(seeds))
-    params = jax.vmap(model.init)(keys)
+    params = model.init_seeds(keys)
     xtr, ytr = harness.synthetic_cifar(0, n_train, num_classes)
     xte, yte = harness.synthetic_cifar(1, n_test, num_classes)
     data = attack.AttackData(*(jax.device_put(a) for a in (xtr, ytr, xte, yte)))

@@ -25,7 +25,7 @@ data = (jnp.asarray(images), jnp.asarray(labels))
 model = models.lenet(10)
 keys = jax.vmap(jax.random.key)(jnp.arange({seeds}))
 config = train.TrainConfig(epochs=1, batch_size=128, strategy="{strategy}")
-params = jax.vmap(model.init)(keys)
+params = model.init_seeds(keys)
 def run():
     state, _ = train.fit_classifier(keys, params, model.apply, *data, config, progress=False)
     return state.params

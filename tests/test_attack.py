@@ -23,7 +23,7 @@ LRS = (0.01, 0.1)
 def setup(digits_protocol):
     model = datasets.model_for("digits", 5, digits_protocol.image_shape)
     keys = jax.vmap(jax.random.key)(jnp.arange(SEEDS))
-    params = jax.vmap(model.init)(keys)
+    params = model.init_seeds(keys)
     return model, params, keys, attack.attack_data(digits_protocol)
 
 

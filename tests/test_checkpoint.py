@@ -15,7 +15,7 @@ MODEL = models.lenet(3, (8, 8, 1), padding="SAME")
 
 def make_state(seeds=(0, 1)):
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    params = jax.vmap(MODEL.init)(keys)
+    params = MODEL.init_seeds(keys)
     return jax.vmap(train.init_state, in_axes=(0, 0, None))(keys, params, optax.adam(1e-2))
 
 

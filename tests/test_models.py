@@ -49,11 +49,14 @@ def test_uint8_images_are_normalised_inside_and_floats_pass_through():
     assert models.to_float(floats) is floats
 
 
-def test_vmap_over_seeds_gives_different_inits():
-    model = models.lenet(5, (8, 8, 1), padding="SAME")
-    params = jax.vmap(model.init)(jax.random.split(jax.random.key(0), 3))
+def test_init_seeds_is_init_per_seed_and_seeds_differ():
+    model = models.lenet(3, (8, 8, 1), padding="SAME")  # as in test_train and test_checkpoint
+    keys = jax.vmap(jax.random.key)(jnp.arange(2))
+    params, one = model.init_seeds(keys), jax.jit(model.init)
+    for seed, key in enumerate(keys):
+        chex.assert_trees_all_equal(jax.tree.map(lambda x: x[seed], params), one(key))
     kernels = params["features"]["conv1"]["kernel"]
-    assert kernels.shape[0] == 3 and not np.allclose(kernels[0], kernels[1])
+    assert kernels.shape[0] == 2 and not np.allclose(kernels[0], kernels[1])
 
 
 def test_spec_round_trip():
@@ -143,18 +146,17 @@ def test_max_pool_gives_tied_windows_gradient_to_the_first_maximum_like_reduce_w
     np.testing.assert_array_equal(ours(x), ref(x))
 
 
-@pytest.mark.parametrize("make", [
-    lambda impl: models.lenet(4, (8, 8, 1), padding="SAME", param_dtype=jnp.float64,
-                              conv_impl=impl),
-    lambda impl: models.conv4(4, (6, 6, 1), width=3, param_dtype=jnp.float64, conv_impl=impl),
-])
-def test_conv_impls_give_the_same_model_and_exact_meta_gradient(x64, make):
+def test_conv_impls_give_the_same_model_and_exact_meta_gradient(x64):
     """lax vs im2col on a whole model: same init, outputs, and second-order meta-gradient
     through ``meta.adapt`` (float64), rolled and unrolled inner loops. (Rolled vs unrolled
-    with ``lax`` convolutions: tests/test_meta.py.) Every program is jitted: each eager
-    op would be a separate XLA compilation, which is most of such a test's time."""
+    with ``lax`` convolutions: tests/test_meta.py; each padding's convolution and pooling,
+    with first and second derivatives, above: so lenet stands for conv4 here too.) Every
+    program is jitted: each eager op would be a separate XLA compilation, which is most of
+    such a test's time."""
     from trm_jax import meta
 
+    make = lambda impl: models.lenet(4, (8, 8, 1), padding="SAME", param_dtype=jnp.float64,
+                                     conv_impl=impl)
     lax_model, im2col_model = make("lax"), make("im2col")
     params = jax.jit(lax_model.init)(jax.random.key(0))
     chex.assert_trees_all_equal(params, jax.jit(im2col_model.init)(jax.random.key(0)))

@@ -24,7 +24,7 @@ LOSS = train.classification_loss(MODEL.apply)
 
 def stacked_state(seeds, optimizer):
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    params = jax.vmap(MODEL.init)(keys)
+    params = MODEL.init_seeds(keys)
     return jax.vmap(train.init_state, in_axes=(0, 0, None))(keys, params, optimizer)
 
 
@@ -56,7 +56,7 @@ def test_scan_and_step_strategies_agree_and_learn():
 
 @pytest.mark.parametrize("strategy", ["scan", "step"])
 def test_head_only_training_leaves_features_bitwise_unchanged(strategy):
-    params0 = jax.vmap(MODEL.init)(jax.vmap(jax.random.key)(jnp.arange(2)))
+    params0 = MODEL.init_seeds(jax.vmap(jax.random.key)(jnp.arange(2)))
     config = train.TrainConfig(epochs=2, batch_size=16, learning_rate=0.05,
                                trainable=("head",), strategy=strategy)
     state, _ = train.fit_classifier(jax.vmap(jax.random.key)(jnp.arange(2)), params0, MODEL.apply,

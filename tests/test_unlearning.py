@@ -26,7 +26,7 @@ def digits_setup(digits_protocol):
     keys = jax.random.key(0)[None]
     images, labels = unlearning.all_classes(pre.beneficial, pre.malicious)
     config = train.TrainConfig(epochs=6, batch_size=32, learning_rate=3e-3, strategy="step")
-    state, _ = train.fit_classifier(keys, jax.vmap(model.init)(keys), model.apply,
+    state, _ = train.fit_classifier(keys, model.init_seeds(keys), model.apply,
                                     jnp.asarray(images), jnp.asarray(labels), config, progress=False)
     halves = dict(beneficial=(jnp.asarray(test.beneficial.images), jnp.asarray(test.beneficial.labels)),
                   malicious=(jnp.asarray(test.malicious.images), jnp.asarray(test.malicious.labels)),
@@ -182,7 +182,7 @@ def test_bad_forget_classes_are_clear_errors(forget, retain_labels, message):
 def test_unsir_checks_inputs_before_any_compute():
     model = models.lenet(10, (8, 8, 1), padding="SAME")
     keys = jax.random.key(0)[None]
-    params = jax.vmap(model.init)(keys)
+    params = model.init_seeds(keys)
     retain = jnp.zeros((20, 8, 8, 1), jnp.uint8), jnp.zeros((20,), jnp.int32)
     with pytest.raises(ValueError, match="forget_labels is empty"):
         unlearning.unsir(keys, params, model.apply, [], *retain, SMALL, progress=False)

@@ -885,11 +885,8 @@ def scratch_reference(model: models.Model, keys: jax.Array, protocol: data_lib.P
 
 def scratch_init(model: models.Model, keys: jax.Array) -> Params:
     """``[S]`` keys -> ``[S, ...]`` randomly initialised models (the scratch reference's
-    starting point; the key stream differs from the attack's and from training's).
-
-    Not jitted on purpose: eager ``vmap(model.init)`` reuses the per-shape compiled
-    initialisers that training already built (a jitted init compiles for ~10 s on CPU)."""
-    return jax.vmap(lambda k: model.init(jax.random.fold_in(k, _SCRATCH_STREAM)))(keys)
+    starting point; the key stream differs from the attack's and from training's)."""
+    return model.init_seeds(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, _SCRATCH_STREAM))
 
 
 def attack_plan(attacks: str | Sequence[str] = ("linear_probe",), *,

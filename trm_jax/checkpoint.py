@@ -212,7 +212,7 @@ def load_model(run_dir: str | os.PathLike) -> tuple[Any, Any, list[int]]:
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} is corrupt ({type(err).__name__}: {err}); rerun the "
                               "experiment that wrote it") from None
-    like = jax.vmap(model.init)(jax.vmap(jax.random.key)(jnp.arange(len(seeds))))
+    like = model.init_seeds(jax.vmap(jax.random.key)(jnp.arange(len(seeds))))
     with Checkpointer(run_dir / "checkpoints" / "model") as ckpt:
         params, _ = ckpt.restore(like)
     return model, params, seeds

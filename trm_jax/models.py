@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import chex
@@ -306,6 +307,16 @@ class Model:
         features = self.features_module.init(k_features, x)["params"]
         return {"features": features, "head": self.init_head(k_head)}
 
+    def init_seeds(self, keys: chex.Array) -> Params:
+        """``keys: key[S]`` -> ``[S, ...]`` params: ``jax.vmap(self.init)(keys)`` as one
+        compiled program, cached per model and ``S``.
+
+        Bitwise equal to the eager ``vmap``, which compiles every initialiser op as its own
+        XLA program (measured on 2 CPU cores, lenet on 8x8x1: 8.7 s eager vs 3.8 s jitted for
+        the first call with a new ``S``)."""
+        chex.assert_rank(keys, 1)
+        return _init_seeds(self, keys)
+
     def init_head(self, key: chex.PRNGKey, num_classes: int | None = None) -> Params:
         """A fresh head (the attack's replacement last layer)."""
         head = Head(num_classes or self.num_classes, self.param_dtype)
@@ -338,6 +349,11 @@ class Model:
     def apply(self, params: Params, images: chex.Array) -> chex.Array:
         """Full model: ``images[B, H, W, C] -> logits[B, K]``."""
         return self.head(params["head"], self.features(params["features"], images))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_seeds(model: Model, keys: chex.Array) -> Params:
+    return jax.vmap(model.init)(keys)
 
 
 def lenet(num_classes: int = 10, input_shape: tuple[int, int, int] = (32, 32, 3),

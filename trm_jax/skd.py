@@ -152,7 +152,7 @@ def check_features_stack(model: models.Model, stack: Params, name: str) -> int:
         flags = [(False, None)]
     if not all(ok for ok, _ in flags) or len({n for _, n in flags}) != 1:
         raise ConfigError(f"{name} must be a stack [S, ...] of {model.name} features params (one "
-                         f"per seed, e.g. jax.vmap(model.init)(keys)['features']); got shapes "
+                         f"per seed, e.g. model.init_seeds(keys)['features']); got shapes "
                          f"{jax.tree.map(lambda a: getattr(a, 'shape', a), stack)}")
     return int(flags[0][1])
 

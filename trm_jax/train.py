@@ -384,7 +384,7 @@ def fit_classifier(keys: jax.Array, params: Params, apply_fn: Callable[[Params, 
 
     Args:
       keys: ``[S]`` PRNG keys (one per seed; they drive the shuffles).
-      params: ``[S, ...]`` initial params (e.g. ``jax.vmap(model.init)(keys)``).
+      params: ``[S, ...]`` initial params (e.g. ``model.init_seeds(keys)``).
       images, labels: ``[N, H, W, C]``, ``int32[N]`` training data (device-resident);
         with ``per_seed_data``, ``[S, N, H, W, C]`` and ``int32[S, N]`` (one set per seed).
       config: a :class:`TrainConfig` (``trainable`` masks what may change).

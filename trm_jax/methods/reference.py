@@ -68,7 +68,7 @@ def protect(config: ReferenceConfig, protocol: data.ProtocolData, keys: PRNGKey,
     check(config, protocol)
     model = beneficial_model(protocol, model)
     test = device_subset(protocol.test.beneficial)
-    params = jax.vmap(model.init)(keys)
+    params = model.init_seeds(keys)
     state = train_phase(hooks, phase, keys, params, model.apply,
                         device_subset(protocol.pretrain.beneficial), config.train, eval_data=test)
     return Protected(NAME, model, state.params, keys,

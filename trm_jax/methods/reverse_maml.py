@@ -111,7 +111,7 @@ def meta_train(model: models.Model, config: ReverseMAMLConfig, keys: PRNGKey,
     """
     meta.check_pools(config.meta, good_pool, bad_pool)
     return outer_loop(
-        phase, _meta_step(config.meta, model, config.outer_lr), jax.vmap(model.init)(keys),
+        phase, _meta_step(config.meta, model, config.outer_lr), model.init_seeds(keys),
         optax.adam(config.outer_lr), keys, config.meta_steps,
         config.log_every, hooks, shared=(good_pool, bad_pool),
         postfix=("good/post_loss", "bad/post_loss"),

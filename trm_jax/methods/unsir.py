@@ -90,7 +90,7 @@ def protect(config: UnsirMethodConfig, protocol: data.ProtocolData, keys: PRNGKe
                            eval_data=test_all, per_seed_data=per_seed_data).params
 
     u = config.unsir
-    original = phase("original", keys, jax.vmap(model.init)(keys),
+    original = phase("original", keys, model.init_seeds(keys),
                      jax.device_put((all_images, all_labels)), config.original, per_seed_data=False)
     idx = unlearning.retain_indices(pre.beneficial.labels, u.retain_per_class)
     result = unlearning.unsir(
