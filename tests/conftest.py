@@ -34,7 +34,18 @@ def session_compilation_cache(tmp_path_factory):
     measurable cost for the cache writes.
     """
     saved = {name: getattr(jax.config, name) for name in CACHE_FLAGS}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # One folder for all the session's workers (the parent of each worker's basetemp), so
+        # a program one worker compiled loads in the other (jax's cache keys depend on the
+        # folder's path: per-worker folders never share). No size limit: with one, jax takes
+        # a file lock and rescans the whole folder on every write (minutes over a session).
+        # An entry read while the other worker writes it fails to decompress, and jax then
+        # warns and compiles instead: never a wrong program.
+        folder = tmp_path_factory.getbasetemp().parent / "jax_cache"
+        folder.mkdir(exist_ok=True)
+    else:
+        folder = tmp_path_factory.mktemp("jax_cache")
+    jax.config.update("jax_compilation_cache_dir", str(folder))
     # Every program, however small or quick to compile (jax's defaults skip those).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

@@ -26,51 +26,49 @@ SCRIPT = textwrap.dedent("""
     import jax
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp, numpy as np
-    from trm_jax import models, train
-    assert jax.device_count() == {devices}, jax.devices()
+    from trm_jax import models, sharding, train
+    assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(1, 256, (64, 8, 8, 1)).astype(np.uint8))
     labels = jnp.asarray(rng.integers(0, 3, 64).astype(np.int32))
     model = models.lenet(3, (8, 8, 1), padding="SAME", param_dtype=jnp.float64)
     keys = jax.vmap(jax.random.key)(jnp.arange(4))
     out = {{}}
-    for strategy in ("scan", "step"):
-        config = train.TrainConfig(epochs=2, batch_size=16, learning_rate=1e-2, strategy=strategy)
-        state, history = train.fit_classifier(keys, jax.vmap(model.init)(keys), model.apply,
-                                              images, labels, config, progress=False)
-        leaves = jax.tree_util.tree_leaves(state.params)
-        assert all(x.dtype == jnp.float64 for x in leaves), [x.dtype for x in leaves]
-        out[strategy + "/shards"] = len(state.params["features"]["conv1"]["kernel"].sharding.device_set)
-        out[strategy + "/params"] = np.concatenate([np.ravel(x) for x in leaves])
-        for name in ("loss", "accuracy"):
-            out[strategy + "/" + name] = np.stack([h[name] for h in history])  # [epochs, S]
+    for placement in ("sharded", "single"):
+        if placement == "single":  # the same process, every seed on one device
+            sharding.can_shard = lambda num_seeds: False
+        for strategy in ("scan", "step"):
+            config = train.TrainConfig(epochs=2, batch_size=16, learning_rate=1e-2,
+                                       strategy=strategy)
+            state, history = train.fit_classifier(keys, model.init_seeds(keys), model.apply,
+                                                  images, labels, config, progress=False)
+            leaves = jax.tree_util.tree_leaves(state.params)
+            assert all(x.dtype == jnp.float64 for x in leaves), [x.dtype for x in leaves]
+            prefix = placement + "/" + strategy
+            out[prefix + "/shards"] = len(
+                state.params["features"]["conv1"]["kernel"].sharding.device_set)
+            out[prefix + "/params"] = np.concatenate([np.ravel(x) for x in leaves])
+            for name in ("loss", "accuracy"):
+                out[prefix + "/" + name] = np.stack([h[name] for h in history])  # [epochs, S]
     np.savez("{out}", **out)
 """)
 
 
-def start(tmp_path, devices):
-    out = tmp_path / f"result_{devices}.npz"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
-    process = subprocess.Popen([sys.executable, "-c", SCRIPT.format(devices=devices, out=out)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return process, out
-
-
-def finish(process, out):
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr[-3000:]
-    return dict(np.load(out))
-
-
 def test_training_sharded_over_four_devices_equals_one_device(tmp_path):
-    # Both processes at once: each is mostly one-threaded XLA compiling.
-    runs = [start(tmp_path, 1), start(tmp_path, 4)]
-    single, sharded = [finish(*run) for run in runs]
+    # One process with 4 forced CPU devices runs both placements: the seeds split over the
+    # 4 devices, then (sharding switched off) all on one device.
+    out = tmp_path / "result.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    process = subprocess.run([sys.executable, "-c", SCRIPT.format(out=out)], env=env,
+                             capture_output=True, text=True, timeout=600,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert process.returncode == 0, process.stderr[-3000:]
+    result = dict(np.load(out))
     for strategy in ("scan", "step"):
-        # The seed axis really was split.
-        assert single[f"{strategy}/shards"] == 1 and sharded[f"{strategy}/shards"] == 4
+        sharded, single = f"sharded/{strategy}", f"single/{strategy}"
+        # The seed axis really was split, and then really was not.
+        assert result[f"{sharded}/shards"] == 4 and result[f"{single}/shards"] == 1
         for name in ("params", "loss", "accuracy"):
-            np.testing.assert_allclose(sharded[f"{strategy}/{name}"], single[f"{strategy}/{name}"],
+            np.testing.assert_allclose(result[f"{sharded}/{name}"], result[f"{single}/{name}"],
                                        rtol=0, atol=TOLERANCE, err_msg=f"{strategy}/{name}")
