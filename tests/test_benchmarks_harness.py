@@ -210,3 +210,17 @@ def test_epoch_benches(tr, bench):
     assert np.isfinite(first) and np.isfinite(last)
     if bench == "distill_epoch":
         assert first > 100  # the -100 malicious targets dominate the MSE at init
+
+
+# ----------------------------------------------------------------------------- xla_options
+
+
+def test_xla_options_variants_parse_to_compiler_options():
+    from benchmarks import xla_options
+
+    assert xla_options.parse_variant("xla_cpu_experimental_ynn_fusion_type=") == {
+        "xla_cpu_experimental_ynn_fusion_type": ""}
+    assert xla_options.parse_variant("a=true&b=LIBRARY_FUSION_TYPE_DOT&c=false") == {
+        "a": True, "b": "LIBRARY_FUSION_TYPE_DOT", "c": False}
+    with pytest.raises(SystemExit, match="option=value"):
+        xla_options.parse_variant("a=1&oops")
