@@ -21,8 +21,8 @@ CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_ti
 
 @pytest.fixture(scope="session", autouse=True)
 def session_compilation_cache(tmp_path_factory):
-    """jax's persistent compilation cache in a per-session temporary folder (in this
-    process only; subprocesses keep their own settings).
+    """jax's persistent compilation cache in the session's temporary folder, one folder for
+    all xdist workers (set in the test processes only; subprocesses keep their own settings).
 
     Many tests build the same programs again in new closures (an experiment run, then
     its resume; ``compare`` running the methods the golden runs ran), which jax's
@@ -31,7 +31,8 @@ def session_compilation_cache(tmp_path_factory):
     Loaded executables are XLA's own, bit for bit: no test's numbers change.
     Measured once each on 2 busy shared cores: the reverse_maml resume tests 29 -> 20 s and
     24 -> 4 s, the compare-failure test 47 -> 25 s; tests with nothing to reuse pay no
-    measurable cost for the cache writes.
+    measurable cost for the cache writes (~1.5 ms per program, measured). Shared by the two
+    workers: 350-420 of ~2,600 programs per suite run loaded instead of compiled.
     """
     saved = {name: getattr(jax.config, name) for name in CACHE_FLAGS}
     if os.environ.get("PYTEST_XDIST_WORKER"):
