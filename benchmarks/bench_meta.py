@@ -34,9 +34,10 @@ def _tasks(config: meta.MetaConfig, seed: int = 0) -> tuple[tasks.Task, jax.Arra
     return both, is_good
 
 
-def make_jax_meta_step(meta_grad: str = "exact", remat: bool = False, task_batching: str = "auto",
-                       inner_steps: int = 5, conv_impl: str = "auto", inner_unroll=None):
-    """``(jitted_step, args, run, sync)`` for one outer step on pre-sampled tasks."""
+def meta_step_problem(meta_grad: str = "exact", remat: bool = False, task_batching: str = "auto",
+                      inner_steps: int = 5, conv_impl: str = "auto", inner_unroll=None):
+    """``(step, args)``: one outer step on pre-sampled tasks, not yet jitted (callers pick
+    how: :func:`make_jax_meta_step`, or ``benchmarks.xla_options`` with compiler options)."""
     config = meta.MetaConfig(**{**SPEC, "inner_steps": inner_steps}, meta_grad=meta_grad,
                              remat=remat, task_batching=task_batching, inner_unroll=inner_unroll)
     model = models.lenet(10, conv_impl=conv_impl)
@@ -46,13 +47,20 @@ def make_jax_meta_step(meta_grad: str = "exact", remat: bool = False, task_batch
     task_batch, is_good = _tasks(config)
     keys = jax.random.split(jax.random.key(3), is_good.shape[0])
 
-    @jax.jit
     def step(params, opt_state, task_batch, is_good, keys):
         grads, metrics = meta.meta_gradient(params, task_batch, is_good, keys, config, model)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics["objective"]
 
-    args = (params, opt_state, task_batch, is_good, keys)
+    return step, (params, opt_state, task_batch, is_good, keys)
+
+
+def make_jax_meta_step(meta_grad: str = "exact", remat: bool = False, task_batching: str = "auto",
+                       inner_steps: int = 5, conv_impl: str = "auto", inner_unroll=None):
+    """``(jitted_step, args, run, sync)`` for one outer step on pre-sampled tasks."""
+    step, args = meta_step_problem(meta_grad, remat, task_batching, inner_steps, conv_impl,
+                                   inner_unroll)
+    step = jax.jit(step)
     run = lambda: step(*args)  # same state each call: timing one step, not a trajectory
     return step, args, run, jax.block_until_ready
 

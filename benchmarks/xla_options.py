@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import bench_meta, harness
-from trm_jax import meta, models, train
+from trm_jax import models, train
 
 
 def parse_variant(spec: str) -> dict[str, Any]:
@@ -58,20 +58,13 @@ def train_step() -> tuple[Callable, tuple, Callable[[], Any], int]:
 def meta_step() -> tuple[Callable, tuple, Callable[[], Any], int]:
     from benchmarks import torch_reference
 
-    config = meta.MetaConfig(**bench_meta.SPEC, meta_grad="exact")
-    model, optimizer = models.lenet(10), optax.adam(1e-3)
-    params = model.init(jax.random.key(0))
-    task_batch, is_good = bench_meta._tasks(config)
-    keys = jax.random.split(jax.random.key(3), is_good.shape[0])
-
-    def step(params, opt_state, task_batch, is_good, keys):
-        grads, metrics = meta.meta_gradient(params, task_batch, is_good, keys, config, model)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics["objective"]
-
+    step, args = bench_meta.meta_step_problem("exact")
     torch_reference.set_cpu_threads(1)  # spinning OpenMP workers distort 2 threads when busy
-    torch_step = torch_reference.build_torch_meta_step("autograd").step
-    return step, (params, optimizer.init(params), task_batch, is_good, keys), torch_step, 1
+    return step, args, torch_reference.build_torch_meta_step("autograd").step, 1
+
+
+def _repeat(fn: Callable, args: tuple, calls: int) -> None:
+    jax.block_until_ready([fn(*args) for _ in range(calls)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(params, reference))
         print(f"{name}: compile + first call {compile_s:.1f} s, max |param - default| {diff:.1e}",
               flush=True)
-        runs[name] = functools.partial(lambda fn: jax.block_until_ready(
-            [fn(*step_args) for _ in range(calls)]), fn)
+        runs[name] = functools.partial(_repeat, fn, step_args, calls)
     torch_run()  # warm-up
     runs["pytorch"] = torch_run  # `calls` steps per call, like the JAX variants
     times: dict[str, list[float]] = {name: [] for name in runs}
