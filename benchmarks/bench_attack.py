@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import harness
-from trm_jax import attack, models
+from trm_jax import attack, compilation, models
 
 BENCH = "attack_sweep"
 FULL = dict(seeds=5, learning_rates=(1e-4, 1e-3, 1e-2, 1e-1), epochs=5, n_train=5000,
@@ -59,7 +59,7 @@ def make_vmapped(spec: dict, precompute_features: bool = True):
 def make_looped(spec: dict):
     """A Python loop over (lr, seed) of the jitted single-run attack (same maths)."""
     model, params, keys, lrs, data, config = make_problem(**spec)
-    one = jax.jit(attack.make_attack(model, config))
+    one = compilation.jit(attack.make_attack(model, config))
     per_seed = [jax.device_put(jax.tree.map(lambda x: x[s], params), jax.devices()[0])
                 for s in range(keys.shape[0])]
     lr_values = [jnp.float32(lr) for lr in lrs]

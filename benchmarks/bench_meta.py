@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from benchmarks import harness
-from trm_jax import meta, models, tasks
+from trm_jax import compilation, meta, models, tasks
 
 SPEC = dict(ways=5, shots=10, queries=15, good_tasks=4, bad_tasks=4, inner_lr=0.01,
             inner_steps=5, bad_term="ascent", lam=1.0)
@@ -60,7 +60,7 @@ def make_jax_meta_step(meta_grad: str = "exact", remat: bool = False, task_batch
     """``(jitted_step, args, run, sync)`` for one outer step on pre-sampled tasks."""
     step, args = meta_step_problem(meta_grad, remat, task_batching, inner_steps, conv_impl,
                                    inner_unroll)
-    step = jax.jit(step)
+    step = compilation.jit(step)
     run = lambda: step(*args)  # same state each call: timing one step, not a trajectory
     return step, args, run, jax.block_until_ready
 

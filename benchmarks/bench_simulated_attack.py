@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from benchmarks import harness
-from trm_jax import models, tasks
+from trm_jax import compilation, models, tasks
 from trm_jax import simulated_attack as sa
 from trm_jax.methods import simulated_attack as method
 
@@ -64,7 +64,7 @@ def bench_simulated_attack_step(quick: bool = False, warmup: int = 1, repeats: i
             space = sa.AttackerSpace(optimizers=opts, learning_rates=lrs, steps=k,
                                      top_layers=(4,), data_per_class=(10,))
             config = method.SimulatedAttackConfig(attacker=space, remat=remat, bad_tasks=2)
-            step = jax.jit(method.make_step(config, model, 5, 1e-3))
+            step = compilation.jit(method.make_step(config, model, 5, 1e-3))
             args = (params, opt_state, key, ben_x, ben_y, pool, anchor, jnp.asarray([1.0, 1.0]))
             t0 = time.perf_counter()
             memory = harness.compiled_memory_stats(step, *args)  # lowers and compiles

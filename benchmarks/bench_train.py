@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import harness
-from trm_jax import models, train
+from trm_jax import compilation, models, train
 
 
 def make_jax_train_epoch(strategy: str, n_images: int = 5120, batch_size: int = 128):
@@ -26,15 +26,15 @@ def make_jax_train_epoch(strategy: str, n_images: int = 5120, batch_size: int = 
     state = train.init_state(key, model.init(key), optimizer)
     steps = n_images // batch_size
     if strategy == "scan":
-        epoch = jax.jit(functools.partial(train.train_epoch, loss_fn=loss_fn, optimizer=optimizer,
+        epoch = compilation.jit(functools.partial(train.train_epoch, loss_fn=loss_fn, optimizer=optimizer,
                                           batch_size=batch_size))
         def run():
             nonlocal state
             state, metrics = epoch(state, data)
             return state.params
     else:
-        step = jax.jit(functools.partial(train.train_step, loss_fn=loss_fn, optimizer=optimizer))
-        batches = jax.jit(train.epoch_batches, static_argnums=(1, 2))
+        step = compilation.jit(functools.partial(train.train_step, loss_fn=loss_fn, optimizer=optimizer))
+        batches = compilation.jit(train.epoch_batches, static_argnums=(1, 2))
         def run():
             nonlocal state
             idx = batches(state.key, n_images, batch_size)

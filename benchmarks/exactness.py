@@ -67,13 +67,13 @@ def jax_value_and_grad(batching: str, conv: str, task_batch, is_good, keys):
     """``(params, f)`` with ``f(params) -> (objective, meta_gradient)`` compiled, float64."""
     import jax.numpy as jnp
 
-    from trm_jax import meta, models
+    from trm_jax import compilation, meta, models
 
     model = models.lenet(5, (32, 32, 3), param_dtype=jnp.float64, conv_impl=conv)
     config = meta.MetaConfig(**SPEC, task_batching=batching)
     params = model.init(jax.random.key(0))
     loss = lambda p: meta.reverse_maml_loss(p, task_batch, is_good, keys, config, model)[0]
-    return params, jax.jit(jax.value_and_grad(loss))
+    return params, compilation.jit(jax.value_and_grad(loss))
 
 
 def finite_difference_error(f, params, directions: int = 2, h: float = 1e-5, seed: int = 0) -> float:

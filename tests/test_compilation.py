@@ -1,6 +1,7 @@
 """The compile counter and the persistent compilation cache (trm_jax.compilation)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -186,3 +187,50 @@ def test_second_process_loads_every_program_from_the_cache(tmp_path):
     assert warm["compilations"] == cold["compilations"]
     assert warm["cache_hits"] == warm["compilations"] and warm["xla_compilations"] == 0
     assert warm["cache_writes"] == 0
+
+
+BAD_OPTION = {"xla_no_such_option_for_this_test": "1"}
+
+
+def test_jit_passes_the_options_to_top_level_compiles_only(monkeypatch, x):
+    # An option XLA rejects shows where the options go: the top-level call fails to
+    # compile, calls made while tracing (jax forbids compiler_options there) do not.
+    monkeypatch.setattr(compilation, "compiler_options", lambda: BAD_OPTION)
+    f = compilation.jit(lambda v: jnp.sin(v) * 3.5)
+    with pytest.raises(Exception, match="xla_no_such_option_for_this_test"):
+        f(x)
+    expected = np.sin(np.ones((3, 3), np.float32)) * 3.5
+    np.testing.assert_allclose(jax.jit(lambda v: f(v) + 1)(x), expected + 1, rtol=1e-6)
+    np.testing.assert_allclose(jax.vmap(f)(x), expected, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: f(v).sum())(x), 3.5 * np.cos(1.0) * np.ones((3, 3)),
+                               rtol=1e-6)
+    with pytest.raises(Exception, match="xla_no_such_option_for_this_test"):
+        f.lower(x).compile()
+
+
+def test_jit_keeps_jax_jit_arguments_and_gives_its_numbers(x):
+    f = functools.partial(compilation.jit, static_argnums=1)(lambda v, n: jnp.tanh(v) ** n @ v)
+    plain = jax.jit(lambda v, n: jnp.tanh(v) ** n @ v, static_argnums=1)
+    np.testing.assert_array_equal(f(x, 3), plain(x, 3))
+    assert f.__name__ == "<lambda>" and "compilation.jit" in repr(f)
+
+
+@pytest.fixture
+def cpu_options(monkeypatch):
+    """Lets a test edit CPU_COMPILER_OPTIONS; the probe's cache is cleared before and after."""
+    compilation.compiler_options.cache_clear()
+    yield lambda options: monkeypatch.setattr(compilation, "CPU_COMPILER_OPTIONS", options)
+    monkeypatch.undo()
+    compilation.compiler_options.cache_clear()
+
+
+def test_compiler_options_are_probed_once_and_fall_back_to_xla_defaults(cpu_options):
+    assert compilation.compiler_options("cpu") == {"xla_backend_optimization_level": 2}
+    cpu_options(BAD_OPTION)
+    assert compilation.compiler_options("cpu") == {"xla_backend_optimization_level": 2}  # cached
+    compilation.compiler_options.cache_clear()
+    with pytest.warns(UserWarning, match="xla_no_such_option_for_this_test.*XLA's defaults"):
+        assert compilation.compiler_options("cpu") is None
+    cpu_options({})
+    compilation.compiler_options.cache_clear()
+    assert compilation.compiler_options("cpu") is None

@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trm_jax import data as data_lib
-from trm_jax import datasets, metrics, models, sharding, streams, train
+from trm_jax import compilation, datasets, metrics, models, sharding, streams, train
 from trm_jax.errors import ConfigError
 from trm_jax.typing import Params
 
@@ -593,7 +593,7 @@ def compiled_sweep(model: models.Model, config: AttackConfig, batching: str,
             return jax.tree.map(lambda x: x.reshape(num_lrs, num_seeds, *x.shape[1:]), out)
     else:
         raise ConfigError(f"batching must be 'vmap' or 'map' here, got {batching!r}")
-    return jax.jit(sweep)
+    return compilation.jit(sweep)
 
 
 def attack_sweep(model: models.Model, params: Params, keys: jax.Array,

@@ -700,7 +700,7 @@ def make_meta_step(config: MetaConfig, model: Any,
 
     Example::
 
-      step = jax.jit(make_meta_step(MetaConfig(), lenet(5), optax.adam(1e-3)))
+      step = compilation.jit(make_meta_step(MetaConfig(), lenet(5), optax.adam(1e-3)))
       params, opt_state, metrics = step(params, opt_state, key, good_pool, bad_pool)
     """
     if config.adapt == "head" and not all(

@@ -24,6 +24,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from trm_jax import compilation
 from trm_jax.errors import ConfigError
 
 Params = Any  # a pytree of arrays
@@ -351,7 +352,7 @@ class Model:
         return self.head(params["head"], self.features(params["features"], images))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(compilation.jit, static_argnums=0)
 def _init_seeds(model: Model, keys: chex.Array) -> Params:
     return jax.vmap(model.init)(keys)
 

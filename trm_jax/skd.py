@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import models, streams, train
+from trm_jax import compilation, models, streams, train
 from trm_jax.errors import ConfigError
 from trm_jax.typing import Params
 STUDENT_INITS = ("fresh", "teacher")
@@ -157,7 +157,7 @@ def check_features_stack(model: models.Model, stack: Params, name: str) -> int:
     return int(flags[0][1])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(compilation.jit, static_argnums=(0, 3, 4))
 def _targets_for_seeds(model, teacher_features, beneficial_images, num_malicious, target):
     return jax.vmap(distillation_targets, in_axes=(None, 0, None, None, None))(
         model, teacher_features, beneficial_images, num_malicious, target)
@@ -186,7 +186,7 @@ def distillation_loss(model: models.Model) -> train.LossFn:
     return loss_fn
 
 
-@functools.partial(jax.jit, static_argnames=("model", "optimizer"), donate_argnums=0)
+@functools.partial(compilation.jit, static_argnames=("model", "optimizer"), donate_argnums=0)
 def distill_step(state: train.TrainState, batch: tuple[jax.Array, jax.Array], *,
                  model: models.Model, optimizer: optax.GradientTransformation
                  ) -> tuple[train.TrainState, dict[str, jax.Array]]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import sharding
+from trm_jax import compilation, sharding
 
 Params = Any
 Batch = Any  # a pytree of arrays with a common leading batch axis
@@ -289,7 +289,7 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
     step_fn = _compiled_step(loss_fn, optimizer, mask, data_axis)
     epoch_fn = _compiled_epoch(loss_fn, optimizer, batch_size, mask, data_axis)
     strategy = resolve_strategy(strategy)
-    evaluate_all = jax.jit(jax.vmap(eval_fn)) if eval_fn is not None else None
+    evaluate_all = compilation.jit(jax.vmap(eval_fn)) if eval_fn is not None else None
 
     history = []
     epochs_iter = range(start_epoch + 1, epochs + 1)
@@ -322,13 +322,13 @@ def _compiled_epoch(loss_fn, optimizer, batch_size, mask, data_axis=None):
     def one_seed(state, data):
         return train_epoch(state, data, loss_fn=loss_fn, optimizer=optimizer,
                            batch_size=batch_size, mask=mask)
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, data_axis)))
+    return compilation.jit(jax.vmap(one_seed, in_axes=(0, data_axis)))
 
 
 def _compiled_step(loss_fn, optimizer, mask, data_axis=None):
     def one_seed(state, data, idx):
         return train_step(state, _gather(data, idx), loss_fn=loss_fn, optimizer=optimizer, mask=mask)
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, data_axis, 0)))
+    return compilation.jit(jax.vmap(one_seed, in_axes=(0, data_axis, 0)))
 
 
 def _epoch_by_steps(step_fn, state, data, n, batch_size):
@@ -344,7 +344,7 @@ def _epoch_by_steps(step_fn, state, data, n, batch_size):
     return state, jax.tree.map(lambda a: a.mean(1), stacked)
 
 
-_seed_batches = jax.jit(jax.vmap(epoch_batches, in_axes=(0, None, None)), static_argnums=(1, 2))
+_seed_batches = compilation.jit(jax.vmap(epoch_batches, in_axes=(0, None, None)), static_argnums=(1, 2))
 
 
 def _num_examples(data: Batch) -> int:

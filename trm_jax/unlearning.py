@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import models, streams, train
+from trm_jax import compilation, models, streams, train
 from trm_jax.errors import ConfigError, NonFiniteError
 from trm_jax.typing import ApplyFn, Params
 
@@ -248,7 +248,7 @@ def make_noise_learner(apply_fn: ApplyFn, image_shape: tuple[int, int, int],
     def one_seed(key, params, labels):
         keys = jax.random.split(key, labels.shape[0])
         return jax.vmap(one_class, in_axes=(0, None, 0))(keys, params, labels)
-    return jax.jit(jax.vmap(one_seed, in_axes=(0, 0, None)))
+    return compilation.jit(jax.vmap(one_seed, in_axes=(0, 0, None)))
 
 
 def _noise_optimizer(config: NoiseConfig) -> optax.GradientTransformation:
@@ -444,7 +444,7 @@ def unsir(keys: jax.Array, params: Params, apply_fn: ApplyFn, forget_labels: Seq
         raise NonFiniteError(f"the UNSIR noise became NaN/Inf (learning_rate="
                                  f"{config.noise.learning_rate}, l2_weight={config.noise.l2_weight}); "
                                  "lower the noise learning rate or raise l2_weight")
-    impair_data = jax.jit(jax.vmap(impair_set, in_axes=(0, None, None, None, None)),
+    impair_data = compilation.jit(jax.vmap(impair_set, in_axes=(0, None, None, None, None)),
                           static_argnums=4)(noise, jnp.asarray(labels), retain_images,
                                             retain_labels, config.noise_copies)
     impaired = run_phase("impair", stage_keys(keys, "impair"), params, impair_data, config.impair,
@@ -471,7 +471,7 @@ def half_accuracies(apply_fn: ApplyFn, params: Params, beneficial: tuple[jax.Arr
 
 
 # Module-level so that the stages of one run (same shapes) share one compiled program.
-@functools.partial(jax.jit, static_argnames=("apply_fn", "offset"))
+@functools.partial(compilation.jit, static_argnames=("apply_fn", "offset"))
 def _half_accuracies(apply_fn, params, beneficial, malicious, offset):
     def one_seed(p):
         return (train.evaluate(apply_fn, p, *beneficial)["accuracy"],

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import data, models, train
+from trm_jax import compilation, data, models, train
 from trm_jax.errors import ConfigError, NonFiniteError
 from trm_jax.hooks import NO_HOOKS, Hooks
 from trm_jax.typing import ApplyFn, Params, PRNGKey
@@ -199,13 +199,13 @@ def outer_loop(phase: str, step: Callable[..., tuple[Params, Any, dict[str, jax.
     return params, last
 
 
-_fold_seeds = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+_fold_seeds = compilation.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
 
 
 @functools.lru_cache(maxsize=32)
 def _seeds_program(step: Callable[..., Any], in_axes: tuple) -> Callable[..., Any]:
     """``jit(vmap(step))``, one per (cached) step function: repeated runs reuse its programs."""
-    return jax.jit(jax.vmap(step, in_axes=in_axes))
+    return compilation.jit(jax.vmap(step, in_axes=in_axes))
 
 
 def _finite(tree: Any) -> bool:

@@ -22,7 +22,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from trm_jax import data, models, skd, streams, train
+from trm_jax import compilation, data, models, skd, streams, train
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference
@@ -92,18 +92,18 @@ def protect(config: SKDMethodConfig, protocol: data.ProtocolData, keys: PRNGKey,
     pre, test = protocol.pretrain, protocol.test
     distill_data = skd.distillation_data(model, teacher.params["features"], pre.beneficial.images,
                                          pre.malicious.images, config.skd.malicious_target)
-    student = jax.jit(jax.vmap(lambda k, f: skd.init_student(model, k, f, config.skd.student_init)))(
+    student = compilation.jit(jax.vmap(lambda k, f: skd.init_student(model, k, f, config.skd.student_init)))(
         keys, teacher.params["features"])
     student = train_phase(hooks, f"distill-{tag}", keys, student, None, distill_data,
                           config.distill, loss_fn=skd.distillation_loss(model),
                           per_seed_data=(False, True)).params
     head_keys = jax.vmap(lambda k: jax.random.fold_in(k, streams.SKD_HEAD))(keys)
-    params = jax.jit(jax.vmap(lambda k, f: skd.attach_head(model, k, f)))(head_keys, student)
+    params = compilation.jit(jax.vmap(lambda k, f: skd.attach_head(model, k, f)))(head_keys, student)
     test_data = device_subset(test.beneficial)
     params = train_phase(hooks, f"head-{tag}", keys, params, model.apply,
                          device_subset(pre.beneficial), config.head, eval_data=test_data).params
     accuracy = accuracy_on(model, params, test_data)
-    masks = jax.jit(jax.vmap(lambda f: skd.mask_report(model, f, test.beneficial.images,
+    masks = compilation.jit(jax.vmap(lambda f: skd.mask_report(model, f, test.beneficial.images,
                                                        test.malicious.images)))(params["features"])
     return Protected(NAME, model, params, keys, {
         "beneficial_test_accuracy": accuracy, "student_test_accuracy": accuracy,
