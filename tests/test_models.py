@@ -1,3 +1,5 @@
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ from trm_jax import models
 
 def test_lenet_has_the_papers_62006_parameters_on_cifar_shape():
     model = models.lenet(10, (32, 32, 3), padding="VALID")
-    params = model.init(jax.random.key(0))
+    params = jax.eval_shape(model.init, jax.random.key(0))  # shapes only: nothing to compile
     assert models.count_params(params) == 62_006
     assert model.feature_dim == 84
     assert set(params["features"]) == {"conv1", "conv2", "fc1", "fc2"}
@@ -23,21 +25,21 @@ def test_lenet_has_the_papers_62006_parameters_on_cifar_shape():
 ])
 def test_features_then_head_equals_full_apply(make):
     model = make()
-    params = model.init(jax.random.key(1))
-    images = jax.random.randint(jax.random.key(2), (4, *model.input_shape), 0, 256).astype(jnp.uint8)
-    features = model.features(params["features"], images)
+    params = jax.jit(model.init)(jax.random.key(1))  # jitted: one program, not ~20 eager ones
+    images = np.random.default_rng(2).integers(0, 256, (4, *model.input_shape), np.uint8)
+    split = jax.jit(lambda p, x: (f := model.features(p["features"], x), model.head(p["head"], f)))
+    features, logits = split(params, images)
     chex.assert_shape(features, (4, model.feature_dim))
-    logits = model.head(params["head"], features)
     chex.assert_shape(logits, (4, model.num_classes))
-    np.testing.assert_array_equal(logits, model.apply(params, images))
+    np.testing.assert_array_equal(logits, jax.jit(model.apply)(params, images))
 
 
 def test_head_is_swappable_and_can_change_width():
     model = models.lenet(10, (8, 8, 1), padding="SAME")
-    params = model.init(jax.random.key(0))
-    fresh = model.init_head(jax.random.key(5), num_classes=3)
-    images = jax.random.randint(jax.random.key(2), (2, 8, 8, 1), 0, 256).astype(jnp.uint8)
-    logits = model.apply({"features": params["features"], "head": fresh}, images)
+    params = jax.jit(model.init)(jax.random.key(0))
+    fresh = jax.jit(model.init_head, static_argnames="num_classes")(jax.random.key(5), num_classes=3)
+    images = np.random.default_rng(2).integers(0, 256, (2, 8, 8, 1), np.uint8)
+    logits = jax.jit(model.apply)({"features": params["features"], "head": fresh}, images)
     chex.assert_shape(logits, (2, 3))
     assert not np.allclose(fresh["dense"]["kernel"][:, :3], params["head"]["dense"]["kernel"][:, :3])
 
@@ -98,16 +100,19 @@ def test_im2col_conv_equals_lax_conv_with_first_and_second_derivatives(x64, padd
     lax_conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), padding,
                                                          dimension_numbers=NHWC)
     im2col = lambda x, k: models.im2col_conv(x, k, (1, 1), padding, dimension_numbers=NHWC)
-    np.testing.assert_allclose(im2col(x, k), lax_conv(x, k), rtol=1e-13, atol=1e-13)
-    # A smooth scalar of the output: its gradient and a Hessian-vector product in
-    # both arguments exercise the transposes a second-order meta-gradient uses.
-    scalar = lambda conv: lambda x, k: jnp.sum(jnp.tanh(conv(x, k)) ** 2)
     vx, vk = _f64(rng, x.shape), _f64(rng, k.shape)
-    grads = [jax.grad(scalar(c), (0, 1))(x, k) for c in (im2col, lax_conv)]
-    hvps = [jax.jvp(jax.grad(scalar(c), (0, 1)), (x, k), (vx, vk))[1] for c in (im2col, lax_conv)]
-    for a, b in ((grads[0], grads[1]), (hvps[0], hvps[1])):
-        for u, v in zip(a, b):
-            np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-12)
+
+    @functools.partial(jax.jit, static_argnums=0)  # one program per formulation
+    def derivatives(conv, x, k):
+        # A smooth scalar of the output: its gradient and a Hessian-vector product in
+        # both arguments exercise the transposes a second-order meta-gradient uses.
+        grad = jax.grad(lambda x, k: jnp.sum(jnp.tanh(conv(x, k)) ** 2), (0, 1))
+        return conv(x, k), grad(x, k), jax.jvp(grad, (x, k), (vx, vk))[1]
+
+    ours, ref = derivatives(im2col, x, k), derivatives(lax_conv, x, k)
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-13, atol=1e-13)
+    for u, v in zip(jax.tree.leaves(ours[1:]), jax.tree.leaves(ref[1:])):
+        np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-12)
 
 
 def test_im2col_conv_falls_back_to_lax_for_strides_and_groups():
@@ -128,12 +133,16 @@ def test_max_pool_equals_reduce_window_with_first_and_second_derivatives(x64, sh
     x, v = _f64(rng, shape), _f64(rng, shape)
     ours = lambda x: models.max_pool(x, 2, padding)
     ref = lambda x: nn.max_pool(x, (2, 2), (2, 2), padding=padding)
-    np.testing.assert_array_equal(ours(x), ref(x))
-    scalar = lambda pool: lambda x: jnp.sum(jnp.sin(pool(x)) * jnp.cos(pool(x) ** 2))
-    np.testing.assert_allclose(jax.grad(scalar(ours))(x), jax.grad(scalar(ref))(x), rtol=1e-13,
-                               atol=1e-14)
-    hvp = lambda pool: jax.jvp(jax.grad(scalar(pool)), (x,), (v,))[1]
-    np.testing.assert_allclose(hvp(ours), hvp(ref), rtol=1e-12, atol=1e-13)
+
+    @functools.partial(jax.jit, static_argnums=0)  # one program per formulation
+    def derivatives(pool, x):
+        grad = jax.grad(lambda x: jnp.sum(jnp.sin(pool(x)) * jnp.cos(pool(x) ** 2)))
+        return pool(x), grad(x), jax.jvp(grad, (x,), (v,))[1]
+
+    (value, grad, hvp), (value_ref, grad_ref, hvp_ref) = derivatives(ours, x), derivatives(ref, x)
+    np.testing.assert_array_equal(value, value_ref)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-12, atol=1e-13)
 
 
 def test_max_pool_gives_tied_windows_gradient_to_the_first_maximum_like_reduce_window():

@@ -42,6 +42,11 @@ def smooth_model(dtype=jnp.float64):
     return models.Model("lenet", SmoothFeatures(), CLASSES, (2, 2, 1), "fc2", param_dtype=dtype)
 
 
+def init(model, seed):
+    """``model.init`` as one jitted program (eagerly, each initialiser op compiles alone)."""
+    return jax.jit(model.init)(jax.random.key(seed))
+
+
 @pytest.fixture
 def x64():
     with jax.enable_x64(True):
@@ -93,7 +98,7 @@ def test_exact_gradient_through_adam_matches_finite_differences(x64):
     # 3 steps: the first (Adam's near-sign update) and later ones; the same compiled program
     # as the sgd/momentum/reinit tests below (the attacker is a traced argument).
     space = space_of()
-    params = smooth_model().init(jax.random.key(0))
+    params = init(smooth_model(), 0)
     for top in (4, 2):  # full fine-tuning, and the top two layers on frozen ones
         attacker = sa.fixed_attacker(space, "adam", 0.05, top_layers=top)
         grad = check_finite_differences(space, attacker, params)
@@ -103,7 +108,7 @@ def test_exact_gradient_through_adam_matches_finite_differences(x64):
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
 def test_exact_gradient_through_sgd_and_momentum_matches_finite_differences(x64, optimizer):
     space = space_of()
-    params = smooth_model().init(jax.random.key(1))
+    params = init(smooth_model(), 1)
     attacker = sa.fixed_attacker(space, optimizer, 0.3, top_layers=1, data_per_class=2)
     check_finite_differences(space, attacker, params)
 
@@ -113,15 +118,16 @@ def test_first_order_is_the_gradient_at_the_attacked_params(x64):
     first-order gradient of the final step's term is its gradient at phi_K (closed form)."""
     space = space_of()
     model, task = smooth_model(), make_task()
-    params = model.init(jax.random.key(0))
+    params = init(model, 0)
     attacker = sa.fixed_attacker(space, "adam", 0.05, top_layers=2)
     first = compiled(space, "final", "first_order")[1](params, attacker)
     exact = compiled(space, "final", "exact")[1](params, attacker)
-    phi = sa.attack_trajectory(params, task, jax.random.key(3), attacker, model=model,
-                               space=space, num_classes=CLASSES, return_params=True)[1]
-    at_phi = jax.grad(lambda p: sa.trajectory_resistance(
+    phi = jax.jit(lambda p: sa.attack_trajectory(p, task, jax.random.key(3), attacker, model=model,
+                                                 space=space, num_classes=CLASSES,
+                                                 return_params=True)[1])(params)
+    at_phi = jax.jit(jax.grad(lambda p: sa.trajectory_resistance(
         model.apply(p, task.query_x)[None], task.query_y, bad_term="uniform_kl",
-        weighting="final")[0])(phi)
+        weighting="final")[0]))(phi)
     for a, b in zip(jax.tree.leaves(first["features"]), jax.tree.leaves(at_phi["features"])):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
     assert all(np.all(h == 0) for h in jax.tree.leaves(first["head"]))  # the head is fresh
@@ -131,7 +137,7 @@ def test_first_order_is_the_gradient_at_the_attacked_params(x64):
 
 def test_remat_equals_no_remat(x64):
     space = space_of()
-    params = smooth_model().init(jax.random.key(2))
+    params = init(smooth_model(), 2)
     attacker = sa.fixed_attacker(space, "adam", 0.02, top_layers=4)
     plain = compiled(space)[1](params, attacker)
     remat = compiled(space, remat=True)[1](params, attacker)
@@ -144,7 +150,7 @@ def test_simulated_attacker_is_the_evaluations_optimizer():
     trained parts; the untrained layers stay bitwise frozen; eps_root moves nothing visible."""
     space = sa.AttackerSpace(steps=5, data_per_class=(SHOTS,))
     model, task = smooth_model(jnp.float32), make_task(dtype=np.float32)
-    params = model.init(jax.random.key(0))
+    params = init(model, 0)
     attack = jax.jit(lambda a: sa.attack_trajectory(params, task, jax.random.key(3), a,
                                                     model=model, space=space,
                                                     num_classes=CLASSES, return_params=True))
@@ -175,7 +181,7 @@ def test_simulated_attacker_is_the_evaluations_optimizer():
 
 def test_reinit_replaces_the_trained_layers_and_cuts_their_gradient(x64):
     space = space_of()
-    params = smooth_model().init(jax.random.key(0))
+    params = init(smooth_model(), 0)
     attacker = sa.fixed_attacker(space, "sgd", 0.1, top_layers=2, reinit=True)
     grad = compiled(space)[1](params, attacker)
     for layer in ("fc1", "fc2"):  # replaced by fresh values: theta's never reach the attacker
@@ -186,7 +192,7 @@ def test_reinit_replaces_the_trained_layers_and_cuts_their_gradient(x64):
 def test_data_budget_equals_a_smaller_support(x64):
     space = sa.AttackerSpace(steps=3, data_per_class=(2, SHOTS))
     model, task = smooth_model(), make_task()
-    params = model.init(jax.random.key(0))
+    params = init(model, 0)
     attacker = sa.fixed_attacker(space, "adam", 0.05, top_layers=4, data_per_class=2)
     logits = sa.attack_trajectory(params, task, jax.random.key(3), attacker, model=model,
                                   space=space, num_classes=CLASSES)
@@ -203,7 +209,7 @@ def test_sampled_attackers_run_in_one_program_and_match_fixed_ones():
     """A vmap over sampled attackers (different optimizers, layers, lrs) equals each alone."""
     space = sa.AttackerSpace(steps=2, data_per_class=(2, SHOTS), reinit_probability=0.5)
     model, task = smooth_model(jnp.float32), make_task(dtype=np.float32)
-    params = model.init(jax.random.key(0))
+    params = init(model, 0)
     attackers = jax.vmap(lambda k: sa.sample_attacker(k, space))(
         jax.random.split(jax.random.key(5), 12))
     run = lambda a: sa.attack_trajectory(params, task, jax.random.key(3), a, model=model,
@@ -241,7 +247,7 @@ def test_step_weights_and_trajectory_resistance():
 
 def test_feature_anchor_is_zero_at_the_anchor_and_scale_free():
     model = smooth_model(jnp.float32)
-    p, q = model.init(jax.random.key(0)), model.init(jax.random.key(1))
+    p, q = init(model, 0), init(model, 1)
     x = make_task(dtype=np.float32).support_x
     assert float(sa.feature_anchor(model, p["features"], p["features"], x)) == 0.0
     assert float(sa.feature_anchor(model, q["features"], p["features"], x)) > 0.01
