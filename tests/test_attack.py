@@ -34,9 +34,13 @@ def config(name: str, **kw) -> attack.AttackConfig:
 def looped(model, cfg, params, keys, lrs, data, return_params=False):
     """The reference: a Python loop over (lr, seed) of the jitted single-run attack."""
     one = jax.jit(attack.make_attack(model, cfg, return_params=return_params))
-    outs = [[one(None if params is None else jax.tree.map(lambda x: x[s], params), keys[s],
-                 jnp.float32(lr), data) for s in range(keys.shape[0])] for lr in lrs]
-    return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(len(lrs), keys.shape[0], *xs[0].shape),
+    # Seeds are sliced in numpy: indexing a jax array eagerly compiles a program per shape.
+    host = None if params is None else jax.tree.map(np.asarray, params)
+    key_data = np.asarray(jax.random.key_data(keys))
+    outs = [[one(None if host is None else jax.tree.map(lambda x: x[s], host),
+                 jax.random.wrap_key_data(key_data[s]), jnp.float32(lr), data)
+             for s in range(keys.shape[0])] for lr in lrs]
+    return jax.tree.map(lambda *xs: np.stack(xs).reshape(len(lrs), keys.shape[0], *xs[0].shape),
                         *[o for row in outs for o in row])
 
 
