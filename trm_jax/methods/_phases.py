@@ -208,5 +208,12 @@ def _seeds_program(step: Callable[..., Any], in_axes: tuple) -> Callable[..., An
     return compilation.jit(jax.vmap(step, in_axes=in_axes))
 
 
+@compilation.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def _finite(tree: Any) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+    # One program and one device->host bool per check (per leaf, eagerly: two compiled
+    # programs per leaf shape and a round trip per leaf at every checked step).
+    return bool(_all_finite(tree))
