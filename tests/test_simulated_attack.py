@@ -62,8 +62,8 @@ def make_task(seed=0, dtype=np.float64):
 
 @functools.lru_cache(maxsize=None)
 def compiled(space, weighting="uniform", meta_grad="exact", remat=False, bad_term="uniform_kl"):
-    """Jitted ``(value(params, attacker), grad(params, attacker))``: one compile per setting,
-    the attacker a traced argument (as in meta-training)."""
+    """``(value(params, attacker), grad(params, attacker))`` from ONE jitted value_and_grad
+    (one compile per setting), the attacker a traced argument (as in meta-training)."""
     model, task = smooth_model(), make_task()
 
     def f(params, attacker):
@@ -72,7 +72,8 @@ def compiled(space, weighting="uniform", meta_grad="exact", remat=False, bad_ter
                                       remat=remat)
         return sa.trajectory_resistance(logits, task.query_y, bad_term=bad_term,
                                         weighting=weighting)[0]
-    return jax.jit(f), jax.jit(jax.grad(f))
+    both = jax.jit(jax.value_and_grad(f))
+    return (lambda p, a: both(p, a)[0]), (lambda p, a: both(p, a)[1])
 
 
 def check_finite_differences(space, attacker, params, num_directions=3, eps=1e-5, seed=0,
