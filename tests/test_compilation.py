@@ -202,6 +202,8 @@ def test_jit_passes_the_options_to_top_level_compiles_only(monkeypatch, x):
     expected = np.sin(np.ones((3, 3), np.float32)) * 3.5
     np.testing.assert_allclose(jax.jit(lambda v: f(v) + 1)(x), expected + 1, rtol=1e-6)
     np.testing.assert_allclose(jax.vmap(f)(x), expected, rtol=1e-6)
+    constant = np.ones((3, 3), np.float32)  # no tracer among the arguments, still inside a trace
+    np.testing.assert_allclose(jax.jit(lambda v: f(constant) + v)(x), expected + 1, rtol=1e-6)
     np.testing.assert_allclose(jax.grad(lambda v: f(v).sum())(x), 3.5 * np.cos(1.0) * np.ones((3, 3)),
                                rtol=1e-6)
     with pytest.raises(Exception, match="xla_no_such_option_for_this_test"):

@@ -41,6 +41,11 @@ import jax
 import numpy as np
 from jax import monitoring
 
+try:  # jax's own "is a transformation tracing right now?" (jax 0.4.36+)
+    from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:  # older jax: a tracer among the arguments is the sign
+    _trace_state_clean = None
+
 __all__ = ["CACHE_DIR_ENV", "CPU_COMPILER_OPTIONS", "NO_CACHE_ENV", "CompileStats", "PhaseStats",
            "compiler_options", "count_compilations", "default_cache_dir", "enable_persistent_cache",
            "jit"]
@@ -110,9 +115,9 @@ def jit(fun: Callable | None = None, /, **jit_kwargs: Any) -> Callable:
     Same arguments and call signature as ``jax.jit`` (also as a decorator:
     ``@functools.partial(jit, static_argnums=0)``). jax accepts ``compiler_options``
     only on a top-level call, so a call made while tracing (inside another ``jit``,
-    ``grad`` or ``vmap``: any argument is a tracer) uses the plain ``jax.jit`` and is
-    compiled as part of the outer program, with the outer program's options. The
-    backend is looked up at the first top-level call, not at import.
+    ``grad`` or ``vmap``) uses the plain ``jax.jit`` and is compiled as part of the
+    outer program, with the outer program's options. The backend is looked up at the
+    first top-level call, not at import.
     """
     if fun is None:
         return functools.partial(jit, **jit_kwargs)
@@ -129,7 +134,7 @@ class _Jit:
         self._top: Callable | None = None
 
     def _pick(self, args: tuple, kwargs: dict) -> Callable:
-        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+        if _tracing(args, kwargs):
             return self._plain
         if self._top is None:
             options = compiler_options()
@@ -150,6 +155,12 @@ class _Jit:
 
     def __repr__(self) -> str:
         return f"trm_jax.compilation.jit({getattr(self._fun, '__qualname__', self._fun)!r})"
+
+
+def _tracing(args: tuple, kwargs: dict) -> bool:
+    if _trace_state_clean is not None:
+        return not _trace_state_clean()
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs)))
 
 
 def default_cache_dir() -> pathlib.Path:
