@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 from typing import Any, Callable
 
 import jax
@@ -31,14 +29,8 @@ YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVID
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _median_ms(fn: Callable[[], Any], calls: int) -> float:
-    fn()
-    samples = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
+def _median_ms(fn: Callable[[], Any], calls: int, sync: Callable[[Any], Any] | None = None) -> float:
+    return 1e3 * harness.time_fn(fn, warmup=1, repeats=calls, sync=sync).median
 
 
 def _settings() -> dict[str, dict[str, Any] | None]:
@@ -52,7 +44,8 @@ def _lax_conv(x: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def conv1_formulations() -> dict[str, Callable[[jax.Array, jax.Array], jax.Array]]:
-    """``x: f32[N, 32, 32, 3], k: f32[5, 5, 3, 6] -> f32[N, 28, 28, 6]``, each the same maths."""
+    """``x: f32[N, 32, 32, 3], k: f32[5, 5, 3, 6] -> f32[N, 28, 28, 6]``, each the same maths
+    as ``lax.conv`` (NHWC), whose own rows are "conv1 forward" / "conv1 weight gradient"."""
     def padded_out(x, k):  # zero kernel columns to 8 output channels, sliced off again
         return _lax_conv(x, jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, 2))))[..., :6]
 
@@ -66,14 +59,15 @@ def conv1_formulations() -> dict[str, Callable[[jax.Array, jax.Array], jax.Array
                                            (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW"))
         return out.transpose(0, 2, 3, 1)
 
-    return {"lax.conv (NHWC)": _lax_conv, "lax.conv, 8 output channels": padded_out,
+    return {"lax.conv, 8 output channels": padded_out,
             "lax.conv NCHW": nchw,
             "im2col (models.im2col_conv)": lambda x, k: models.im2col_conv(
                 x, k, (1, 1), "VALID", dimension_numbers=NHWC),
             "width patches + 5 dots": width_patches}
 
 
-def jax_rows(calls: int) -> list[tuple[str, str, float]]:
+def jax_rows(calls: int) -> list[tuple[str, str, float, str]]:
+    """``(setting, part, median ms, note)`` for every part under every compile setting."""
     model, optimizer = models.lenet(10), optax.adam(1e-3)
     key = jax.random.key(0)
     params = jax.jit(model.init)(key)
@@ -109,7 +103,7 @@ def jax_rows(calls: int) -> list[tuple[str, str, float]]:
     for setting, options in _settings().items():
         for name, (fn, args) in parts.items():
             compiled = jax.jit(fn, compiler_options=options)
-            ms = _median_ms(lambda: jax.block_until_ready(compiled(*args)), calls)
+            ms = _median_ms(lambda: compiled(*args), calls, sync=jax.block_until_ready)
             note = ""
             if name.startswith("conv1 forward as"):
                 note = f"max |diff| {float(np.max(np.abs(np.asarray(compiled(*args)) - reference))):.1e}"
