@@ -63,6 +63,8 @@ def conv1_formulations() -> dict[str, Callable[[jax.Array, jax.Array], jax.Array
             "lax.conv NCHW": nchw,
             "im2col (models.im2col_conv)": lambda x, k: models.im2col_conv(
                 x, k, (1, 1), "VALID", dimension_numbers=NHWC),
+            "banded dot (models.toeplitz_conv, the CPU default)": lambda x, k: models.toeplitz_conv(
+                x, k, (1, 1), "VALID", dimension_numbers=NHWC),
             "width patches + 5 dots": width_patches}
 
 

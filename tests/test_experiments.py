@@ -50,13 +50,17 @@ def golden_runs(tmp_path_factory, digits_data_dir):
             for name, module in MODULES.items()}
 
 
-# Where the numbers may move by float32 rounding, and by how much. Since the redesign the CPU
-# meta-step computes convolutions as im2col matmuls and max-pooling's derivative through a
-# mask (benchmarks, BENCHMARKS.md), which reorders float32 sums inside the meta-gradient:
-# measured, the meta-training losses after 4 outer steps moved by at most 2 float32 ulps
-# (2.4e-7 on 1.64); rtol 1e-5 is ~80x that. Every accuracy, curve, SKD and UNSIR number,
-# and the reverse_maml model's own attack curves stayed bitwise equal and are compared exactly.
-ROUNDING = {"/meta_final_metrics": 1e-5}
+# Where the numbers may move by float32 rounding, and by how much: ``prefix: (rtol, atol)``.
+# Since the redesign CPU convolutions run as dots (im2col, then banded "toeplitz" matmuls for
+# LeNet's narrow layers) and max-pooling's derivative through a mask (BENCHMARKS.md), which
+# reorders float32 sums: measured, the meta-training losses after 4 outer steps moved by at
+# most 2 float32 ulps (2.4e-7 on 1.64; 1.2e-7 on their std over seeds); SKD's mean
+# activations (means of ~40,000 student features of size ~55) by 1.4e-3 per seed (2.6e-5
+# relative) and 5.2e-4 on their std over seeds: each tolerance is 4-8x what was measured.
+# Every accuracy, curve, and the other SKD and UNSIR numbers stayed bitwise equal and are
+# compared exactly.
+ROUNDING = {"/meta_final_metrics": (1e-5, 1e-6),
+            "/malicious_mean_activation": (1e-4, 2e-3), "/beneficial_mean_activation": (1e-4, 2e-3)}
 
 
 def assert_same_numbers(expected, actual, path=""):
@@ -69,13 +73,14 @@ def assert_same_numbers(expected, actual, path=""):
             assert key in actual, f"{path}/{key} missing"
             assert_same_numbers(value, actual[key], f"{path}/{key}")
         return
-    rtol = next((tol for prefix, tol in ROUNDING.items() if path.startswith(prefix)), 0.0)
+    rtol, atol = next((tol for prefix, tol in ROUNDING.items() if path.startswith(prefix)),
+                      (0.0, 0.0))
     if isinstance(expected, list) and expected and not isinstance(expected[0], (str, dict)):
         np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
-                                   rtol=rtol, atol=0, err_msg=path)
-    elif isinstance(expected, float) and rtol:
-        # a mean or std over seeds carries the absolute error of the losses it is made of
-        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-6, err_msg=path)
+                                   rtol=rtol, atol=atol, err_msg=path)
+    elif isinstance(expected, float) and (rtol or atol):
+        # a mean or std over seeds carries the absolute error of the numbers it is made of
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=path)
     else:
         assert actual == expected, path
 

@@ -93,13 +93,21 @@ def x64():
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+@pytest.mark.parametrize("formulation,x_shape,k_shape", [
+    ("im2col_conv", (2, 7, 6, 3), (3, 3, 3, 4)),
+    ("toeplitz_conv", (2, 7, 6, 3), (3, 3, 3, 4)),  # one block per output row
+    ("toeplitz_conv", (2, 9, 16, 2), (5, 3, 2, 6)),  # SAME: 16 output columns, 2 blocks of 8
+    ("toeplitz_conv", (2, 6, 15, 1), (2, 5, 1, 16)),  # VALID: 11 columns, 4 blocks of 3 (padded)
+])
 @pytest.mark.parametrize("padding", ["VALID", "SAME", ((1, 2), (0, 1))])
-def test_im2col_conv_equals_lax_conv_with_first_and_second_derivatives(x64, padding):
+def test_conv_formulations_equal_lax_conv_with_first_and_second_derivatives(
+        x64, formulation, x_shape, k_shape, padding):
     rng = np.random.default_rng(0)
-    x, k = _f64(rng, (2, 7, 6, 3)), _f64(rng, (3, 3, 3, 4), 0.5)
+    x, k = _f64(rng, x_shape), _f64(rng, k_shape, 0.5)
     lax_conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), padding,
                                                          dimension_numbers=NHWC)
-    im2col = lambda x, k: models.im2col_conv(x, k, (1, 1), padding, dimension_numbers=NHWC)
+    im2col = lambda x, k: getattr(models, formulation)(x, k, (1, 1), padding,
+                                                       dimension_numbers=NHWC)
     vx, vk = _f64(rng, x.shape), _f64(rng, k.shape)
 
     @functools.partial(jax.jit, static_argnums=0)  # one program per formulation
@@ -115,13 +123,24 @@ def test_im2col_conv_equals_lax_conv_with_first_and_second_derivatives(x64, padd
         np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-12)
 
 
-def test_im2col_conv_falls_back_to_lax_for_strides_and_groups():
-    x = jnp.ones((1, 6, 6, 2))
-    k = jnp.ones((3, 3, 1, 4))
-    got = models.im2col_conv(x, k, (2, 2), "VALID", dimension_numbers=NHWC, feature_group_count=2)
+@pytest.mark.parametrize("formulation", ["im2col_conv", "toeplitz_conv"])
+def test_conv_formulations_fall_back_to_lax_for_strides_and_groups(formulation):
+    x = jnp.arange(72.0).reshape(1, 6, 6, 2)
+    k = jnp.arange(36.0).reshape(3, 3, 1, 4)
+    got = getattr(models, formulation)(x, k, (2, 2), "VALID", dimension_numbers=NHWC,
+                                       feature_group_count=2)
     want = jax.lax.conv_general_dilated(x, k, (2, 2), "VALID", dimension_numbers=NHWC,
                                         feature_group_count=2)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("out_width,out_channels,block", [
+    (28, 6, 7), (10, 16, 5), (8, 6, 8), (4, 16, 4),  # lenet on 32x32x3 and on 8x8x1
+    (28, 8, 7), (28, 16, 4), (28, 64, 1),  # conv4 widths
+    (11, 16, 3), (101, 6, 7), (3, 6, 3),  # no divisor near: padded; or the whole width
+])
+def test_toeplitz_block_gives_the_dot_at_least_40_columns(out_width, out_channels, block):
+    assert models.toeplitz_block(out_width, out_channels) == block
 
 
 @pytest.mark.parametrize("shape,padding", [((2, 8, 6, 3), "VALID"), ((2, 9, 7, 3), "VALID"),
@@ -156,7 +175,7 @@ def test_max_pool_gives_tied_windows_gradient_to_the_first_maximum_like_reduce_w
 
 
 def test_conv_impls_give_the_same_model_and_exact_meta_gradient(x64):
-    """lax vs im2col on a whole model: same init, outputs, and second-order meta-gradient
+    """lax vs im2col vs toeplitz on a whole model: same init, outputs, and second-order meta-gradient
     through ``meta.adapt`` (float64), rolled and unrolled inner loops. (Rolled vs unrolled
     with ``lax`` convolutions: tests/test_meta.py; each padding's convolution and pooling,
     with first and second derivatives, above: so lenet stands for conv4 here too.) Every
@@ -166,14 +185,15 @@ def test_conv_impls_give_the_same_model_and_exact_meta_gradient(x64):
 
     make = lambda impl: models.lenet(4, (8, 8, 1), padding="SAME", param_dtype=jnp.float64,
                                      conv_impl=impl)
-    lax_model, im2col_model = make("lax"), make("im2col")
+    lax_model, im2col_model, toeplitz_model = make("lax"), make("im2col"), make("toeplitz")
     params = jax.jit(lax_model.init)(jax.random.key(0))
     chex.assert_trees_all_equal(params, jax.jit(im2col_model.init)(jax.random.key(0)))
     rng = np.random.default_rng(2)
     xs, xq = _f64(rng, (6, *lax_model.input_shape)), _f64(rng, (5, *lax_model.input_shape))
     ys, yq = jnp.asarray(rng.integers(0, 4, 6)), jnp.asarray(rng.integers(0, 4, 5))
-    np.testing.assert_allclose(jax.jit(im2col_model.apply)(params, xq),
-                               jax.jit(lax_model.apply)(params, xq), rtol=1e-12, atol=1e-13)
+    for model in (im2col_model, toeplitz_model):
+        np.testing.assert_allclose(jax.jit(model.apply)(params, xq),
+                                   jax.jit(lax_model.apply)(params, xq), rtol=1e-12, atol=1e-13)
 
     def outer(model, unroll):
         def loss(p):
@@ -183,23 +203,34 @@ def test_conv_impls_give_the_same_model_and_exact_meta_gradient(x64):
         return jax.jit(jax.grad(loss))(params)
 
     want = outer(lax_model, 1)
-    for model, unroll in ((im2col_model, 1), (im2col_model, True)):
+    for model, unroll in ((im2col_model, 1), (im2col_model, True), (toeplitz_model, True)):
         chex.assert_trees_all_close(outer(model, unroll), want, rtol=1e-10, atol=1e-12)
 
 
-def test_auto_conv_impl_is_per_backend_and_per_use():
+def test_auto_conv_impl_is_per_backend_and_layer_width():
+    narrow, wide = models.TOEPLITZ_MAX_CHANNELS, models.TOEPLITZ_MAX_CHANNELS + 1
     assert models.resolve_conv_impl("auto", "gpu") == "lax"
-    assert models.resolve_conv_impl("auto", "cpu") == "lax"  # ordinary training
-    with models.auto_conv_impl("im2col"):
-        assert models.resolve_conv_impl("auto", "cpu") == "im2col"
-        assert models.resolve_conv_impl("auto", "gpu") == "lax"
-        assert models.resolve_conv_impl("lax", "cpu") == "lax"
-    assert models.resolve_conv_impl("auto", "cpu") == "lax"
+    assert models.resolve_conv_impl("auto", "gpu", narrow) == "lax"
+    assert models.resolve_conv_impl("auto", "cpu", narrow) == "toeplitz"
+    assert models.resolve_conv_impl("auto", "cpu", wide) == "im2col"
+    assert models.resolve_conv_impl("auto", "cpu") == "im2col"
+    assert models.resolve_conv_impl("lax", "cpu", narrow) == "lax"
+    assert models.resolve_conv_impl("im2col", "gpu") == "im2col"
     with pytest.raises(ValueError, match="conv_impl must be one of"):
         models.lenet(10, conv_impl="fft")
-    with pytest.raises(ValueError, match="auto_conv_impl"):
-        with models.auto_conv_impl("auto"):
-            pass
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="what 'auto' picks on cpu")
+def test_auto_models_run_no_xla_convolution_on_cpu():
+    """Every convolution of an ``auto`` model is a ``dot`` on cpu: LeNet's narrow layers
+    as banded matmuls, Conv4's wide ones as im2col (and ``lax`` keeps XLA's)."""
+    def program(model):  # the printed jaxpr, nested jaxprs included
+        x = jnp.zeros((2, *model.input_shape), jnp.float32)
+        return str(jax.make_jaxpr(model.apply)(jax.eval_shape(model.init, jax.random.key(0)), x))
+
+    for model in (models.lenet(10), models.lenet(10, (8, 8, 1), "SAME"), models.conv4(5)):
+        assert "conv_general_dilated" not in program(model), model.name
+    assert "conv_general_dilated" in program(models.lenet(10, conv_impl="lax"))
 
 
 def test_conv_impl_enters_the_spec_only_when_set():

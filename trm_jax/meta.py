@@ -27,7 +27,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Callable, Literal, Optional, Protocol
 
@@ -36,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from trm_jax import models
 from trm_jax.tasks import LABEL_MODES, ClassPool, LabelMode, Task, check_task_shape, sample_tasks
 from trm_jax.errors import ConfigError
 
@@ -179,22 +177,6 @@ BAD_TERMS: dict[str, BadTermFn] = {
 # ----------------------------------------------------------------------- inner loop
 
 
-def _meta_convs(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Traces ``fn`` with ``conv_impl="auto"`` models on im2col convolutions on cpu.
-
-    Second-order meta-gradients need every convolution's input gradient at every
-    inner step, and XLA:CPU runs those (and the convolutions inside a loop) several
-    times slower than the same maths as slices + one 2-D ``dot`` (BENCHMARKS.md).
-    Same numbers up to float32 summation order; no effect on gpu/tpu.
-    """
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with models.auto_conv_impl("im2col"):
-            return fn(*args, **kwargs)
-    return wrapped
-
-
-@_meta_convs
 def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
           loss_fn: Optional[LossFn] = None, apply_fn: Optional[ApplyFn] = None,
           inner_lr: chex.Numeric, steps: int, first_order: bool = False,
@@ -329,7 +311,6 @@ def map_tasks(fn: Callable[[Any], Any], xs: Any, strategy: TaskBatching = "vmap"
 # ------------------------------------------------------------- generic MAML / Reptile
 
 
-@_meta_convs
 def post_adaptation_loss(params: Params, task: Task, *, loss_fn: LossFn, inner_lr: chex.Numeric,
                          steps: int, first_order: bool = False, remat: bool = False) -> chex.Array:
     r"""One task's MAML loss ``L_q(adapt(theta, support))`` (scalar).
@@ -345,7 +326,6 @@ def post_adaptation_loss(params: Params, task: Task, *, loss_fn: LossFn, inner_l
     return loss_fn(adapted, task.query_x, task.query_y)
 
 
-@_meta_convs
 def meta_loss(params: Params, tasks: Task, *, loss_fn: LossFn, inner_lr: chex.Numeric,
               steps: int, first_order: bool = False, remat: bool = False,
               weights: Optional[chex.Array] = None,
@@ -374,7 +354,6 @@ def meta_loss(params: Params, tasks: Task, *, loss_fn: LossFn, inner_lr: chex.Nu
     return jnp.sum(weights.astype(per_task.dtype) * per_task)
 
 
-@_meta_convs
 def reptile_gradient(params: Params, tasks: Task, *, loss_fn: LossFn, inner_lr: chex.Numeric,
                      steps: int, weights: Optional[chex.Array] = None,
                      task_batching: TaskBatching = "vmap") -> Params:
@@ -485,7 +464,6 @@ class MetaConfig:
                              "never adapt, so they would get no meta-gradient")
 
 
-@_meta_convs
 def task_logits(params: Params, task: Task, key: chex.PRNGKey, config: MetaConfig,
                 model: Any) -> tuple[chex.Array, chex.Array, Params]:
     """Pre- and post-adaptation query logits of one task.
@@ -513,7 +491,6 @@ def task_logits(params: Params, task: Task, key: chex.PRNGKey, config: MetaConfi
                         feats[num_support:], key, config, model)
 
 
-@_meta_convs
 def batch_task_logits(params: Params, tasks: Task, keys: chex.PRNGKey, config: MetaConfig,
                       model: Any) -> tuple[chex.Array, chex.Array, Params]:
     """:func:`task_logits` for every task of a meta-batch (leading ``[T]`` axis).

@@ -14,23 +14,23 @@ code, so datasets stay uint8 on the device) or already floating point.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
 from trm_jax import compilation
 from trm_jax.errors import ConfigError
 
 Params = Any  # a pytree of arrays
 Padding = Literal["VALID", "SAME"]
-ConvImpl = Literal["auto", "lax", "im2col"]
-CONV_IMPLS = ("auto", "lax", "im2col")
+ConvImpl = Literal["auto", "lax", "im2col", "toeplitz"]
+CONV_IMPLS = ("auto", "lax", "im2col", "toeplitz")
 
 
 def to_float(images: chex.Array, dtype: Any = jnp.float32) -> chex.Array:
@@ -44,87 +44,95 @@ def to_float(images: chex.Array, dtype: Any = jnp.float32) -> chex.Array:
 
 
 # ------------------------------------------------------------------ conv and pool kernels
-# Two formulations of a convolution, same maths, chosen per backend and use (measured,
-# see BENCHMARKS.md): XLA:CPU's convolution *input* gradients are slow for LeNet's tiny
-# channel counts, which second-order meta-gradients need at every inner step, whereas
-# shifted slices + one 2-D ``dot`` differentiate into dots and pads; for first-order
-# training on cpu, and on GPU (cuDNN), ``lax.conv`` wins. Max-pooling as reshape + max
+# Three formulations of a convolution, same maths, chosen per backend, layer and use
+# (measured, see BENCHMARKS.md). XLA:CPU runs convolutions with few channels (LeNet's
+# 3 -> 6 and 6 -> 16) and their gradients several times slower than PyTorch, whereas one
+# 2-D ``dot`` against the kernel unrolled into a banded (Toeplitz) matrix runs them 3-4x
+# faster and differentiates into dots; for wide layers XLA's convolution wins for training
+# and shifted slices + one ``dot`` (im2col) for second-order meta-gradients, which need
+# every convolution's input gradient. On GPU (cuDNN) ``lax.conv`` wins. Max-pooling as reshape + max
 # with a mask JVP is exact (its derivatives of every order are selections) where
 # ``reduce_window``'s second derivative runs at reduced precision on GPU, is cheaper
 # on CPU, and compiles faster.
 
 
-# What ``conv_impl="auto"`` means on cpu while a function is being traced; the
-# meta-learning code sets it to "im2col" (see ``auto_conv_impl``).
-_AUTO_CPU_CONV: contextvars.ContextVar[str] = contextvars.ContextVar("trm_jax_auto_cpu_conv",
-                                                                    default="lax")
+# On cpu, "auto" runs layers with at most this many output channels as "toeplitz" and
+# wider ones as "im2col". Measured training steps (2-core CPU, BENCHMARKS.md): LeNet (6 and
+# 16 channels) 2.6-3.6x faster than "lax" on 32x32x3 and 8x8x1 with one seed, 3-10x with
+# 3 vmapped seeds; Conv4 on 28x28x1 as fast as "lax" at width 16, 1.5x faster at width 8,
+# 3.6x SLOWER at width 32 (the band is then too narrow to pay), where "im2col" is 5x faster
+# than "lax" with vmapped seeds and as fast with one.
+TOEPLITZ_MAX_CHANNELS = 16
 
 
-def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+def resolve_conv_impl(impl: str, backend: str | None = None,
+                      out_channels: int | None = None) -> str:
     """Maps ``"auto"`` to a concrete convolution for ``backend`` (default: JAX's).
 
     * ``"lax"``: ``lax.conv_general_dilated`` (cuDNN on GPU).
     * ``"im2col"``: the ``kh * kw`` shifted slices of the input concatenated on
       the channel axis, then ONE 2-D ``dot`` with the kernel reshaped to
-      ``[kh * kw * C, O]`` (see :func:`im2col_conv`). Same maths; float32 sums
-      are taken in another order, so the last bits differ.
+      ``[kh * kw * C, O]`` (see :func:`im2col_conv`).
+    * ``"toeplitz"``: blocks of output columns as ONE 2-D ``dot`` with the kernel
+      unrolled into a banded matrix (see :func:`toeplitz_conv`).
 
-    ``"auto"`` is ``"lax"`` on gpu/tpu and for ordinary training on cpu (measured
-    fastest there, see BENCHMARKS.md); under :func:`auto_conv_impl` on cpu (which
-    :mod:`trm_jax.meta` uses while tracing second-order meta-gradients, where
-    XLA:CPU's convolution input gradients are slow) it is that context's choice.
+    All three are the same maths; float32 sums are taken in other orders, so the
+    last bits differ. ``"auto"`` is ``"lax"`` on gpu/tpu; on cpu it is
+    ``"toeplitz"`` for a layer of at most :data:`TOEPLITZ_MAX_CHANNELS`
+    ``out_channels`` and ``"im2col"`` otherwise: XLA:CPU runs ``lax.conv``, its
+    gradients, and any of them inside a loop or over vmapped seeds, several times
+    slower than these ``dot``s (measured, BENCHMARKS.md).
     """
     if impl not in CONV_IMPLS:
         raise ConfigError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    return _AUTO_CPU_CONV.get() if (backend or jax.default_backend()) == "cpu" else "lax"
+    if (backend or jax.default_backend()) != "cpu":
+        return "lax"
+    if out_channels is not None and out_channels <= TOEPLITZ_MAX_CHANNELS:
+        return "toeplitz"
+    return "im2col"
 
 
-@contextlib.contextmanager
-def auto_conv_impl(impl: str) -> Iterator[None]:
-    """Within this block, ``conv_impl="auto"`` resolves to ``impl`` on cpu while tracing.
+def _stride_one_nhwc(formulation: Callable[..., chex.Array]) -> Callable[..., chex.Array]:
+    """Lifts ``formulation(lhs, rhs, precision) -> out`` (unpadded NHWC x HWIO, stride 1)
+    to ``lax.conv_general_dilated``'s signature: explicit padding first, and anything else
+    than stride 1, no dilation, one feature group and NHWC falls back to
+    ``lax.conv_general_dilated`` with the same arguments."""
+    @functools.wraps(formulation)
+    def conv(lhs: chex.Array, rhs: chex.Array, window_strides: Sequence[int],
+             padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
+             rhs_dilation: Any = None, dimension_numbers: Any = None,
+             feature_group_count: int = 1, precision: Any = None, **kwargs: Any) -> chex.Array:
+        plain = (tuple(window_strides) == (1, 1) and feature_group_count == 1 and not kwargs
+                 and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+                 and lhs.ndim == 4 and _is_nhwc(dimension_numbers))
+        if not plain:
+            return jax.lax.conv_general_dilated(
+                lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                feature_group_count=feature_group_count, precision=precision, **kwargs)
+        if isinstance(padding, str):
+            padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+        padding = [tuple(p) for p in padding]
+        if any(p != (0, 0) for p in padding):
+            lhs = jnp.pad(lhs, [(0, 0), *padding, (0, 0)])
+        return formulation(lhs, rhs, precision)
+    return conv
 
-    A trace-time setting (like ``jax.default_matmul_precision``): use it inside
-    the function that is jitted, so every trace of that function sees the same
-    choice. Models built with an explicit ``conv_impl`` ignore it.
-    """
-    if impl not in ("lax", "im2col"):
-        raise ConfigError(f"auto_conv_impl takes 'lax' or 'im2col', got {impl!r}")
-    token = _AUTO_CPU_CONV.set(impl)
-    try:
-        yield
-    finally:
-        _AUTO_CPU_CONV.reset(token)
 
-
-def im2col_conv(lhs: chex.Array, rhs: chex.Array, window_strides: Sequence[int],
-                padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
-                rhs_dilation: Any = None, dimension_numbers: Any = None,
-                feature_group_count: int = 1, precision: Any = None,
-                **kwargs: Any) -> chex.Array:
+@_stride_one_nhwc
+def im2col_conv(lhs: chex.Array, rhs: chex.Array, precision: Any = None) -> chex.Array:
     """``lax.conv_general_dilated`` for NHWC x HWIO as shifted slices + one 2-D ``dot``.
 
-    ``lhs: f[B, H, W, C]``, ``rhs: f[kh, kw, C, O] -> f[B, H', W', O]``. Only stride 1,
-    no dilation and one feature group are rewritten (all this project's models use);
-    anything else falls back to ``lax.conv_general_dilated`` with the same arguments.
-    Slicing + concatenating is what XLA:CPU runs fastest: ``lax.conv_general_dilated_patches``
-    (itself a convolution) was 2.3x slower, and ``einsum`` over the stacked slices no faster.
+    ``lhs: f[B, H, W, C]``, ``rhs: f[kh, kw, C, O] -> f[B, H', W', O]``, with
+    ``lax.conv_general_dilated``'s arguments. Only stride 1, no dilation and one feature
+    group are rewritten (all this project's models use); anything else falls back to
+    ``lax.conv_general_dilated`` with the same arguments. Slicing + concatenating is what
+    XLA:CPU runs fastest: ``lax.conv_general_dilated_patches`` (itself a convolution) was
+    2.3x slower, and ``einsum`` over the stacked slices no faster.
     """
-    plain = (tuple(window_strides) == (1, 1) and feature_group_count == 1 and not kwargs
-             and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-             and lhs.ndim == 4 and _is_nhwc(dimension_numbers))
-    if not plain:
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, precision=precision, **kwargs)
     kh, kw, c, o = rhs.shape
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw), (1, 1), padding)
-    padding = [tuple(p) for p in padding]
-    if any(p != (0, 0) for p in padding):
-        lhs = jnp.pad(lhs, [(0, 0), *padding, (0, 0)])
     b, h, w, _ = lhs.shape
     ho, wo = h - kh + 1, w - kw + 1
     patches = jnp.concatenate([lhs[:, i:i + ho, j:j + wo, :]
@@ -132,6 +140,58 @@ def im2col_conv(lhs: chex.Array, rhs: chex.Array, window_strides: Sequence[int],
     out = jax.lax.dot(patches.reshape(b * ho * wo, kh * kw * c), rhs.reshape(kh * kw * c, o),
                       precision=precision)
     return out.reshape(b, ho, wo, o)
+
+
+def toeplitz_block(out_width: int, out_channels: int) -> int:
+    """Output columns per row of :func:`toeplitz_conv`'s ``dot``: the narrowest block that
+    gives the ``dot`` at least 40 output columns (``block * out_channels``), rounded up to a
+    divisor of ``out_width`` when one is within a factor 2 (else the input is zero-padded
+    to a multiple of the block); at most ``out_width``.
+
+    Wider blocks make fewer, wider dot rows but multiply more of the band's zeros: a
+    ``kw``-wide kernel costs ``(block + kw - 1) / kw`` times a direct convolution's
+    multiplies. Measured on 2 CPU cores (BENCHMARKS.md): LeNet's training step on 32x32x3
+    ran fastest with blocks of 7 (3 -> 6 channels, 28 columns) and 5 or 10 (6 -> 16
+    channels, 10 columns), up to 1.3x slower with 14 and 2.
+    """
+    want = min(out_width, -(-40 // out_channels))
+    divisor = next(b for b in range(want, out_width + 1) if out_width % b == 0)
+    return divisor if divisor <= 2 * want else want
+
+
+@_stride_one_nhwc
+def toeplitz_conv(lhs: chex.Array, rhs: chex.Array, precision: Any = None) -> chex.Array:
+    """``lax.conv_general_dilated`` for NHWC x HWIO as ONE 2-D ``dot`` with a banded kernel.
+
+    ``lhs: f[B, H, W, C]``, ``rhs: f[kh, kw, C, O] -> f[B, H', W', O]``, with
+    ``lax.conv_general_dilated``'s arguments (stride 1, no dilation, one feature group and
+    NHWC are rewritten, anything else falls back to it). The output's columns are cut into
+    blocks of ``n = toeplitz_block(W', O)``; each block of one output row is one row of the
+    ``dot``: the ``kh`` input rows it reads, ``n + kw - 1`` columns wide, against the
+    kernel unrolled into ``f[kh * (n + kw - 1) * C, n * O]`` (Toeplitz in the columns:
+    entry ``(i, a, c), (b, o)`` is ``rhs[i, a - b, c, o]`` where ``0 <= a - b < kw``,
+    else 0). Few channels make im2col's ``dot`` too thin (``O`` output columns) for
+    XLA:CPU to run fast; the band gives it ``n * O`` columns for ``(n + kw - 1) / kw``
+    times the multiplies. Exact: the band's zeros add exact zeros (float64 tests).
+    """
+    kh, kw, c, o = rhs.shape
+    b, h, w, _ = lhs.shape
+    ho, wo = h - kh + 1, w - kw + 1
+    block = toeplitz_block(wo, o)
+    blocks = -(-wo // block)
+    win = block + kw - 1
+    if blocks * block > wo:  # zero columns for the last block's extra outputs, sliced off
+        lhs = jnp.pad(lhs, [(0, 0), (0, 0), (0, blocks * block - wo), (0, 0)])
+    band = np.zeros((kw, win, block), np.float32)  # band[j, a, b] = 1 where a - b == j
+    for j in range(kw):
+        band[j, np.arange(block) + j, np.arange(block)] = 1
+    kernel = jnp.einsum("jab,ijco->iacbo", band.astype(rhs.dtype), rhs)
+    rows = jnp.stack([lhs[:, i:i + ho] for i in range(kh)], axis=2)  # [B, H', kh, W, C]
+    patches = jnp.stack([rows[:, :, :, k * block:k * block + win] for k in range(blocks)],
+                        axis=2)  # [B, H', blocks, kh, win, C]
+    out = jax.lax.dot(patches.reshape(b * ho * blocks, kh * win * c),
+                      kernel.reshape(kh * win * c, block * o), precision=precision)
+    return out.reshape(b, ho, blocks * block, o)[:, :, :wo]
 
 
 def _is_nhwc(dimension_numbers: Any) -> bool:
@@ -145,10 +205,13 @@ def _is_nhwc(dimension_numbers: Any) -> bool:
 
 def conv_fn(impl: str = "auto") -> Callable[..., chex.Array]:
     """A ``conv_general_dilated`` for ``flax.linen.Conv``, picked per backend at trace time."""
-    def conv(*args: Any, **kwargs: Any) -> chex.Array:
-        if resolve_conv_impl(impl) == "im2col":
-            return im2col_conv(*args, **kwargs)
-        return jax.lax.conv_general_dilated(*args, **kwargs)
+    def conv(lhs: chex.Array, rhs: chex.Array, *args: Any, **kwargs: Any) -> chex.Array:
+        resolved = resolve_conv_impl(impl, out_channels=rhs.shape[-1])
+        if resolved == "im2col":
+            return im2col_conv(lhs, rhs, *args, **kwargs)
+        if resolved == "toeplitz":
+            return toeplitz_conv(lhs, rhs, *args, **kwargs)
+        return jax.lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
     return conv
 
 
@@ -190,16 +253,16 @@ def _window_max_jvp(primals: tuple[chex.Array], tangents: tuple[chex.Array]
                     ) -> tuple[chex.Array, chex.Array]:
     (x,), (t,) = primals, tangents
     y = _window_max(x)
-    return y, jnp.sum(jnp.where(_first_max_mask(x, y), t, 0), axis=(-4, -2))
-
-
-def _first_max_mask(x: chex.Array, y: chex.Array) -> chex.Array:
-    """``bool[..., H2, k, W2, k, C]``: True at the first (row-major) maximum of each window."""
-    *batch, h2, k, w2, _, c = x.shape
+    # The first maximum (row-major) of each window: the smallest window position where x
+    # equals the max. A min-reduction and elementwise selects at full resolution: the
+    # derivative's transpose is then one select of the broadcast cotangent (a cumulative
+    # count over the window, or per-position slices whose transposes are pads, cost more
+    # than the convolution they follow on CPU).
+    k = x.shape[-4]
+    position = np.arange(k * k, dtype=np.int32).reshape((1,) * (x.ndim - 4) + (k, 1, k, 1))
     hits = x == jnp.expand_dims(y, (-4, -2))
-    flat = jnp.moveaxis(hits, -4, -3).reshape(*batch, h2, w2, k * k, c)  # window order i*k+j
-    first = flat & (jnp.cumsum(flat, axis=-2) == 1)
-    return jnp.moveaxis(first.reshape(*batch, h2, w2, k, k, c), -3, -4)
+    first = jnp.min(jnp.where(hits, position, k * k), axis=(-4, -2), keepdims=True)
+    return y, jnp.sum(jnp.where(position == first, t, 0), axis=(-4, -2))
 
 
 class LeNetFeatures(nn.Module):

@@ -294,9 +294,8 @@ def attack_trajectory(params: Params, task: Task, key: chex.PRNGKey, attacker: A
         step = jax.checkpoint(step)
     if unroll is None:
         unroll = 1 if remat else meta.resolve_inner_unroll(space.steps)
-    with models.auto_conv_impl("im2col"):  # as meta.adapt: XLA:CPU's fast second-order convs
-        (phi, _), logits = jax.lax.scan(step, (phi, states), None, length=space.steps,
-                                        unroll=unroll)
+    (phi, _), logits = jax.lax.scan(step, (phi, states), None, length=space.steps,
+                                    unroll=unroll)
     if not return_params:
         return logits
     return logits, {"features": {**frozen, **phi["features"]}, "head": phi["head"]}
