@@ -126,7 +126,6 @@ def test_batch_larger_than_data_is_rejected_before_compiling():
                   batch_size=500, progress=False)
 
 
-def test_auto_strategy_is_per_backend():
-    expected = "step" if jax.default_backend() == "cpu" else "scan"
-    assert train.resolve_strategy("auto") == expected
-    assert train.resolve_strategy("scan") == "scan"
+def test_auto_strategy_is_the_epoch_as_one_scan():
+    assert train.resolve_strategy("auto") == "scan"
+    assert train.resolve_strategy("step") == "step"

@@ -9,11 +9,11 @@ Written for ONE seed, lifted over seeds with ``jax.vmap``:
   evaluation, NaN/Inf check. It trains a *stack* of seeds (leading axis) in one
   compiled program per epoch (``"scan"``) or per step (``"step"``).
 
-Execution strategy is an option because the fastest choice differs by backend:
-on GPU the epoch-as-scan removes per-step dispatch, while on XLA:CPU conv
-gradients inside ``lax.scan`` run slower than the same step jitted alone
-(see BENCHMARKS.md). ``"auto"`` picks ``"scan"`` on GPU/TPU and ``"step"`` on CPU.
-Both give the same numbers (tested).
+Execution strategy is an option: ``"auto"`` is ``"scan"`` on every backend (one
+dispatch per epoch). ``"step"`` (one jitted call per step) was the CPU default while
+models ran ``lax.conv`` there, whose gradients XLA:CPU runs slower inside a loop;
+since :mod:`trm_jax.models` runs CPU convolutions as ``dot``s, the scan is faster
+there too (1.4-1.7x, BENCHMARKS.md). Both give the same numbers (tested).
 """
 from __future__ import annotations
 
@@ -229,12 +229,12 @@ def evaluate(apply_fn: Callable[[Params, jax.Array], jax.Array], params: Params,
 
 
 def resolve_strategy(strategy: str) -> str:
-    """``"auto"`` -> ``"scan"`` on GPU/TPU, ``"step"`` on CPU (measured; BENCHMARKS.md)."""
+    """``"auto"`` -> ``"scan"`` (fastest on every backend measured; BENCHMARKS.md)."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}; allowed: {STRATEGIES}")
     if strategy != "auto":
         return strategy
-    return "step" if jax.default_backend() == "cpu" else "scan"
+    return "scan"
 
 
 def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
@@ -332,7 +332,7 @@ def _compiled_step(loss_fn, optimizer, mask, data_axis=None):
 
 
 def _epoch_by_steps(step_fn, state, data, n, batch_size):
-    """The same epoch as :func:`train_epoch`, one jitted call per step (fast on CPU)."""
+    """The same epoch as :func:`train_epoch`, one jitted call per step."""
     keys = jax.vmap(jax.random.split)(state.key)
     batches = _seed_batches(keys[:, 1], n, batch_size)  # [S, num_batches, B]
     state = state._replace(key=keys[:, 0])
