@@ -186,9 +186,10 @@ def toeplitz_conv(lhs: chex.Array, rhs: chex.Array, precision: Any = None) -> ch
     for j in range(kw):
         band[j, np.arange(block) + j, np.arange(block)] = 1
     kernel = jnp.einsum("jab,ijco->iacbo", band.astype(rhs.dtype), rhs)
-    rows = jnp.stack([lhs[:, i:i + ho] for i in range(kh)], axis=2)  # [B, H', kh, W, C]
-    patches = jnp.stack([rows[:, :, :, k * block:k * block + win] for k in range(blocks)],
-                        axis=2)  # [B, H', blocks, kh, win, C]
+    # One concatenation of the blocks x kh windows (one copy; stacking rows, then blocks of
+    # them, made two and cost 1.3x the forward): [B, H', blocks * kh, win * C].
+    patches = jnp.concatenate([lhs[:, i:i + ho, k * block:k * block + win].reshape(b, ho, 1, -1)
+                               for k in range(blocks) for i in range(kh)], axis=2)
     out = jax.lax.dot(patches.reshape(b * ho * blocks, kh * win * c),
                       kernel.reshape(kh * win * c, block * o), precision=precision)
     return out.reshape(b, ho, blocks * block, o)[:, :, :wo]
