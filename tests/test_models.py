@@ -134,6 +134,14 @@ def test_conv_formulations_fall_back_to_lax_for_strides_and_groups(formulation):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("formulation", ["im2col_conv", "toeplitz_conv"])
+def test_conv_formulations_give_lax_conv_s_empty_output_for_a_kernel_larger_than_the_input(
+        formulation):
+    x, k = jnp.ones((1, 3, 3, 1)), jnp.ones((5, 5, 1, 6))
+    got = getattr(models, formulation)(x, k, (1, 1), "VALID", dimension_numbers=NHWC)
+    assert got.shape == (1, 0, 0, 6)
+
+
 @pytest.mark.parametrize("out_width,out_channels,block", [
     (28, 6, 7), (10, 16, 5), (8, 6, 8), (4, 16, 4),  # lenet on 32x32x3 and on 8x8x1
     (28, 8, 7), (28, 16, 4), (28, 64, 1),  # conv4 widths

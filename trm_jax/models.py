@@ -44,13 +44,14 @@ def to_float(images: chex.Array, dtype: Any = jnp.float32) -> chex.Array:
 
 
 # ------------------------------------------------------------------ conv and pool kernels
-# Three formulations of a convolution, same maths, chosen per backend, layer and use
-# (measured, see BENCHMARKS.md). XLA:CPU runs convolutions with few channels (LeNet's
-# 3 -> 6 and 6 -> 16) and their gradients several times slower than PyTorch, whereas one
-# 2-D ``dot`` against the kernel unrolled into a banded (Toeplitz) matrix runs them 3-4x
-# faster and differentiates into dots; for wide layers XLA's convolution wins for training
-# and shifted slices + one ``dot`` (im2col) for second-order meta-gradients, which need
-# every convolution's input gradient. On GPU (cuDNN) ``lax.conv`` wins. Max-pooling as reshape + max
+# Three formulations of a convolution, same maths, chosen per backend and layer (measured,
+# see BENCHMARKS.md). XLA:CPU runs convolutions with few channels (LeNet's 3 -> 6 and
+# 6 -> 16) and their gradients several times slower than PyTorch, whereas one 2-D ``dot``
+# against the kernel unrolled into a banded (Toeplitz) matrix runs them 3-4x faster and
+# differentiates into dots; for wide layers shifted slices + one ``dot`` (im2col) beat
+# XLA:CPU's convolution over vmapped seeds, inside loops and in second-order
+# meta-gradients (which need every input gradient), and match it otherwise. On GPU
+# (cuDNN) ``lax.conv`` wins. Max-pooling as reshape + max
 # with a mask JVP is exact (its derivatives of every order are selections) where
 # ``reduce_window``'s second derivative runs at reduced precision on GPU, is cheaper
 # on CPU, and compiles faster.
@@ -107,16 +108,18 @@ def _stride_one_nhwc(formulation: Callable[..., chex.Array]) -> Callable[..., ch
         plain = (tuple(window_strides) == (1, 1) and feature_group_count == 1 and not kwargs
                  and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
                  and lhs.ndim == 4 and _is_nhwc(dimension_numbers))
+        if plain:
+            pads = (jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
+                    if isinstance(padding, str) else [tuple(p) for p in padding])
+            # a kernel larger than the (padded) input: lax's empty output
+            plain = all(n + lo + hi >= k for n, (lo, hi), k in zip(lhs.shape[1:3], pads, rhs.shape[:2]))
         if not plain:
             return jax.lax.conv_general_dilated(
                 lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
                 rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                 feature_group_count=feature_group_count, precision=precision, **kwargs)
-        if isinstance(padding, str):
-            padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-        padding = [tuple(p) for p in padding]
-        if any(p != (0, 0) for p in padding):
-            lhs = jnp.pad(lhs, [(0, 0), *padding, (0, 0)])
+        if any(p != (0, 0) for p in pads):
+            lhs = jnp.pad(lhs, [(0, 0), *pads, (0, 0)])
         return formulation(lhs, rhs, precision)
     return conv
 
