@@ -94,8 +94,8 @@ class AttackSpec:
       reinit: parts re-initialised (fresh random values) before training.
       frozen_features: everything below the head is frozen and not re-initialised,
         so the features can be computed once (the linear-probe shortcut).
-      trains_convs: conv kernels are trained (on CPU a ``lax.map`` over runs beats
-        vmapped grouped convolutions, see :func:`resolve_batching`).
+      trains_convs: conv kernels are trained (on CPU a ``lax.map`` over runs compiles
+        faster than the vmapped sweep, see :func:`resolve_batching`).
       reuse: the attack keeps at least the lower half of the protected network
         (its bottom ``L/2`` features layers, ``L = 4`` for lenet and conv4) as
         released: the *reuse* worst case (:func:`trm_jax.metrics.budget_summary`)
@@ -308,11 +308,12 @@ def resolve_attacks(attacks: str | Sequence[str]) -> tuple[str, ...]:
 def resolve_batching(batching: str, config: AttackConfig) -> str:
     """``"auto"``: ``"map"`` (a sequential ``lax.map`` over the (lr, seed) grid,
     still one program) for attacks that train conv weights (``AttackSpec.trains_convs``)
-    on CPU, where vmapped per-run conv weights become grouped convolutions that
-    XLA:CPU runs slowly; ``"vmap"`` otherwise (GPU/TPU, and every attack whose
-    trained weights are dense layers). Measured on 2 CPU cores, digits, 3 seeds x
-    3 lrs x 20 epochs: full_finetune vmap 8.6 s / map 7.0 s; head_and_penultimate
-    vmap 0.7 s / map 3.6 s."""
+    on CPU; ``"vmap"`` otherwise (GPU/TPU, and every attack whose trained weights are
+    dense layers). Measured on 2 CPU cores, digits, 3 seeds x 3 lrs x 20 epochs, first
+    call (compile + run, what an experiment pays per sweep) / later calls: full_finetune
+    vmap 5.3 / 0.97 s, map 4.7 / 1.30 s; reinit_top2 vmap 4.5 / 0.32, map 3.6 / 0.43;
+    head_and_penultimate vmap 3.2 / 0.24, map 4.0 / 0.48. (Before CPU convolutions ran
+    as ``dot``s, vmapped per-run kernels became grouped convolutions and map won both.)"""
     if batching not in BATCHINGS:
         raise ConfigError(f"unknown batching {batching!r}; allowed: {BATCHINGS}")
     if batching != "auto":
