@@ -55,8 +55,9 @@ def golden_runs(tmp_path_factory, digits_data_dir):
 # LeNet's narrow layers) and max-pooling's derivative through a mask (BENCHMARKS.md), which
 # reorders float32 sums: measured, the meta-training losses after 4 outer steps moved by at
 # most 2 float32 ulps (2.4e-7 on 1.64; 1.2e-7 on their std over seeds); SKD's mean
-# activations (means of ~40,000 student features of size ~55) by 1.4e-3 per seed (2.6e-5
-# relative) and 5.2e-4 on their std over seeds: each tolerance is 4-8x what was measured.
+# activations (means of the student's 84 features over test images, about -55) by 1.4e-3
+# per seed (2.6e-5 relative) and 5.2e-4 on their std over seeds: each tolerance is 4-8x
+# what was measured.
 # Every accuracy, curve, and the other SKD and UNSIR numbers stayed bitwise equal and are
 # compared exactly.
 ROUNDING = {"/meta_final_metrics": (1e-5, 1e-6),

@@ -13,7 +13,7 @@ Execution strategy is an option: ``"auto"`` is ``"scan"`` on every backend (one
 dispatch per epoch). ``"step"`` (one jitted call per step) was the CPU default while
 models ran ``lax.conv`` there, whose gradients XLA:CPU runs slower inside a loop;
 since :mod:`trm_jax.models` runs CPU convolutions as ``dot``s, the scan is faster
-there too (1.4-1.7x, BENCHMARKS.md). Both give the same numbers (tested).
+there too (1.4-1.5x, BENCHMARKS.md). Both give the same numbers (tested).
 """
 from __future__ import annotations
 
