@@ -286,9 +286,11 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
     state = sharding.shard_seeds(state)
     data = jax.tree.map(lambda flag, sub: sharding.shard_seeds(sub) if flag
                         else sharding.replicate(sub, num_seeds), per_seed_data, data)
-    step_fn = _compiled_step(loss_fn, optimizer, mask, data_axis)
-    epoch_fn = _compiled_epoch(loss_fn, optimizer, batch_size, mask, data_axis)
     strategy = resolve_strategy(strategy)
+    if strategy == "scan":
+        epoch_fn = _compiled_epoch(loss_fn, optimizer, batch_size, mask, data_axis)
+    else:
+        step_fn = _compiled_step(loss_fn, optimizer, mask, data_axis)
     evaluate_all = compilation.jit(jax.vmap(eval_fn)) if eval_fn is not None else None
 
     history = []
