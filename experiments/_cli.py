@@ -18,17 +18,23 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
+import pathlib
 import re
+import shutil
 import sys
+import tempfile
 import time
+import typing
 from typing import Annotated, Any, Callable, TypeVar
 
 import jax
 import numpy as np
 import tyro
 
-from trm_jax import compilation, data, datasets, errors, runs
+from trm_jax import checkpoint, compilation, data, datasets, errors, runs
 from trm_jax.hooks import RunFolderHooks
+from trm_jax import methods
 from trm_jax.methods import seed_keys
 
 C = TypeVar("C")
@@ -103,45 +109,191 @@ RUN_FIELDS = ("run",)  # config fields that may change on --resume
 
 
 def peek_dataset(argv: list[str], default: str) -> str:
-    """The ``--dataset`` value in ``argv`` (per-dataset defaults depend on it)."""
-    for i, arg in enumerate(argv):
-        if arg == "--dataset" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--dataset="):
-            return arg.split("=", 1)[1]
-    return default
+    """The ``--dataset`` value in ``argv`` (per-dataset defaults depend on it).
+
+    Raises:
+      ConfigError: ``--dataset`` given more than once (which one's defaults would apply?).
+    """
+    values = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--dataset"]
+    values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--dataset=")]
+    if len(values) > 1:
+        raise errors.ConfigError(f"--dataset given {len(values)} times ({values}); give it once")
+    return values[0] if values else default
+
+
+# What the command line being run was built from: (config class, argv), for naming flags.
+_PARSED: list[tuple[type, list[str]]] = []
 
 
 def parse(config_cls: type[C], defaults: Callable[[str], C], argv: list[str] | None, *,
           prog: str, description: str, default_dataset: str = "cifar10") -> C:
     """``argv`` -> a resolved experiment config (the dataset's defaults under the flags).
 
+    Also checks, before any compute, that the run's folders can be written (the
+    workdir, the data dir, the compilation cache: :func:`check_run_options`).
+
     Raises:
-      ConfigError: an unknown dataset, a bad flag or value (one line, naming it).
+      ConfigError: an unknown dataset, a bad flag or value (one line, naming the flag).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    _PARSED[:] = [(config_cls, argv)]
     dataset = peek_dataset(argv, default_dataset)
     if dataset not in datasets.DATASETS:
         raise errors.ConfigError(f"--dataset {dataset!r}: unknown; allowed: {list(datasets.names())}")
     default = defaults(dataset)
     out = io.StringIO()
     try:
-        with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
-            return tyro.cli(config_cls, default=default, args=argv, prog=prog,
-                            description=description)
+        # A wide console: tyro's boxes then hold one logical line per line (no wrapping).
+        with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out), \
+                _environ(COLUMNS="1000"), errors.watch() as seen:
+            config = tyro.cli(config_cls, default=default, args=argv, prog=prog,
+                              description=description)
     except SystemExit as exit_:
         if exit_.code in (0, None):  # --help
             sys.stdout.write(out.getvalue())
             raise
-        raise errors.ConfigError(one_line(out.getvalue())) from None
+        text = out.getvalue()
+        where = re.search(r"Error parsing ([\w.-]+):", text)
+        if seen and where:  # a config's own check, inside tyro: its error, with the field's path
+            err, path = seen[-1], where.group(1).replace("-", "_")
+            err.field = path if err.field is None else f"{path}.{err.field}"
+            raise err from None
+        raise errors.ConfigError(one_line(text)) from None
+    if isinstance(getattr(config, "run", None), RunOptions):
+        check_run_options(config.run)
+    return config
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def one_line(text: str) -> str:
-    """A tyro error box -> one line (title: message)."""
-    lines = [re.sub(r"[│╭╮╰╯─]+", " ", ln).strip() for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln and not set(ln) <= set("-") and "helptext" not in ln
-             and not ln.startswith("usage:")]
-    return re.sub(r"\s+", " ", ": ".join(lines)).strip() or "bad command line"
+    """A tyro error box -> one line: its message, plus the flags it suggests."""
+    sections, current = [], []
+    for raw in text.splitlines():
+        line = re.sub(r"[│╭╮╰╯]+", " ", raw).strip()
+        if line and set(line) <= set("-─"):
+            sections.append(current)
+            current = []
+        elif line:
+            current.append(line)
+    sections.append(current)
+    message, hints = [], []
+    for section in sections[1:] or sections:
+        if not section or section[0].startswith(("For full helptext", "usage:", "Argument helptext")):
+            continue
+        if section[0].startswith("Perhaps you meant"):
+            hints = [ln.split()[0] for ln in section[1:] if ln.startswith("--")]
+            continue
+        message += section
+    line = " ".join(message) or " ".join(sections[0]) or "bad command line"
+    if hints:
+        line += f"; perhaps you meant {' or '.join(hints)}"
+    return re.sub(r"\s+", " ", line).strip()
+
+
+def flag_names(config_cls: type) -> dict[str, str]:
+    """Every leaf setting of an experiment config class: dotted field path -> its flag
+    (``"method.meta.inner_lr"`` -> ``"--meta.inner-lr"``; :data:`FLAT` fields add no prefix)."""
+    out: dict[str, str] = {}
+
+    def walk(cls: type, path: tuple[str, ...], flag: tuple[str, ...]) -> None:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for field in dataclasses.fields(cls):
+            hint, flat = hints.get(field.name, field.type), False
+            if typing.get_origin(hint) is Annotated:
+                flat = any(m is FLAT for m in hint.__metadata__)
+                hint = typing.get_args(hint)[0]
+            sub_path, sub_flag = (*path, field.name), flag if flat else (*flag, field.name)
+            if dataclasses.is_dataclass(hint):
+                walk(hint, sub_path, sub_flag)
+            else:
+                out[".".join(sub_path)] = "--" + ".".join(sub_flag).replace("_", "-")
+
+    walk(config_cls, (), ())
+    return out
+
+
+def name_flag(err: errors.ConfigError) -> errors.ConfigError:
+    """``err`` with its ``field`` replaced in the message by the flag that sets it, for the
+    command line last parsed (the one given on the command line where several could be meant)."""
+    if not err.field or not _PARSED:
+        return err
+    config_cls, argv = _PARSED[0]
+    flags, parts, candidates = flag_names(config_cls), err.field.split("."), []
+    for i in range(len(parts)):  # the full path, else the settings it ends with (the
+        key = ".".join(parts[i:])  # protocol's classes, checked by the attack suite)
+        candidates = [flags[key]] if key in flags else [
+            f for p, f in flags.items() if p.endswith("." + key)]
+        if candidates:
+            break
+    else:
+        return err
+    given = [f for f in candidates if any(a == f or a.startswith(f + "=") for a in argv)]
+    flag = (given or candidates)[0]
+    message = str(err)
+    for i in range(len(parts)):  # the longest spelling of the field that the message uses
+        found = re.search(r"(\b\w+Config\.)?\b" + re.escape(".".join(parts[i:])) + r"\b", message)
+        if found:
+            message = message[:found.start()] + flag + message[found.end():]
+            break
+    else:
+        message = f"{flag}: {message}"
+    return errors.ConfigError(message, field=err.field)
+
+
+def check_run_options(run: RunOptions) -> None:
+    """``--workdir`` may be used as asked (:func:`trm_jax.runs.check_workdir`: ``--overwrite``
+    only of a run folder of ours, ``--resume`` only of a run), and the folders a run writes
+    can be written: ``--workdir``, ``--data-dir`` and, unless
+    ``--no-compile-cache``, the compilation cache (``$TRM_JAX_CACHE_DIR``). Each is probed by
+    creating and removing a file in it (or in the nearest folder above it that exists), so
+    a read-only filesystem fails here, before any compute and before a run folder exists."""
+    if run.workdir is not None:
+        runs.check_workdir(run.workdir, overwrite=run.overwrite, resume=run.resume)
+        writable_folder(run.workdir, "--workdir")
+    writable_folder(run.data_dir or data.default_data_dir(),
+                    "--data-dir" if run.data_dir else "the TFDS data dir ($TFDS_DATA_DIR)",
+                    must_write=False)
+    if run.compile_cache and compilation.persistent_cache_wanted():
+        writable_folder(compilation.default_cache_dir(), "the compilation cache",
+                        hint=f"set ${compilation.CACHE_DIR_ENV} to a writable folder, or pass "
+                             "--no-compile-cache")
+
+
+def writable_folder(path: str | os.PathLike, what: str, *, must_write: bool = True,
+                    hint: str = "give a writable folder") -> None:
+    """Raises :class:`ConfigError` unless ``path`` is, or can be created as, a folder this
+    process can write in. ``must_write=False``: an existing folder only needs to be readable
+    (a prepared, read-only TFDS data dir is fine)."""
+    path = pathlib.Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise errors.ConfigError(f"{what} {path}: {existing} is a file, not a folder; {hint}")
+    if existing == path and not must_write:
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise errors.ConfigError(f"{what} {path} cannot be read; give a readable folder")
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".trm_jax_probe_", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise errors.ConfigError(f"{what} {path}: cannot write in {existing} "
+                                 f"({err.strerror or err}); {hint}") from None
 
 
 def main(run: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
@@ -149,6 +301,8 @@ def main(run: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
     try:
         results = run(argv)
     except errors.TrmError as err:
+        if isinstance(err, errors.ConfigError):
+            err = name_flag(err)
         message = " ".join(str(err).split())
         print(f"error: {message}", file=sys.stderr)
         return 2
@@ -169,6 +323,19 @@ def protocol_spec(dataset: str, options: ProtocolOptions) -> data.ProtocolSpec:
                                         for k, v in changes.items()})
     data.validate_spec(spec)
     return spec
+
+
+def check_method(field: str, name: str, config: Any, protocol: data.ProtocolData) -> None:
+    """:func:`trm_jax.methods.check` of the experiment config's ``field``: an error names
+    the flag (``--reference.train.batch-size``), before any compute."""
+    with errors.about(field):
+        methods.check(name, config, protocol)
+
+
+def check_suite(suite: Any, protocol: data.ProtocolData, field: str = "attack") -> None:
+    """:meth:`trm_jax.SuiteConfig.check` of the experiment config's ``field``, before any compute."""
+    with errors.about(field):
+        suite.check(protocol)
 
 
 def load_protocol(dataset: str, options: ProtocolOptions, run: RunOptions) -> data.ProtocolData:
@@ -194,7 +361,8 @@ class Run:
 
     def __init__(self, name: str, config: Any, options: RunOptions):
         self.started = time.perf_counter()
-        workdir = options.workdir or runs.default_workdir(name)
+        workdir = pathlib.Path(options.workdir or runs.default_workdir(name))
+        fresh = not workdir.exists()
         resolved = runs.to_jsonable({"experiment": name, **dataclasses.asdict(config)})
         self.dir = runs.RunDir.create(workdir, overwrite=options.overwrite, resume=options.resume)
         try:
@@ -207,10 +375,12 @@ class Run:
                         f"--resume: the resolved settings differ from the stored run's in {diff}; "
                         "resume with the original settings or start a new --workdir")
             self.dir.write_config(resolved)
+            self.cache_dir = compilation.enable_persistent_cache() if options.compile_cache else None
         except BaseException:
             self.dir.close()
+            if fresh:  # made a moment ago by this process: nothing of anyone else's is in it
+                shutil.rmtree(workdir, ignore_errors=True)
             raise
-        self.cache_dir = compilation.enable_persistent_cache() if options.compile_cache else None
         self.stats = compilation.count_compilations().__enter__()
         self.hooks = RunFolderHooks(self.dir, resume=options.resume,
                                     checkpoint_every=options.checkpoint_every,
@@ -236,6 +406,15 @@ class Run:
     def path(self):
         return self.dir.path
 
+    def file(self, name: str):
+        """``<run>/name``, listed as the project's (see :meth:`trm_jax.runs.RunDir.file`)."""
+        return self.dir.file(name)
+
+    def save_model(self, model: Any, params: Any, seeds: list[int]) -> None:
+        """The run's model (``model.json`` + ``checkpoints/model``: what ``experiments.attack``
+        and :func:`trm_jax.checkpoint.load_model` read)."""
+        save_model(self.dir, model, params, seeds)
+
     def phase(self, name: str):
         """Counts the compilations of a named phase (``results.json``: ``compilation.phases``)."""
         return self.stats.phase(name)
@@ -250,9 +429,18 @@ class Run:
         compiled.update(wall_seconds=round(wall, 4),
                         compile_share=round(compiled["compile_seconds"] / wall, 4),
                         persistent_cache=None if self.cache_dir is None else str(self.cache_dir))
-        results = {**results, "compilation": compiled, "wall_seconds": wall}
+        # Every process of the run (an interrupted one until its last record, then each resume).
+        total, processes = self.dir.wall_seconds()
+        results = {**results, "compilation": compiled, "wall_seconds": max(total, wall),
+                   "processes": processes}
         self.dir.write_results(results)
         return json.loads(json.dumps(runs.to_jsonable(results)))
+
+
+def save_model(run: runs.RunDir, model: Any, params: Any, seeds: list[int]) -> None:
+    """:func:`trm_jax.checkpoint.save_model` into a run folder, its files listed as the project's."""
+    run.file("model.json"), run.file("checkpoints")
+    checkpoint.save_model(run.path, model, params, seeds)
 
 
 def summarize(metrics: dict[str, Any]) -> dict[str, Any]:

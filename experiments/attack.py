@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         prog=f"python -m experiments.{NAME}", description=__doc__,
                         default_dataset="digits")
     start = time.perf_counter()
+    if not config.run:
+        raise errors.ConfigError("--run is required: the run folder (--workdir) of the experiment "
+                                 "whose saved model to attack, e.g. --run runs/reverse_maml-...")
     run = runs.RunDir.open(config.run)
     out_path = run.path / config.output
     if out_path.exists() and not config.overwrite:
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      f"the attacked model {protected.model.spec()}")
     data_dir = config.data_dir or (stored.get("run") or {}).get("data_dir")
     protocol = _cli.load_protocol(stored["dataset"], options, _cli.RunOptions(data_dir=data_dir))
+    _cli.check_suite(config.attack, protocol)
     report = evaluation.evaluate(protected, protocol, config.attack, reference=reference,
                                  verbose=True)
     chance = 1.0 / protocol.finetune.malicious.num_classes
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "settings": dataclasses.asdict(config), **report,
               "wall_seconds": time.perf_counter() - start}
     run.write_json(config.output, result)
-    figure = evaluation.plot_report(report, out_path.with_suffix(".png"),
+    figure = evaluation.plot_report(report, run.file(out_path.with_suffix(".png").name),
                                     f"Fine-tuning attacks on {stored.get('experiment', 'model')} "
                                     f"({stored['dataset']}, {len(seeds)} seeds)", chance)
     print(evaluation.summary_table(result))

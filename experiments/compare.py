@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from experiments import _cli
 from trm_jax import checkpoint, config_for, errors, evaluation, methods, metrics, plots, runs
@@ -75,12 +76,13 @@ def defaults(dataset: str) -> Config:
                                       for m in ("reference", "unsir", "skd", "reverse_maml")})
 
 
-def run_entry(entry: str, config: Config, protocol, keys, seeds, root) -> tuple[Any, dict]:
-    """Protects with one entry in ``root/methods/<entry>`` (or reuses a finished folder).
+def run_entry(entry: str, config: Config, protocol, keys, seeds, parent: _cli.Run
+               ) -> tuple[Any, dict]:
+    """Protects with one entry in ``<parent run>/methods/<entry>`` (or reuses a finished folder).
 
     Returns ``(Protected, summary dict)``."""
     method, _ = ENTRIES[entry]
-    folder = root / "methods" / entry
+    folder = parent.file("methods") / entry
     if (folder / "results.json").is_file() and not config.force:
         print(f"[compare] {entry}: reusing finished run {folder}", flush=True)
         model, params, stored_seeds = checkpoint.load_model(folder)
@@ -90,43 +92,45 @@ def run_entry(entry: str, config: Config, protocol, keys, seeds, root) -> tuple[
         summary = json.loads((folder / "results.json").read_text())
         return methods.Protected(method, model, params, keys, {}), summary
     print(f"[compare] {entry}", flush=True)
-    run = runs.RunDir.create(folder, overwrite=config.force or not config.run.resume,
-                             resume=config.run.resume and not config.force)
-    run.write_config(runs.to_jsonable({"experiment": method, "dataset": config.dataset,
-                                       "method": config.method_config(entry), "run": config.run}))
-    hooks = RunFolderHooks(run, resume=config.run.resume and not config.force,
-                           checkpoint_every=config.run.checkpoint_every, progress=config.run.progress,
-                           checkpoint_every_phase={"meta": config.run.meta_checkpoint_every})
-    start = time.perf_counter()
-    try:
-        budgets = (config.skd_teacher_epochs or (config.skd.teacher.epochs,)) if entry == "skd" \
-            else (None,)
-        ablation = []
-        for epochs in budgets:
-            cfg = config.method_config(entry)
-            if epochs is not None:
-                cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, epochs=epochs))
-            num_classes = (protocol.pretrain.beneficial.num_classes
-                           + protocol.pretrain.malicious.num_classes) if method == "unsir" else None
-            model = _cli.model_override(config.dataset, config.model, protocol, num_classes)
-            protected = methods.protect(method, cfg, protocol, keys, hooks=hooks, model=model)
-            if epochs is not None:
-                ablation.append({"teacher_epochs": epochs, **{
-                    k: v for k, v in _cli.summarize(protected.metrics).items() if k in SUMMARY_KEYS}})
-    finally:
-        hooks.close()
-    checkpoint.save_model(folder, protected.model, protected.params, seeds)
-    summary = {"experiment": method, "dataset": config.dataset, "seeds": seeds,
-               **{k: v for k, v in _cli.summarize(protected.metrics).items()
-                  if not isinstance(v, (int, float))},
-               "attacks": {}, "references": {}, "wall_seconds": time.perf_counter() - start}
-    if ablation:
-        summary["ablation"] = ablation
-        if len(ablation) > 1:
-            plots.plot_ablation(ablation, folder / "ablation.png",
-                                f"SKD teacher ablation ({config.dataset}, {len(seeds)} seeds)")
-    run.write_results(summary)
-    return protected, json.loads(json.dumps(runs.to_jsonable(summary)))
+    # --resume continues a started method (one never started starts now); otherwise it is redone.
+    resume = config.run.resume and not config.force and runs.is_run(folder)
+    run = runs.RunDir.create(folder, overwrite=not resume, resume=resume)
+    with run:  # releases the folder's writer lock however the method ends
+        run.write_config(runs.to_jsonable({"experiment": method, "dataset": config.dataset,
+                                           "method": config.method_config(entry), "run": config.run}))
+        hooks = RunFolderHooks(run, resume=resume,
+                               checkpoint_every=config.run.checkpoint_every, progress=config.run.progress,
+                               checkpoint_every_phase={"meta": config.run.meta_checkpoint_every})
+        start = time.perf_counter()
+        try:
+            budgets = (config.skd_teacher_epochs or (config.skd.teacher.epochs,)) if entry == "skd" \
+                else (None,)
+            ablation = []
+            for epochs in budgets:
+                cfg = config.method_config(entry)
+                if epochs is not None:
+                    cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, epochs=epochs))
+                num_classes = (protocol.pretrain.beneficial.num_classes
+                               + protocol.pretrain.malicious.num_classes) if method == "unsir" else None
+                model = _cli.model_override(config.dataset, config.model, protocol, num_classes)
+                protected = methods.protect(method, cfg, protocol, keys, hooks=hooks, model=model)
+                if epochs is not None:
+                    ablation.append({"teacher_epochs": epochs, **{
+                        k: v for k, v in _cli.summarize(protected.metrics).items() if k in SUMMARY_KEYS}})
+        finally:
+            hooks.close()
+        _cli.save_model(run, protected.model, protected.params, seeds)
+        summary = {"experiment": method, "dataset": config.dataset, "seeds": seeds,
+                   **{k: v for k, v in _cli.summarize(protected.metrics).items()
+                      if not isinstance(v, (int, float))},
+                   "attacks": {}, "references": {}, "wall_seconds": time.perf_counter() - start}
+        if ablation:
+            summary["ablation"] = ablation
+            if len(ablation) > 1:
+                plots.plot_ablation(ablation, run.file("ablation.png"),
+                                    f"SKD teacher ablation ({config.dataset}, {len(seeds)} seeds)")
+        run.write_results(summary)
+        return protected, json.loads(json.dumps(runs.to_jsonable(summary)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,16 +140,17 @@ def main(argv: list[str] | None = None) -> dict:
     seeds, keys = _cli.seeds_of(config.seeds)
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     suite = evaluation.FULL_SUITE if config.full_grid else config.attack
-    suite.plan(protocol.finetune.malicious.num_classes, suite.epochs_for(protocol))  # validate early
+    _cli.check_suite(suite, protocol)
     for entry in config.methods:  # every method's settings, before any compute
-        methods.check(ENTRIES[entry][0], config.method_config(entry), protocol)
+        _cli.check_method(entry.removesuffix("_fo"), ENTRIES[entry][0], config.method_config(entry),
+                          protocol)
     with _cli.Run(NAME, config, config.run) as run:
         protected, summaries, failed = {}, {}, {}
         for entry in config.methods:
             try:
                 with run.phase(entry):
                     protected[entry], summaries[entry] = run_entry(entry, config, protocol, keys,
-                                                                   seeds, run.path)
+                                                                   seeds, run)
             except Exception as err:  # noqa: BLE001 -- one failing method must not end the comparison
                 failed[entry] = {"error": type(err).__name__, "message": " ".join(str(err).split())}
                 print(f"[compare] {entry} FAILED: {failed[entry]['error']}: "
@@ -176,9 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
             "evaluation": run.stats.phases["attack"].as_dict() if "attack" in run.stats.phases else {},
             "chance": 1.0 / protocol.test.malicious.num_classes,
             "data_provenance": f"{config.dataset}: real data through TFDS", "command": command})
-        (run.path / "results.md").write_text(markdown(results))
+        run.file("results.md").write_text(markdown(results))
         if table:
-            figures(run.path, results)
+            figures(run.file, results)
         print(markdown(results))
         return results
 
@@ -283,32 +288,33 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figures(path, results: dict) -> None:
+def figures(file: Callable[[str], pathlib.Path], results: dict) -> None:
+    """The figures of ``results``, each written to ``file(name)`` (a run folder's :meth:`~_cli.Run.file`)."""
     rows = results["table"]
-    plots.plot_bars({r["label"]: r["beneficial"] for r in rows}, path / "fig1_beneficial_accuracy.png",
+    plots.plot_bars({r["label"]: r["beneficial"] for r in rows}, file("fig1_beneficial_accuracy.png"),
                     f"Figure 1: beneficial test accuracy per method\n({results['dataset']}, mean ± std "
                     f"over {len(results['seeds'])} seeds; higher is better)",
                     "beneficial test accuracy (fraction)")
     curves = {r["label"]: results["attacks"][f"{r['method']}/{r['probe_attack']}"] for r in rows}
     curves["scratch (from random init)"] = results["references"]["scratch"]
-    plots.plot_attack_curves(curves, path / "fig2_attack_curves.png",
+    plots.plot_attack_curves(curves, file("fig2_attack_curves.png"),
                              f"Figure 2: linear-probe attack on {results['dataset']} (malicious classes)",
                              chance=results["chance"])
     scratch = results["references"]["scratch"]
     if "budgets" in scratch:
-        data_figure(path / "fig3_accuracy_vs_attacker_data.png", results)
+        data_figure(file("fig3_accuracy_vs_attacker_data.png"), results)
         for r in rows:  # per-attack curves at all data, the longest steps budget
             d = "all" if "all" in scratch["budgets"] else list(scratch["budgets"])[-1]
             entries = {name.split("/", 1)[1]: {"curves": [e["budgets"][d]["curve"]]}
                        for name, e in results["attacks"].items() if name.startswith(r["method"] + "/")}
             entries["scratch"] = {"curves": [scratch["budgets"][d]["curve"]]}
-            plots.plot_attack_curves(entries, path / f"fig4_attacks_{r['method']}.png",
+            plots.plot_attack_curves(entries, file(f"fig4_attacks_{r['method']}.png"),
                                      f"Every attack on {r['label']} ({results['dataset']}, data "
                                      f"{data_label(d, results)}, each at its best lr)",
                                      chance=results["chance"])
-    source = path / "methods" / "skd" / "ablation.png"
+    source = file("methods") / "skd" / "ablation.png"
     if source.is_file():
-        (path / "skd_ablation.png").write_bytes(source.read_bytes())
+        file("skd_ablation.png").write_bytes(source.read_bytes())
 
 
 def data_figure(path, results: dict) -> None:

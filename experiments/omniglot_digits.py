@@ -29,7 +29,7 @@ import dataclasses
 from typing import Annotated, Literal
 
 from experiments import _cli
-from trm_jax import checkpoint, config_for, evaluation, fewshot, models
+from trm_jax import config_for, evaluation, fewshot, models
 from trm_jax.errors import ConfigError
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.meta import MetaConfig
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         with run.phase("meta"):
             params, last = reverse_maml.meta_train(model, method, keys, good_pool, bad_pool,
                                                    hooks=run.hooks)
-        checkpoint.save_model(run.path, model, params, seeds)
+        run.save_model(model, params, seeds)
         if run.resume:  # evaluation reruns in full (same keys, same numbers): drop older records
             run.dir.truncate_metrics(lambda r: r.get("phase") != "eval")
         scores = fewshot.evaluate_fewshot(model, params, keys, test_pools, config.meta,
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
             "meta_final_metrics": _cli.summarize(last), "data_sizes": loaded.sizes(),
             "model": model.spec()})
         mock = "" if results["data_provenance"]["all_real"] else " [MOCK DATA: not real]"
-        evaluation.plot_report(report, run.path / "attack_curves.png",
+        evaluation.plot_report(report, run.file("attack_curves.png"),
                                f"Fine-tuning attack on {results['dataset']}{mock}",
                                chance=1.0 / protocol.test.malicious.num_classes,
                                label="Reverse-MAML Conv4: ")

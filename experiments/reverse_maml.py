@@ -17,7 +17,7 @@ import dataclasses
 from typing import Annotated
 
 from experiments import _cli
-from trm_jax import checkpoint, config_for, evaluation, methods
+from trm_jax import config_for, evaluation, methods
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods.reference import ReferenceConfig
 from trm_jax.methods.reverse_maml import ReverseMAMLConfig
@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> dict:
     seeds, keys = _cli.seeds_of(config.seeds)
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     model = _cli.model_override(config.dataset, config.model, protocol)
-    methods.check(NAME, config.method, protocol)
+    _cli.check_method("method", NAME, config.method, protocol)
     if config.with_reference:
-        methods.check("reference", config.reference, protocol)
+        _cli.check_method("reference", "reference", config.reference, protocol)
+    _cli.check_suite(config.attack, protocol)
     with _cli.Run(NAME, config, config.run) as run:
         with run.phase('reverse_maml'):
             protected = methods.protect(NAME, config.method, protocol, keys, hooks=run.hooks, model=model)
-        checkpoint.save_model(run.path, protected.model, protected.params, seeds)
+        run.save_model(protected.model, protected.params, seeds)
         _cli.print_accuracy("Reverse-MAML beneficial test accuracy",
                             _cli.summarize(protected.metrics)["beneficial_test_accuracy"])
         reference = None
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["unprotected_beneficial_test_accuracy"] = _cli.summarize(
                 reference.metrics)["beneficial_test_accuracy"]
         results = run.finish(results)
-        evaluation.plot_report(report, run.path / "attack_curves.png",
+        evaluation.plot_report(report, run.file("attack_curves.png"),
                                f"Fine-tuning attack on {config.dataset}: Reverse-MAML vs references",
                                chance=1.0 / protocol.test.malicious.num_classes, label="Reverse-MAML: ")
         print(evaluation.summary_table(results))

@@ -17,7 +17,7 @@ import dataclasses
 from typing import Annotated
 
 from experiments import _cli
-from trm_jax import checkpoint, config_for, data, evaluation, methods
+from trm_jax import config_for, data, evaluation, methods
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods import simulated_attack
 from trm_jax.methods.simulated_attack import SimulatedAttackConfig
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     if config.validation:
         protocol = data.validation_protocol(protocol)
     model = _cli.model_override(config.dataset, config.model, protocol)
-    methods.check(NAME, config.method, protocol)
-    config.attack.plan(protocol.finetune.malicious.num_classes, config.attack.epochs_for(protocol))
+    _cli.check_method("method", NAME, config.method, protocol)
+    _cli.check_suite(config.attack, protocol)
     with _cli.Run(NAME, config, config.run) as run:
         with run.phase("reference"):  # the unprotected model: the goals' beneficial baseline
             reference = simulated_attack.start_model(
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
             protected = simulated_attack.protect(
                 config.method, protocol, keys, hooks=run.hooks, model=model,
                 start=reference if config.method.start == "reference" else None)
-        checkpoint.save_model(run.path, protected.model, protected.params, seeds)
+        run.save_model(protected.model, protected.params, seeds)
         summary = _cli.summarize(protected.metrics)
         unprotected = _cli.summarize(reference.metrics)["beneficial_test_accuracy"]
         _cli.print_accuracy("unprotected reference beneficial accuracy", unprotected)

@@ -152,11 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
     validation = data.validation_protocol(protocol)
     model = _cli.model_override(config.dataset, config.model, protocol)
     for cfg in variants.values():
-        methods.check(simulated_attack.NAME, cfg, validation)
+        _cli.check_method("method", simulated_attack.NAME, cfg, validation)
     suite = config.attack
-    suite.plan(protocol.finetune.malicious.num_classes, suite.epochs_for(protocol))
+    _cli.check_suite(suite, validation)  # the search attacks on validation, the pick on test
+    _cli.check_suite(suite, protocol)
     with _cli.Run(NAME, config, config.run) as run:
-        done = run.path / "variants"
+        done = run.file("variants")
         done.mkdir(exist_ok=True)
 
         def cached(tag: str, compute) -> dict[str, Any]:
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
                               "attacks": {}, "references": {},  # per-variant budgets below
                               "search": points, "pick": best["variant"], "test": rows,
                               "unprotected": unprotected, "unprotected_validation": val_reference, "suite": runs.to_jsonable(suite)})
-        (run.path / "results.md").write_text(markdown(results))
-        tradeoff_figure(run.path / "tradeoff.png", results)
+        run.file("results.md").write_text(markdown(results))
+        tradeoff_figure(run.file("tradeoff.png"), results)
         print(markdown(results))
         return results
 

@@ -21,7 +21,7 @@ from typing import Annotated
 
 
 from experiments import _cli
-from trm_jax import checkpoint, config_for, errors, evaluation, methods, plots
+from trm_jax import config_for, errors, evaluation, methods, plots
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods.skd import SUMMARY_KEYS, SKDMethodConfig
 
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     model = _cli.model_override(config.dataset, config.model, protocol)
     for epochs in config.budgets():  # every budget's settings, before any compute
-        methods.check(NAME, dataclasses.replace(config.method, teacher=dataclasses.replace(
+        _cli.check_method("method", NAME, dataclasses.replace(config.method, teacher=dataclasses.replace(
             config.method.teacher, epochs=epochs)), protocol)
+    _cli.check_suite(config.attack, protocol)
     with _cli.Run(NAME, config, config.run) as run:
         if run.resume:  # the ablation records are written again below
             run.dir.truncate_metrics(lambda r: r.get("phase") != "ablation")
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"student acc {row['student_test_accuracy']['mean']:.4f}, misses "
                   f"{row['misses_percent']['mean']:.2f}%, false masks "
                   f"{row['false_masks_percent']['mean']:.2f}%", flush=True)
-        checkpoint.save_model(run.path, protected.model, protected.params, seeds)
+        run.save_model(protected.model, protected.params, seeds)
         skd_seconds = run.seconds()
         with run.phase('attack'):
             report = evaluation.evaluate(protected, protocol, config.attack, verbose=config.run.progress)
@@ -103,11 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
             "notes": "misses/false masks in % of test images; the attacked model is the last "
                      "teacher budget's; beneficial_test_accuracy = the SKD student + head",
             "skd_seconds": skd_seconds, "attack_seconds": run.seconds() - skd_seconds})
-        evaluation.plot_report(report, run.path / "attack_curves.png",
+        evaluation.plot_report(report, run.file("attack_curves.png"),
                                f"SKD on {config.dataset} (teacher {final['teacher_epochs']} epochs): "
                                "malicious test accuracy under attack", chance, label="SKD: ")
         if len(rows) > 1:
-            plots.plot_ablation(rows, run.path / "ablation.png",
+            plots.plot_ablation(rows, run.file("ablation.png"),
                                 f"SKD teacher ablation ({config.dataset}, {len(seeds)} seeds)")
         print(ablation_table(rows))
         print(evaluation.summary_table(results))

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Annotated
 
 from experiments import _cli
-from trm_jax import checkpoint, config_for, methods
+from trm_jax import config_for, methods
 from trm_jax.methods.reference import ReferenceConfig
 
 NAME = "train_reference"
@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
     seeds, keys = _cli.seeds_of(config.seeds)
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     model = _cli.model_override(config.dataset, config.model, protocol)
-    methods.check("reference", config.method, protocol)
+    _cli.check_method("method", "reference", config.method, protocol)
     with _cli.Run(NAME, config, config.run) as run:
         with run.phase('reference'):
             protected = methods.protect("reference", config.method, protocol, keys, hooks=run.hooks,
                                         model=model)
-        checkpoint.save_model(run.path, protected.model, protected.params, seeds)
+        run.save_model(protected.model, protected.params, seeds)
         results = run.finish({"experiment": NAME, "dataset": config.dataset, "seeds": seeds,
                               **_cli.summarize(protected.metrics), "attacks": {}, "references": {}})
         _cli.print_accuracy("beneficial test accuracy", results["beneficial_test_accuracy"])

@@ -20,7 +20,7 @@ import dataclasses
 from typing import Annotated
 
 from experiments import _cli
-from trm_jax import checkpoint, config_for, evaluation, methods
+from trm_jax import config_for, evaluation, methods
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods.unsir import STAGES, UnsirMethodConfig
 
@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> dict:
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     num_classes = protocol.pretrain.beneficial.num_classes + protocol.pretrain.malicious.num_classes
     model = _cli.model_override(config.dataset, config.model, protocol, num_classes)
-    methods.check("unsir", config.method, protocol)
+    _cli.check_method("method", "unsir", config.method, protocol)
     with _cli.Run(NAME, config, config.run) as run:
         if run.resume:  # the per-stage records are written again
             run.dir.truncate_metrics(lambda r: r.get("phase") != "stages")
         with run.phase('unsir'):
             protected = methods.protect("unsir", config.method, protocol, keys, hooks=run.hooks,
                                         model=model)
-        checkpoint.save_model(run.path, protected.model, protected.params, seeds)
+        run.save_model(protected.model, protected.params, seeds)
         unsir_seconds = run.seconds()
         with run.phase('attack'):
             report = evaluation.evaluate(
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
             "stage_accuracy_note": "argmax over all classes' logits (the unlearned model as deployed); "
                                    "the attack replaces the head with a fresh malicious one",
             "unsir_seconds": unsir_seconds, "attack_seconds": run.seconds() - unsir_seconds})
-        evaluation.plot_report(report, run.path / "attack_curves.png",
+        evaluation.plot_report(report, run.file("attack_curves.png"),
                                f"UNSIR on {config.dataset}: malicious test accuracy under attack",
                                1.0 / protocol.test.malicious.num_classes, label="UNSIR: ")
         for stage in STAGES:

@@ -51,7 +51,7 @@ def test_markdown_and_figures_per_budget(tmp_path):
     assert " | ".join(cells) in md
     assert table[1]["budgets"]["all"]["2x"]["worst_reuse"]["entry"] == "linear_probe/adam"
     assert "12 XLA compilations" in md
-    compare.figures(tmp_path, results)
+    compare.figures(lambda name: tmp_path / name, results)
     for name in ("fig3_accuracy_vs_attacker_data.png", "fig4_attacks_skd.png",
                  "fig4_attacks_reference.png", "fig2_attack_curves.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name

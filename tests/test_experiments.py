@@ -159,13 +159,15 @@ def test_a_second_writer_of_a_run_folder_is_refused(golden_runs, digits_data_dir
         holder.wait()
 
 
-@pytest.mark.parametrize("key, value", [("step", 4), ("epoch", 1)])
+@pytest.mark.parametrize("key, value, every", [("step", 4, "2"), ("epoch", 1, "2"), ("step", 4, "100")])
 def test_reverse_maml_resumes_to_the_same_numbers(golden_runs, digits_data_dir, tmp_path,
-                                                  interrupt_at, key, value):
-    """Cut mid meta-training (step 4 of 4, the last checkpoint at 2) or after it (in the
-    head phase): the resumed run equals the uninterrupted one, meta metrics included."""
+                                                  interrupt_at, key, value, every):
+    """Cut mid meta-training (step 4 of 4, the last checkpoint at 2), after it (in the head
+    phase), or before the phase's first checkpoint (every 100 steps: the phase starts again):
+    the resumed run equals the uninterrupted one, meta metrics included, every logged step
+    appears once, and the run's time counts both processes."""
     args = argv("reverse_maml", tmp_path / "cut", digits_data_dir, "--log-every", "2",
-                "--meta-checkpoint-every", "2")
+                "--meta-checkpoint-every", every)
     with interrupt_at(key, value), pytest.raises(KeyboardInterrupt):
         reverse_maml.main(args)
     results = reverse_maml.main(args + ["--resume"])
@@ -178,6 +180,7 @@ def test_reverse_maml_resumes_to_the_same_numbers(golden_runs, digits_data_dir, 
         assert results["attacks"][name]["curves"] == entry["curves"], name
     steps = [r["step"] for r in runs.RunDir(tmp_path / "cut").metrics() if r["phase"] == "meta"]
     assert steps == [2, 4]
+    assert results["processes"] == 2 and results["wall_seconds"] > results["compilation"]["wall_seconds"]
 
 
 def test_resume_with_other_settings_is_refused_but_defaults_are_not_changes(golden_runs,
@@ -252,15 +255,15 @@ def run_cli(module, args, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("module, args, error, message", [
     (train_reference, ["--seeds", "0"], errors.ConfigError, "--seeds must be an integer >= 1"),
-    (train_reference, ["--train.learning-rate", "0"], errors.ConfigError, "learning_rate must be finite and > 0"),
+    (train_reference, ["--train.learning-rate", "0"], errors.ConfigError, "--train.learning-rate must be finite and > 0"),
     (train_reference, ["--bogus", "1"], errors.ConfigError, "Unrecognized options: --bogus"),
     (train_reference, ["--beneficial-classes", "0", "5", "--malicious-classes", "5", "6"],
      errors.ConfigError, "overlap"),
-    (reverse_maml, ["--outer-lr", "inf"], errors.ConfigError, "outer_lr must be finite and > 0"),
+    (reverse_maml, ["--outer-lr", "inf"], errors.ConfigError, "--outer-lr must be finite and > 0"),
     (reverse_maml, ["--meta.shots", "90"], errors.ConfigError, "shots"),
     (skd, ["--teacher-epochs", "5", "5"], errors.ConfigError, "distinct integers >= 1"),
     (skd, ["--skd.malicious-target", "1"], errors.ConfigError, "malicious_target"),
-    (unlearning, ["--unsir.impair.learning-rate", "0"], errors.ConfigError, "learning_rate must be finite and > 0"),
+    (unlearning, ["--unsir.impair.learning-rate", "0"], errors.ConfigError, "--unsir.impair.learning-rate must be finite and > 0"),
     (compare, ["--methods", "magic"], errors.ConfigError, "allowed"),
     (attack, ["--run", "/nonexistent/run"], errors.RunFolderError, "/nonexistent/run"),
 ])

@@ -236,7 +236,7 @@ def test_omniglot_offline_without_mock_says_what_to_do(tmp_path, capsys):
     (["--malicious-classes", "3", "3"], r"need >= 2 distinct digits in 0..9"),
     (["--malicious-classes", "1", "12"], r"out of range: \[12\]"),
     (["--outer-lr", "0"], "outer_lr must be finite and > 0"),
-    (["--meta.inner-lr", "-1"], "inner_lr must be > 0"),
+    (["--meta.inner-lr", "-1"], "inner_lr must be finite and > 0"),
     (["--attack.attacks", "nope"], "unknown attack"),
     (["--eval-tasks", "0"], "--eval-tasks must be an integer >= 1"),
     (["--dataset", "nope"], r"--dataset 'nope': unknown; allowed"),

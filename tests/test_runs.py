@@ -119,11 +119,104 @@ def test_the_lock_is_released_by_close_and_reentrant_in_one_process(tmp_path):
 
 def test_overwrite_empties_the_folder_but_keeps_the_lock_file(tmp_path):
     path = started_run(tmp_path / "run")
-    (path / "checkpoints" / "1").mkdir(parents=True)
+    (runs.RunDir(path).checkpoint_dir / "1").mkdir(parents=True)
     with runs.RunDir.create(path, overwrite=True):
-        assert sorted(p.name for p in path.iterdir()) == [".lock"]
+        assert sorted(p.name for p in path.iterdir()) == [".lock", runs.MARKER_FILE]
     with pytest.raises(runs.RunExistsError, match="--overwrite"):
         runs.RunDir.create(started_run(tmp_path / "other"))
+
+
+def tree(path):
+    """Every file and folder below ``path`` with its bytes (None for folders)."""
+    return {p.relative_to(path).as_posix(): None if p.is_dir() else p.read_bytes()
+            for p in sorted(path.rglob("*"))}
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run_and_deletes_nothing(tmp_path):
+    folder = tmp_path / "d"
+    (folder / "chapters").mkdir(parents=True)
+    (folder / "thesis.tex").write_text("years of work")
+    (folder / "chapters" / "one.tex").write_text("more")
+    before = tree(folder)
+    for flags in ({"overwrite": True}, {"resume": True}, {}):
+        with pytest.raises(RunFolderError, match=r"d is not empty and is not a run folder"):
+            runs.RunDir.create(folder, **flags)
+        assert tree(folder) == before  # file by file: not even a lock or a marker was added
+
+
+def test_overwrite_refuses_a_run_holding_a_file_it_did_not_write(tmp_path):
+    path = started_run(tmp_path / "run")
+    with runs.RunDir.create(path, resume=True) as run:
+        run.file("attack_curves.png").write_bytes(b"png")
+        (run.checkpoint_dir / "meta").mkdir(parents=True)
+    (path / "notes.md").write_text("mine")
+    before = tree(path)
+    with pytest.raises(RunFolderError, match=r"--overwrite refused for .*run: it holds .*notes.md, "
+                                             r"which trm_jax did not write; nothing was deleted"):
+        runs.RunDir.create(path, overwrite=True)
+    assert tree(path) == before
+    (path / "notes.md").unlink()  # what the project wrote, alone: replaced
+    with runs.RunDir.create(path, overwrite=True):
+        assert sorted(p.name for p in path.iterdir()) == [".lock", runs.MARKER_FILE]
+
+
+def test_overwrite_looks_into_nested_runs(tmp_path):
+    """compare's methods/<m> folders are runs of their own: a file of the user's in one
+    of them stops the parent's --overwrite."""
+    with runs.RunDir.create(tmp_path / "cmp") as parent:
+        parent.write_config({"experiment": "compare"})
+        started_run(parent.file("methods") / "skd")
+    (tmp_path / "cmp" / "methods" / "skd" / "keep.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match=r"skd/keep.txt, which trm_jax did not write"):
+        runs.RunDir.create(tmp_path / "cmp", overwrite=True)
+    assert (tmp_path / "cmp" / "methods" / "skd" / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("where", ["cwd", "parent", "home"])
+def test_overwrite_never_empties_the_current_or_home_folder(tmp_path, monkeypatch, where):
+    path = started_run(tmp_path / "run")
+    if where == "home":
+        monkeypatch.setenv("HOME", str(path))
+    else:
+        (path / "sub").mkdir()
+        runs.RunDir(path).file("sub")
+        monkeypatch.chdir(path if where == "cwd" else path / "sub")
+    before = tree(path)
+    with pytest.raises(RunFolderError, match=r"--overwrite refused .*: it is (the current folder|your home)"):
+        runs.RunDir.create(path, overwrite=True)
+    assert tree(path) == before
+
+
+def test_a_run_from_before_the_marker_is_still_a_run(tmp_path):
+    """Folders written by older versions (config.json naming an experiment, no marker) can
+    be resumed and overwritten, but a user's file in one still stops --overwrite."""
+    path = tmp_path / "old"
+    (path / "checkpoints" / "head").mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"experiment": "skd"}))
+    (path / "attack_curves.png").write_bytes(b"png")
+    (path / "thesis.tex").write_text("mine")
+    assert runs.is_run(path)
+    with pytest.raises(RunFolderError, match=r"thesis.tex, which trm_jax did not write"):
+        runs.RunDir.create(path, overwrite=True)
+    with runs.RunDir.create(path, resume=True):  # resuming lists what is the project's, only
+        assert json.loads((path / runs.MARKER_FILE).read_text())["files"] == [
+            "attack_curves.png", "checkpoints", "config.json"]
+    assert [p.name for p in runs.foreign_entries(path)] == ["thesis.tex"]
+
+
+def test_every_writer_lists_its_file_before_writing_it(tmp_path):
+    with runs.RunDir.create(tmp_path / "run") as run:
+        run.write_config({"a": 1})
+        run.log({"step": 1})
+        run.write_json("extra.json", {})
+        run.file("fig.png").write_bytes(b"")
+        run.checkpoint_dir.mkdir()
+    marker = json.loads((tmp_path / "run" / runs.MARKER_FILE).read_text())
+    assert marker["format"] == runs.RUN_FORMAT and marker["files"] == [
+        "checkpoints", "config.json", "extra.json", "fig.png", "metrics.jsonl"]
+    assert runs.foreign_entries(tmp_path / "run") == []
+    (tmp_path / "run" / "config.json.tmp").write_text("{")  # a write cut off by a kill: ours
+    assert runs.foreign_entries(tmp_path / "run") == []
 
 
 @pytest.mark.parametrize("name, advice", [("config.json", "--overwrite or another --workdir"),
@@ -155,3 +248,15 @@ def test_messages_for_missing_and_empty_folders(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(RunFolderError, match="is not a folder"):
         runs.RunDir.create(tmp_path / "file")
+
+
+def test_wall_seconds_add_up_every_process_of_a_run(tmp_path, monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: now[0])
+    with runs.RunDir.create(tmp_path / "run") as run:  # the first process starts at t = 100
+        now[0] = 107.5
+        run.log({"step": 1})  # its last record, 7.5 s in; then it is killed
+    now[0] = 200.0
+    with runs.RunDir.create(tmp_path / "run", resume=True) as run:  # the resume
+        now[0] = 203.25
+        assert run.wall_seconds() == (7.5 + 3.25, 2)

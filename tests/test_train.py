@@ -109,10 +109,10 @@ def test_evaluate_handles_sizes_that_do_not_divide_the_chunk():
 @pytest.mark.parametrize("change, message", [
     (dict(learning_rate=0.0), "learning_rate must be finite and > 0, got 0.0"),
     (dict(learning_rate=-1e-3), "learning_rate must be finite and > 0"),
-    (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
     (dict(optimizer="adamw2"), r"unknown optimizer 'adamw2'; allowed: \('adam', 'sgd', 'momentum'\)"),
     (dict(strategy="fast"), "unknown strategy 'fast'"),
-    (dict(epochs=-1), "epochs must be >= 0"),
+    (dict(epochs=-1), "epochs must be an integer >= 0"),
 ])
 def test_bad_train_config_is_rejected(change, message):
     with pytest.raises(ValueError, match=message):

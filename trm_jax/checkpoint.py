@@ -205,7 +205,10 @@ def load_model(run_dir: str | os.PathLike) -> tuple[Any, Any, list[int]]:
     run_dir = pathlib.Path(run_dir)
     path = run_dir / "model.json"
     if not path.is_file():
-        raise CheckpointError(f"{run_dir} has no saved model (model.json); did the run finish?")
+        raise CheckpointError(
+            f"{run_dir} has no saved model (model.json): the run did not finish (it stopped with "
+            "an error, or was interrupted; its metrics.jsonl shows how far it got). Finish it "
+            "with its command plus --resume, or rerun it")
     try:
         meta = json.loads(path.read_text())
         model, seeds = models.from_spec(meta["model"]), list(meta["seeds"])

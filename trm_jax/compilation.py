@@ -41,6 +41,8 @@ import jax
 import numpy as np
 from jax import monitoring
 
+from trm_jax.errors import ConfigError
+
 try:  # jax's own "is a transformation tracing right now?" (jax 0.4.36+)
     from jax._src.core import trace_state_clean as _trace_state_clean
 except ImportError:  # older jax: a tracer among the arguments is the sign
@@ -48,7 +50,7 @@ except ImportError:  # older jax: a tracer among the arguments is the sign
 
 __all__ = ["CACHE_DIR_ENV", "CPU_COMPILER_OPTIONS", "NO_CACHE_ENV", "CompileStats", "PhaseStats",
            "compiler_options", "count_compilations", "default_cache_dir", "enable_persistent_cache",
-           "jit"]
+           "jit", "persistent_cache_wanted"]
 
 CACHE_DIR_ENV = "TRM_JAX_CACHE_DIR"
 """Environment variable naming the persistent cache folder (default ``~/.cache/trm_jax/jax``)."""
@@ -176,6 +178,14 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def persistent_cache_wanted() -> bool:
+    """Whether :func:`enable_persistent_cache` would turn a cache on in a folder of its own
+    choosing (not off by ``$TRM_JAX_NO_COMPILE_CACHE`` or jax's settings, and no folder
+    configured already)."""
+    return not (_env_true(NO_CACHE_ENV) or not jax.config.jax_enable_compilation_cache
+                or jax.config.jax_compilation_cache_dir)
+
+
 def enable_persistent_cache(path: str | os.PathLike | None = None) -> pathlib.Path | None:
     """Turns on JAX's persistent compilation cache; returns its folder, or ``None`` when off.
 
@@ -208,7 +218,13 @@ def enable_persistent_cache(path: str | os.PathLike | None = None) -> pathlib.Pa
                           f"already at {configured!r}; keeping that one", stacklevel=2)
         return pathlib.Path(configured)
     folder = pathlib.Path(path).expanduser() if path is not None else default_cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"the compilation cache folder {folder} (${CACHE_DIR_ENV}) cannot be "
+                          f"created ({err.strerror or err}); set ${CACHE_DIR_ENV} to a writable "
+                          f"folder or turn the cache off (${NO_CACHE_ENV}=1, --no-compile-cache)"
+                          ) from None
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECS)
     if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:

@@ -111,7 +111,7 @@ def unregister(name: str) -> None:
 
 def get(name: str) -> DatasetEntry:
     """The entry of ``name``; :class:`ConfigError` naming the known ones otherwise."""
-    if name not in DATASETS:
+    if not isinstance(name, str) or name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; allowed: {sorted(DATASETS)}")
     return DATASETS[name]
 

@@ -13,7 +13,8 @@ message and exit code 2. Messages name the bad value and what is allowed.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 
 class TrmError(Exception):
@@ -21,7 +22,37 @@ class TrmError(Exception):
 
 
 class ConfigError(TrmError, ValueError):
-    """A setting is out of range or inconsistent; raised before any compute."""
+    """A setting is out of range or inconsistent; raised before any compute.
+
+    Attributes:
+      field: the setting at fault as a dotted path relative to the config that was
+        checked (``"inner_lr"``, ``"teacher.batch_size"``), as the message spells it,
+        or ``None``. The experiments' command lines replace it in the message by the
+        flag that sets it (``--meta.inner-lr``).
+    """
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+        for seen in _WATCHERS:
+            seen.append(self)
+
+
+# Lists that collect every ConfigError made while a `watch()` block runs.
+_WATCHERS: list[list[ConfigError]] = []
+
+
+@contextlib.contextmanager
+def watch() -> Iterator[list[ConfigError]]:
+    """Collects every :class:`ConfigError` created in the block, in order, even one that a
+    caller catches (tyro turns a ``ValueError`` raised while it builds a config into its own
+    message box; the command lines read the original error, with its ``field``, from here)."""
+    seen: list[ConfigError] = []
+    _WATCHERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _WATCHERS.remove(seen)
 
 
 class DatasetUnavailableError(TrmError, RuntimeError):
@@ -57,6 +88,23 @@ class RunExistsError(RunFolderError, FileExistsError):
 
 class RunNotFoundError(RunFolderError, FileNotFoundError):
     """The run folder (or a file a run needs in it) does not exist, or holds no run."""
+
+
+@contextlib.contextmanager
+def about(field: str) -> Iterator[None]:
+    """A :class:`ConfigError` raised in the block is about ``field``: its ``field`` becomes
+    ``field`` (none yet) or ``field.<its field>`` (a nested config's setting).
+
+    Example::
+
+      with errors.about("reference"):
+          methods.check("reference", config.reference, protocol)   # field "reference.train.batch_size"
+    """
+    try:
+        yield
+    except ConfigError as err:
+        err.field = field if err.field is None else f"{field}.{err.field}"
+        raise
 
 
 ERRORS = (ConfigError, DatasetUnavailableError, NonFiniteError, CheckpointError, RunFolderError)

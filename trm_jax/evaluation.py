@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from trm_jax import attack, data, plots
-from trm_jax.errors import ConfigError
+from trm_jax.errors import ConfigError, about
 from trm_jax.methods import Protected
 from trm_jax.typing import Params
 
@@ -64,13 +64,65 @@ class SuiteConfig:
     scratch_optimizers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
-            raise ConfigError(f"attack epochs must be an integer >= 1, got {self.epochs!r}")
+        # One name or number where a tuple is meant (SuiteConfig(attacks="linear_probe")) is
+        # taken as a tuple of one, never iterated letter by letter.
+        for name in ("attacks", "optimizers", "scratch_optimizers", "learning_rates",
+                     "scratch_learning_rates", "data_per_class", "steps_multipliers"):
+            value = getattr(self, name)
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                object.__setattr__(self, name, (value,))
+            elif value is not None and not isinstance(value, (tuple, list)):
+                raise ConfigError(f"{name} must be a tuple, got {value!r}", field=name)
+            elif isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        for name in ("attacks", "optimizers", "scratch_optimizers"):
+            bad = [v for v in getattr(self, name) or () if not isinstance(v, str)]
+            if bad:
+                raise ConfigError(f"{name} must be names (strings), got {bad}", field=name)
+        for name, low in (("epochs", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < low):
+                raise ConfigError(f"attack {name} must be an integer >= {low}, got {value!r}",
+                                  field=name)
         if self.batching not in attack.BATCHINGS:
-            raise ConfigError(f"unknown batching {self.batching!r}; allowed: {attack.BATCHINGS}")
-        self.plan(num_classes=2, epochs=self.epochs or 8)  # validates names, lrs, optimizers
-        self.budgets  # validates the budgets
+            raise ConfigError(f"unknown batching {self.batching!r}; allowed: {attack.BATCHINGS}",
+                              field="batching")
+        for name in ("learning_rates", "scratch_learning_rates"):
+            if getattr(self, name) is not None:
+                with about(name):
+                    attack.validate_learning_rates(getattr(self, name))
+        with about("attacks"):
+            self.plan(num_classes=2, epochs=self.epochs or 8)  # validates names, optimizers
+        with about("data_per_class"):
+            self.budgets  # validates the budgets
         attack.validate_learning_rates(self.scratch_grid[0])
+
+    def check(self, protocol: data.ProtocolData) -> None:
+        """Validates the suite against the data of ``protocol`` (no compute): every attack
+        needs at least 2 malicious classes, and a batch must fit the attacker's data (and,
+        for ``warm_start``, the beneficial fine-tuning data). Call it before any compute;
+        :func:`evaluate` calls it too.
+
+        Raises:
+          ConfigError: naming the setting (``field``) and what is allowed.
+        """
+        malicious, beneficial = protocol.finetune.malicious, protocol.finetune.beneficial
+        classes = protocol.test.malicious.num_classes
+        if min(malicious.num_classes, classes) < 2:
+            raise ConfigError(
+                f"malicious_classes={list(protocol.spec.malicious_classes)}: the attacks train a "
+                f"classifier of the malicious classes and need at least 2, got {classes}",
+                field="malicious_classes")
+        plan = self.plan(classes, self.epochs_for(protocol))
+        sizes = {"malicious": len(malicious)}
+        if any(c.spec.warm_start_epochs for c, _ in plan.values()):
+            sizes["beneficial"] = len(beneficial)
+        for half, n in sizes.items():
+            if self.batch_size > n:
+                raise ConfigError(f"batch_size={self.batch_size} exceeds the {n} {half} "
+                                  f"fine-tuning examples the attacks train on; allowed: 1..{n}",
+                                  field="batch_size")
 
     @property
     def budgets(self) -> attack.Budgets:
@@ -120,6 +172,15 @@ def evaluate(protected: Protected, protocol: data.ProtocolData,
     Returns:
       :data:`Report`.
     """
+    if not isinstance(protected, Protected):
+        raise ConfigError(f"evaluate needs a Protected (what trm_jax.protect returns), got "
+                          f"{type(protected).__name__} {protected!r:.80}")
+    if not isinstance(config, SuiteConfig):
+        raise ConfigError(f"config must be a SuiteConfig, got {type(config).__name__}")
+    if not isinstance(protocol, data.ProtocolData):
+        raise ConfigError(f"protocol must be a trm_jax.data.ProtocolData (load_protocol), got "
+                          f"{type(protocol).__name__}")
+    config.check(protocol)
     ref_params = reference.params if isinstance(reference, Protected) else reference
     return attack.attack_report(
         protected.model, protected.params, protected.keys, protocol, config.suite,

@@ -95,11 +95,14 @@ class RunFolderHooks(Hooks):
 
     def restore(self, phase: str, make_like: Callable[[], PyTree]
                 ) -> tuple[PyTree, dict[str, Any]] | None:
-        if not self.resume or not (self.run.checkpoint_dir / phase).exists():
+        if not self.resume:
+            return None
+        if not (self.run.checkpoint_dir / phase).exists() or self._ckpt(phase).latest_step() is None:
+            # Killed before the phase's first checkpoint: it starts again from step 0, so the
+            # records it logged before the kill would appear twice.
+            self.run.truncate_metrics(lambda r: r.get("phase") != phase)
             return None
         ckpt = self._ckpt(phase)
-        if ckpt.latest_step() is None:
-            return None
         state, meta = ckpt.restore(make_like())
         done = int(meta.get("restored_step", meta.get("step", meta.get("epoch", 0))))
         # Records logged after the checkpoint are logged again when the phase goes on.

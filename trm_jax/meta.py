@@ -443,22 +443,25 @@ class MetaConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"MetaConfig.{name} must be one of {allowed}, "
-                                 f"got {getattr(self, name)!r}")
+                                  f"got {getattr(self, name)!r}", field=name)
         for name, low in (("ways", 1), ("shots", 1), ("queries", 1), ("good_tasks", 1),
                           ("bad_tasks", 0), ("inner_steps", 0)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
                 raise ConfigError(f"MetaConfig.{name} must be an int >= {low}, "
-                                 f"got {getattr(self, name)!r}")
+                                  f"got {getattr(self, name)!r}", field=name)
         if not (self.inner_unroll is None or isinstance(self.inner_unroll, bool)
                 or (isinstance(self.inner_unroll, int) and self.inner_unroll >= 1)):
             raise ConfigError(f"MetaConfig.inner_unroll must be None, a bool or an int >= 1, "
-                             f"got {self.inner_unroll!r}")
-        if not self.inner_lr > 0:
-            raise ConfigError(f"MetaConfig.inner_lr must be > 0, got {self.inner_lr!r}")
-        if not self.lam >= 0:
-            raise ConfigError(f"MetaConfig.lam must be >= 0, got {self.lam!r}")
-        if self.loss_cap is not None and not self.loss_cap > 0:
-            raise ConfigError(f"MetaConfig.loss_cap must be None or > 0, got {self.loss_cap!r}")
+                              f"got {self.inner_unroll!r}", field="inner_unroll")
+        if not (math.isfinite(self.inner_lr) and self.inner_lr > 0):
+            raise ConfigError(f"MetaConfig.inner_lr must be finite and > 0, got {self.inner_lr!r}",
+                              field="inner_lr")
+        if not (math.isfinite(self.lam) and self.lam >= 0):
+            raise ConfigError(f"MetaConfig.lam must be finite and >= 0, got {self.lam!r}",
+                              field="lam")
+        if self.loss_cap is not None and not (math.isfinite(self.loss_cap) and self.loss_cap > 0):
+            raise ConfigError(f"MetaConfig.loss_cap must be None or finite and > 0, got "
+                              f"{self.loss_cap!r}", field="loss_cap")
         if self.meta_grad == "reptile" and self.adapt != "all":
             raise ConfigError("MetaConfig.meta_grad='reptile' needs adapt='all': Reptile moves "
                              "params towards adapted params, and with adapt='head' the features "

@@ -3,7 +3,14 @@
 ``runs/<name>-<timestamp>/`` holds ``config.json`` (every setting, resolved),
 ``metrics.jsonl`` (one JSON object per logged step/epoch), ``results.json``,
 figures (``*.png``) and ``checkpoints/`` (orbax). Existing folders are never
-overwritten silently.
+overwritten silently, and nothing the project did not write is ever deleted.
+
+A run folder is recognised by its marker, ``.trm_jax_run`` (JSON: the format
+version and every top-level name the project wrote there), which
+:meth:`RunDir.create` writes before anything else; each file or folder is added
+to it *before* it is written (:meth:`RunDir.file`), so even a run killed
+mid-write leaves nothing unlisted. ``overwrite`` replaces only such a folder,
+and only while every entry in it is listed; ``resume`` continues only a run.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import math
 import os
 import pathlib
 import shutil
+import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -26,6 +34,14 @@ RESULT_KEYS = ("experiment", "dataset", "seeds", "beneficial_test_accuracy", "at
                "references", "wall_seconds")
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
+MARKER_FILE = ".trm_jax_run"
+#: Version of the run-folder layout recorded in the marker.
+RUN_FORMAT = 1
+# Run folders written before the marker existed: recognised by a config.json naming an
+# experiment, and overwritten only when every entry is one of the names those versions wrote.
+_LEGACY_NAMES = ("config.json", "metrics.jsonl", "results.json", "results.md", "model.json",
+                 "checkpoints", "methods", "variants", LOCK_FILE)
+_LEGACY_SUFFIXES = (".png", ".json", ".tmp")
 
 # What to do when a JSON file of a run is corrupt, by file name.
 _REPAIR_HINTS = {
@@ -92,9 +108,111 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _has_run(path: pathlib.Path) -> bool:
+def _has_content(path: pathlib.Path) -> bool:
     """True when ``path`` holds anything besides a lock file."""
     return any(child.name != LOCK_FILE for child in path.iterdir())
+
+
+def _read_marker(path: pathlib.Path) -> dict[str, Any] | None:
+    """The marker of run folder ``path``, or ``None`` when there is none (or it is unreadable)."""
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("files"), list) else None
+
+
+def _is_legacy_run(path: pathlib.Path) -> bool:
+    try:
+        return isinstance(json.loads((path / "config.json").read_text()).get("experiment"), str)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run folder this project wrote (its marker, or a ``config.json``
+    naming an experiment in a folder from before the marker)."""
+    path = pathlib.Path(path)
+    return path.is_dir() and (_read_marker(path) is not None or _is_legacy_run(path))
+
+
+def foreign_entries(path: str | os.PathLike) -> list[pathlib.Path]:
+    """What in run folder ``path`` the project did not write (``[]``: all of it is ours).
+
+    A top-level entry is ours when the marker lists it (a ``NAME.tmp`` when it lists
+    ``NAME``); a listed folder that is itself a run folder (``compare``'s methods/<m>) is
+    checked the same way. Folders without a marker from older versions: the names those
+    versions wrote. A folder that is not a run at all: every entry.
+    """
+    path = pathlib.Path(path)
+    marker = _read_marker(path)
+    foreign = []
+    for child in sorted(path.iterdir()):
+        name = child.name
+        if name in (LOCK_FILE, MARKER_FILE, MARKER_FILE + ".tmp"):
+            continue
+        if marker is not None:
+            ours = name in marker["files"] or (name.endswith(".tmp") and name[:-4] in marker["files"])
+        else:
+            ours = _is_legacy_run(path) and (name in _LEGACY_NAMES or name.endswith(_LEGACY_SUFFIXES))
+        if not ours:
+            foreign.append(child)
+        elif child.is_dir() and not child.is_symlink():
+            for sub in sorted(child.iterdir()):
+                if sub.is_dir() and (sub / MARKER_FILE).exists():
+                    foreign += foreign_entries(sub)
+    return foreign
+
+
+def _protected_folder(path: pathlib.Path) -> str | None:
+    """Why ``--overwrite`` may never empty ``path`` (None: it may)."""
+    resolved, cwd = path.resolve(), pathlib.Path.cwd().resolve()
+    if resolved == pathlib.Path(resolved.anchor):
+        return "it is the filesystem root"
+    if resolved == pathlib.Path.home().resolve():
+        return "it is your home folder"
+    if resolved == cwd or resolved in cwd.parents:
+        return "it is the current folder or one above it"
+    return None
+
+
+def check_workdir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> bool:
+    """What :meth:`RunDir.create` would refuse, checked without touching anything (the
+    experiments call it before any compute). Returns whether ``path`` holds a run.
+
+    Raises:
+      as :meth:`RunDir.create`.
+    """
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"run folder {path} exists and is not a folder; choose "
+                             "another --workdir")
+    has_content = path.is_dir() and _has_content(path)
+    run_folder = has_content and is_run(path)
+    if resume and not path.exists():
+        raise RunNotFoundError(f"--resume given but run folder {path} does not exist; "
+                               "check --workdir, or start without --resume")
+    if resume and not has_content:
+        raise RunNotFoundError(f"--resume given but run folder {path} is empty: there is no "
+                               "run to resume; start without --resume")
+    if has_content and not run_folder:
+        raise (RunNotFoundError if resume else RunFolderError)(
+            f"{path} is not empty and is not a run folder (no {MARKER_FILE} marker); "
+            f"{'--resume continues' if resume else '--overwrite replaces'} only run folders "
+            "of trm_jax, and nothing else is ever deleted: choose another --workdir")
+    if run_folder and not (resume or overwrite):
+        raise RunExistsError(
+            f"run folder {path} already exists and is not empty; pass --overwrite to "
+            "replace it, --resume to continue it, or choose another --workdir")
+    if run_folder and overwrite and not resume:
+        why = _protected_folder(path)
+        foreign = [] if why else foreign_entries(path)
+        if why or foreign:
+            reason = why or (f"it holds {foreign[0]}, which trm_jax did not write"
+                             + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""))
+            raise RunFolderError(f"--overwrite refused for {path}: {reason}; nothing was "
+                                 "deleted. Move it away or choose another --workdir")
+    return run_folder
 
 
 class RunDir:
@@ -110,43 +228,41 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
         self._locked = False
+        self._listed: set[str] = set()  # names known to be in the marker already
+        self._started: float | None = None  # perf_counter at create() (writers only)
+        self._process = 0  # this process's index in the marker's "seconds"
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, overwrite: bool = False,
                resume: bool = False) -> "RunDir":
-        """Makes the folder and takes its writer lock.
+        """Makes the folder, writes its marker and takes its writer lock.
 
-        An existing folder with a run in it is an error unless ``resume`` (keep
-        and continue it; a cut-off last line of ``metrics.jsonl`` is dropped) or
-        ``overwrite`` (empty it first, once the lock is ours).
+        An existing non-empty folder is an error unless it is a run folder and
+        ``resume`` (keep and continue it; a cut-off last line of ``metrics.jsonl``
+        is dropped) or ``overwrite`` (empty it first, once the lock is ours) is given.
+        ``overwrite`` never empties a folder holding anything the project did not
+        write, nor the filesystem root, the home folder or the current folder (or
+        one above it): it refuses, naming the entry or the reason, and deletes nothing.
 
         Raises:
           RunExistsError: the folder holds a run and neither flag was given.
-          RunNotFoundError: ``resume`` but the folder is missing or empty.
-          RunFolderError: another process writes the folder, or ``path`` is a file.
+          RunNotFoundError: ``resume`` but the folder is missing, empty or not a run.
+          RunFolderError: ``overwrite`` refused (see above), another process writes
+            the folder, ``path`` is a file, or the folder cannot be written.
         """
         path = pathlib.Path(path)
-        if path.exists() and not path.is_dir():
-            raise RunFolderError(f"run folder {path} exists and is not a folder; choose "
-                                 "another --workdir")
-        has_run = path.is_dir() and _has_run(path)
-        if resume and not path.exists():
-            raise RunNotFoundError(f"--resume given but run folder {path} does not exist; "
-                                   "check --workdir, or start without --resume")
-        if resume and not has_run:
-            raise RunNotFoundError(f"--resume given but run folder {path} is empty: there is no "
-                                   "run to resume; start without --resume")
-        if has_run and not (resume or overwrite):
-            raise RunExistsError(
-                f"run folder {path} already exists and is not empty; pass --overwrite to "
-                "replace it, --resume to continue it, or choose another --workdir")
-        path.mkdir(parents=True, exist_ok=True)
+        run_folder = check_workdir(path, overwrite=overwrite, resume=resume)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunFolderError(f"cannot create run folder {path} ({err.strerror or err}); "
+                                 "choose a writable --workdir") from None
         run = cls(path)
         run._lock()
         try:
-            if has_run and resume:
+            if run_folder and resume:
                 run._repair_metrics()
-            elif has_run:  # overwrite: emptied only now, so a live writer is never deleted under
+            elif run_folder:  # overwrite: emptied only now, so a live writer is never deleted under
                 for child in path.iterdir():
                     if child.name == LOCK_FILE:
                         continue
@@ -154,6 +270,15 @@ class RunDir:
                         shutil.rmtree(child)
                     else:
                         child.unlink()
+            marker = _read_marker(path)
+            run._process = len(marker.get("seconds", [])) if marker else 0
+            run._started = time.perf_counter()
+            if marker is None:  # new, overwritten, or from before the marker
+                foreign = {c.name for c in foreign_entries(path)}
+                run._write_marker(sorted(c.name for c in path.iterdir() if c.name not in
+                                         (LOCK_FILE, MARKER_FILE, *foreign)))
+            else:
+                run._write_marker()
         except BaseException:
             run.close()
             raise
@@ -167,18 +292,57 @@ class RunDir:
           RunNotFoundError: the folder is missing or has no ``config.json``.
         """
         path = pathlib.Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunNotFoundError(f"{path} is a file, not a run folder; give the folder an "
+                                   "experiment wrote (its --workdir)")
         if not path.is_dir():
             raise RunNotFoundError(f"run folder {path} does not exist")
         if not (path / "config.json").is_file():
             raise RunNotFoundError(f"{path} is not a run folder (no config.json)")
         return cls(path)
 
+    def _write_marker(self, files: list[str] | None = None) -> None:
+        marker = _read_marker(self.path) or {"format": RUN_FORMAT, "files": [], "seconds": []}
+        if files is not None:
+            marker["files"] = files
+        seconds = list(marker.get("seconds", []))
+        if self._started is not None:  # this process's time so far (a writer's)
+            seconds[self._process:] = [round(time.perf_counter() - self._started, 3)]
+        marker["seconds"] = seconds
+        tmp = self.path / (MARKER_FILE + ".tmp")
+        tmp.write_text(json.dumps(marker) + "\n")
+        os.replace(tmp, self.path / MARKER_FILE)
+
+    def wall_seconds(self) -> tuple[float, int]:
+        """``(seconds, processes)``: the time every process that wrote this run spent on it
+        (a killed one's until its last record), and how many there were."""
+        if self._started is not None and _read_marker(self.path) is not None:
+            self._write_marker()
+        seconds = (_read_marker(self.path) or {}).get("seconds", [])
+        return float(sum(seconds)), len(seconds)
+
+    def file(self, name: str) -> pathlib.Path:
+        """``<run>/name``, listed in the folder's marker first: every file or folder the
+        project writes into a run folder goes through here (or the writers below), so
+        :func:`foreign_entries` can tell it from the user's."""
+        top = pathlib.PurePath(name).parts[0]
+        if top not in self._listed:
+            marker = _read_marker(self.path)
+            if marker is not None and top not in marker["files"]:
+                self._write_marker(sorted({*marker["files"], top}))
+            self._listed.add(top)
+        return self.path / name
+
     def _lock(self) -> None:
         key = self.path.resolve()
         if key in _HELD:
             _HELD[key][1] += 1
         else:
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise RunFolderError(f"cannot write run folder {self.path} ({err.strerror or err}); "
+                                     "choose a writable --workdir") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -215,11 +379,11 @@ class RunDir:
 
     @property
     def checkpoint_dir(self) -> pathlib.Path:
-        return self.path / "checkpoints"
+        return self.file("checkpoints")
 
     def write_json(self, name: str, value: Any) -> pathlib.Path:
         """Writes atomically (temp file + rename): a crash never leaves half a file."""
-        target = self.path / name
+        target = self.file(name)
         tmp = target.with_suffix(target.suffix + ".tmp")
         tmp.write_text(json.dumps(to_jsonable(value), indent=2) + "\n")
         os.replace(tmp, target)
@@ -249,8 +413,10 @@ class RunDir:
 
     def log(self, record: dict[str, Any]) -> None:
         """Appends one JSON object (one line, one ``write``) to ``metrics.jsonl``."""
-        with open(self.path / METRICS_FILE, "a") as f:
+        with open(self.file(METRICS_FILE), "a") as f:
             f.write(json.dumps(to_jsonable(record)) + "\n")
+        if self._started is not None:
+            self._write_marker()  # the time spent so far survives a kill
 
     def metrics(self) -> list[dict[str, Any]]:
         """The records of ``metrics.jsonl``, in order (``[]`` when there is none).
@@ -290,7 +456,7 @@ class RunDir:
         return records, bool(lines[-1].strip())
 
     def _write_metrics(self, records: list[dict[str, Any]]) -> None:
-        file = self.path / METRICS_FILE
+        file = self.file(METRICS_FILE)
         tmp = file.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
         os.replace(tmp, file)

@@ -79,16 +79,20 @@ class TrainConfig:
 
 def validate_config(config: TrainConfig) -> None:
     """Raises ``ValueError`` naming the bad value and what is allowed."""
-    if config.epochs < 0:
-        raise ConfigError(f"epochs must be >= 0, got {config.epochs}")
-    if config.batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {config.batch_size}")
+    if not isinstance(config.epochs, int) or config.epochs < 0:
+        raise ConfigError(f"epochs must be an integer >= 0, got {config.epochs!r}", field="epochs")
+    if not isinstance(config.batch_size, int) or config.batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {config.batch_size!r}",
+                          field="batch_size")
     if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
-        raise ConfigError(f"learning_rate must be finite and > 0, got {config.learning_rate}")
+        raise ConfigError(f"learning_rate must be finite and > 0, got {config.learning_rate}",
+                          field="learning_rate")
     if config.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {config.optimizer!r}; allowed: {OPTIMIZERS}")
+        raise ConfigError(f"unknown optimizer {config.optimizer!r}; allowed: {OPTIMIZERS}",
+                          field="optimizer")
     if config.strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {config.strategy!r}; allowed: {STRATEGIES}")
+        raise ConfigError(f"unknown strategy {config.strategy!r}; allowed: {STRATEGIES}",
+                          field="strategy")
 
 
 def make_optimizer(name: str, learning_rate: float | jax.Array, *, b1: float = 0.9,

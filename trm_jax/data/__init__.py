@@ -20,11 +20,12 @@ removed again (never what was there before).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
 import time
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -377,12 +378,13 @@ def load_split(dataset: str, split: str, data_dir: str | None = None,
     images = np.empty((n, *info.image_shape), np.uint8)
     labels = np.empty((n,), np.int32)
     chunk = 4096
-    for start in range(0, n, chunk):  # batched random access, no tf.data
-        rows = _read_rows(source, range(start, min(n, start + chunk)))
-        for i, row in enumerate(rows, start):
-            image = np.asarray(row["image"])
-            images[i] = image.reshape(info.image_shape) if image.size == images[i].size else image
-            labels[i] = int(row["label"])
+    with quiet_tfds():  # decoding warns once that OpenCV is not installed
+        for start in range(0, n, chunk):  # batched random access, no tf.data
+            rows = _read_rows(source, range(start, min(n, start + chunk)))
+            for i, row in enumerate(rows, start):
+                image = np.asarray(row["image"])
+                images[i] = image.reshape(info.image_shape) if image.size == images[i].size else image
+                labels[i] = int(row["label"])
     return images, labels
 
 
@@ -399,10 +401,11 @@ def default_data_dir() -> str:
 
 def prepare_digits(data_dir: str | None = None) -> Any:
     """Prepares the offline digits dataset (array_record) and returns its builder (~10 s once)."""
-    from trm_jax.data.digits import SklearnDigits
+    with quiet_tfds():
+        from trm_jax.data.digits import SklearnDigits
 
-    builder = SklearnDigits(data_dir=data_dir or default_data_dir(), file_format="array_record")
-    builder.download_and_prepare()
+        builder = SklearnDigits(data_dir=data_dir or default_data_dir(), file_format="array_record")
+        builder.download_and_prepare()
     return builder
 
 
@@ -468,10 +471,39 @@ def _remove_new(data_dir: str, name: str, before: set[str]) -> list[str]:
     return removed
 
 
+@contextlib.contextmanager
+def quiet_tfds(progress: bool = False) -> Iterator[Any]:
+    """``import tensorflow_datasets`` with its chatter off inside the block: absl warnings
+    (``OpenCV is not installed``, ``Variant folder ... has no dataset_info.json``) and, unless
+    ``progress``, its progress bars; both as they were after it. Yields the module."""
+    from absl import logging as absl_logging
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    verbosity, bars = absl_logging.get_verbosity(), tqdm_utils._active
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    tfds.display_progress_bar(progress and bars)
+    try:
+        yield tfds
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        tfds.display_progress_bar(bars)
+
+
 def _data_source(dataset: str, split: str, data_dir: str | None,
                  download: bool | None) -> Any:
-    import tensorflow_datasets as tfds
+    with quiet_tfds() as tfds:
+        try:
+            return _tfds_source(tfds, dataset, split, data_dir, download)
+        except OSError as err:  # a data dir that cannot be written (read-only, not a folder)
+            raise DatasetUnavailableError(
+                f"{dataset!r} is not prepared in data_dir={data_dir or default_data_dir()!r} and "
+                f"cannot be prepared there ({type(err).__name__}: {err.strerror or err}); "
+                "give a writable --data-dir (or $TFDS_DATA_DIR)") from None
 
+
+def _tfds_source(tfds: Any, dataset: str, split: str, data_dir: str | None,
+                 download: bool | None) -> Any:
     info = dataset_info(dataset)
     data_dir = data_dir or default_data_dir()
     # array_record: the random-access format data_source reads without tf.data.

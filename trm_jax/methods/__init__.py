@@ -34,7 +34,7 @@ from trm_jax import datasets
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference, reverse_maml, simulated_attack, skd, unsir
-from trm_jax.methods._phases import Protected, seed_keys, train_phase
+from trm_jax.methods._phases import Protected, check_keys, seed_keys, train_phase
 
 #: name -> module with ``NAME``, a config class, ``default_config(entry)`` and ``protect``.
 METHODS: dict[str, ModuleType] = {m.NAME: m for m in (reference, unsir, skd, reverse_maml,
@@ -46,7 +46,12 @@ CONFIGS: dict[str, type] = {"reference": reference.ReferenceConfig,
 
 
 def method(name: str) -> ModuleType:
-    if name not in METHODS:
+    """The module of method ``name``.
+
+    Raises:
+      ConfigError: ``name`` is not one of :data:`METHODS`.
+    """
+    if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; allowed: {sorted(METHODS)}")
     return METHODS[name]
 
@@ -87,7 +92,21 @@ def check(name: str, config: Any, protocol) -> None:
 
 def protect(name: str, config: Any, protocol, keys, *, hooks: Hooks | None = None,
             model=None) -> Protected:
-    """Runs method ``name`` with ``config`` (see the table above) for every seed key."""
+    """Runs method ``name`` with ``config`` (see the table above) for every seed key.
+
+    Raises:
+      ConfigError: any argument of the wrong type or value (before any compute).
+    """
+    from trm_jax import data, models
+
+    if not isinstance(protocol, data.ProtocolData):
+        raise ConfigError(f"protocol must be a trm_jax.data.ProtocolData "
+                          f"(trm_jax.data.load_protocol), got {type(protocol).__name__}")
+    if hooks is not None and not isinstance(hooks, Hooks):
+        raise ConfigError(f"hooks must be a trm_jax.hooks.Hooks or None, got {type(hooks).__name__}")
+    if model is not None and not isinstance(model, models.Model):
+        raise ConfigError(f"model must be a trm_jax.models.Model or None, got {type(model).__name__}")
+    check_keys(keys)
     check(name, config, protocol)
     return method(name).protect(config, protocol, keys, hooks=hooks, model=model)
 

@@ -39,11 +39,28 @@ class Protected(NamedTuple):
 
 
 def seed_keys(seeds: int | list[int] | tuple[int, ...]) -> PRNGKey:
-    """``seeds`` (a count ``N`` means ``0..N-1``) -> ``[S]`` typed PRNG keys."""
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    if not seeds:
-        raise ConfigError("seeds is empty; give at least one seed")
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    """``seeds`` (a count ``N`` means ``0..N-1``; or the seeds themselves) -> ``[S]`` typed PRNG keys.
+
+    Raises:
+      ConfigError: not a count >= 1 nor a non-empty sequence of integers >= 0.
+    """
+    def integer(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+    if integer(seeds):
+        if seeds < 1:
+            raise ConfigError(f"seeds must be a count >= 1 or a list of seeds, got {seeds!r}")
+        seeds = list(range(int(seeds)))
+    elif isinstance(seeds, (list, tuple, range, np.ndarray)):
+        seeds = list(np.asarray(seeds).reshape(-1)) if isinstance(seeds, np.ndarray) else list(seeds)
+        bad = [s for s in seeds if not integer(s) or s < 0]
+        if not seeds or bad:
+            raise ConfigError(f"seeds must be a count >= 1 or a non-empty list of integers >= 0, "
+                              f"got {seeds!r}" + (f" (not allowed: {bad})" if bad else ""))
+    else:
+        raise ConfigError(f"seeds must be a count >= 1 or a list of integer seeds, got "
+                          f"{type(seeds).__name__} {seeds!r}")
+    return jax.vmap(jax.random.key)(jnp.asarray([int(s) for s in seeds]))
 
 
 def check_keys(keys: PRNGKey) -> int:
@@ -60,7 +77,8 @@ def check_batch(config: train.TrainConfig, subset: data.Subset, phase: str) -> N
     """A phase's batch must fit its data (an epoch drops the last partial batch)."""
     if config.epochs and config.batch_size > len(subset):
         raise ConfigError(f"{phase}.batch_size={config.batch_size} exceeds the {len(subset)} "
-                          f"training examples; allowed: 1..{len(subset)}")
+                          f"training examples; allowed: 1..{len(subset)}",
+                          field=f"{phase}.batch_size")
 
 
 def device_subset(subset: data.Subset) -> tuple[jax.Array, jax.Array]:

@@ -68,11 +68,14 @@ class ReverseMAMLConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.meta_steps, int) or self.meta_steps < 1:
-            raise ConfigError(f"meta_steps must be an integer >= 1, got {self.meta_steps!r}")
+            raise ConfigError(f"meta_steps must be an integer >= 1, got {self.meta_steps!r}",
+                              field="meta_steps")
         if not (math.isfinite(self.outer_lr) and self.outer_lr > 0):
-            raise ConfigError(f"outer_lr must be finite and > 0, got {self.outer_lr!r}")
+            raise ConfigError(f"outer_lr must be finite and > 0, got {self.outer_lr!r}",
+                              field="outer_lr")
         if not isinstance(self.log_every, int) or self.log_every < 1:
-            raise ConfigError(f"log_every must be an integer >= 1, got {self.log_every!r}")
+            raise ConfigError(f"log_every must be an integer >= 1, got {self.log_every!r}",
+                              field="log_every")
         if self.head.trainable != ("head",):
             raise ConfigError(f"head.trainable must be ('head',) (a head-only phase), got "
                               f"{self.head.trainable!r}")

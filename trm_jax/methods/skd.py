@@ -69,7 +69,7 @@ def check(config: SKDMethodConfig, protocol: data.ProtocolData) -> None:
     n = len(pre.beneficial) + len(pre.malicious)
     if config.distill.epochs and config.distill.batch_size > n:
         raise ConfigError(f"distill.batch_size={config.distill.batch_size} exceeds the {n} "
-                          f"distillation images; allowed: 1..{n}")
+                          f"distillation images; allowed: 1..{n}", field="distill.batch_size")
 
 
 def protect(config: SKDMethodConfig, protocol: data.ProtocolData, keys: PRNGKey, *,

@@ -1,0 +1,113 @@
+"""The library's entry points check their arguments: a wrong type or value is a
+``ConfigError`` naming it (never a raw ``TypeError``/``AttributeError`` from deep inside)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+import pytest
+
+import trm_jax
+from trm_jax import errors
+from trm_jax.evaluation import SuiteConfig
+
+
+@pytest.mark.parametrize("seeds, message", [
+    (2.5, "got float 2.5"),
+    ("3", "got str '3'"),
+    (-1, "count >= 1 or a list of seeds, got -1"),
+    (0, "got 0"),
+    (True, "got bool True"),
+    ([], "non-empty list"),
+    ([0, -2], "not allowed: [-2]"),
+    ([0, 1.5], "not allowed: [1.5]"),
+    (None, "got NoneType None"),
+])
+def test_seed_keys_rejects_what_is_not_seeds(seeds, message):
+    with pytest.raises(errors.ConfigError) as err:
+        trm_jax.seed_keys(seeds)
+    assert message in str(err.value)
+
+
+def test_seed_keys_of_a_count_and_of_a_list():
+    data = lambda keys: np.asarray(jax.random.key_data(keys))
+    np.testing.assert_array_equal(data(trm_jax.seed_keys(3)), data(trm_jax.seed_keys([0, 1, 2])))
+    np.testing.assert_array_equal(data(trm_jax.seed_keys(np.array([4, 7]))),
+                                  data(jax.vmap(jax.random.key)(np.array([4, 7]))))
+
+
+def test_suite_config_takes_one_name_as_a_tuple_of_one():
+    assert SuiteConfig(attacks="linear_probe").attacks == ("linear_probe",)
+    assert SuiteConfig(attacks="all").suite == "all"
+    assert SuiteConfig(learning_rates=0.1).learning_rates == (0.1,)
+    assert SuiteConfig(data_per_class=[5, None]).data_per_class == (5, None)
+
+
+@pytest.mark.parametrize("kwargs, field, message", [
+    (dict(attacks="linera_probe"), "attacks", "unknown attack(s) ['linera_probe']"),
+    (dict(attacks=("linear_probe", 3)), "attacks", "must be names (strings), got [3]"),
+    (dict(batch_size=0), "batch_size", "attack batch_size must be an integer >= 1, got 0"),
+    (dict(epochs=True), "epochs", "got True"),
+    (dict(learning_rates=(0.1, math.inf)), "learning_rates", "finite and > 0"),
+    (dict(scratch_learning_rates=(-1.0,)), "scratch_learning_rates", "finite and > 0"),
+    (dict(batching="fast"), "batching", "unknown batching 'fast'"),
+    (dict(data_per_class=(5, 5)), "data_per_class", "distinct"),
+    (dict(optimizers={"adam"}), "optimizers", "must be a tuple"),
+])
+def test_suite_config_errors_name_the_field(kwargs, field, message):
+    with pytest.raises(errors.ConfigError) as err:
+        SuiteConfig(**kwargs)
+    assert err.value.field == field and message in str(err.value)
+
+
+def test_suite_check_against_the_data(digits_protocol):
+    SuiteConfig(batch_size=262).check(digits_protocol)  # the 262 malicious fine-tuning images
+    with pytest.raises(errors.ConfigError, match="batch_size=263 exceeds the 262 malicious") as err:
+        SuiteConfig(batch_size=263).check(digits_protocol)
+    assert err.value.field == "batch_size"
+    n = len(digits_protocol.finetune.beneficial)
+    SuiteConfig(attacks=("linear_probe",), batch_size=262).check(digits_protocol)
+    if n < 262:  # warm_start trains on the beneficial fine-tuning half first
+        with pytest.raises(errors.ConfigError, match=f"exceeds the {n} beneficial"):
+            SuiteConfig(attacks=("warm_start",), batch_size=262).check(digits_protocol)
+    # One malicious class: no attack can train a classifier of it.
+    labels = np.arange(600, dtype=np.int32) % 10
+    images = np.zeros((600, 8, 8, 1), np.uint8)
+    spec = dataclasses.replace(trm_jax.data.preset("digits"), beneficial_classes=(0, 1),
+                               malicious_classes=(9,), pretrain_size=300)
+    single = trm_jax.data.protocol_from_arrays(spec, (images, labels), (images, labels))
+    with pytest.raises(errors.ConfigError, match=r"malicious_classes=\[9\].*need at least 2") as err:
+        SuiteConfig().check(single)
+    assert err.value.field == "malicious_classes"
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: trm_jax.evaluate("nope", p), "evaluate needs a Protected (what trm_jax.protect "
+                                            "returns), got str"),
+    (lambda p: trm_jax.config_for("nope", "digits"), "unknown method 'nope'"),
+    (lambda p: trm_jax.config_for(3, "digits"), "unknown method 3"),
+    (lambda p: trm_jax.config_for("skd", ["digits"]), "unknown dataset ['digits']"),
+    (lambda p: trm_jax.protect("skd", trm_jax.config_for("skd", "digits"), "p", trm_jax.seed_keys(1)),
+     "protocol must be a trm_jax.data.ProtocolData"),
+    (lambda p: trm_jax.protect("skd", trm_jax.config_for("reference", "digits"), p,
+                               trm_jax.seed_keys(1)), "needs a SKDMethodConfig, got ReferenceConfig"),
+    (lambda p: trm_jax.protect("reference", trm_jax.config_for("reference", "digits"), p, [0, 1]),
+     "keys must be a [S] stack of typed PRNG keys"),
+    (lambda p: trm_jax.protect("reference", trm_jax.config_for("reference", "digits"), p,
+                               trm_jax.seed_keys(1), hooks="log"), "hooks must be a trm_jax.hooks.Hooks"),
+    (lambda p: trm_jax.protect("reference", trm_jax.config_for("reference", "digits"), p,
+                               trm_jax.seed_keys(1), model="lenet"), "model must be a trm_jax.models.Model"),
+])
+def test_entry_points_check_their_arguments(call, message, digits_protocol, monkeypatch):
+    from trm_jax.methods import reference, skd
+
+    def compute(*args, **kwargs):
+        raise AssertionError("computed despite a bad argument")
+
+    monkeypatch.setattr(reference, "protect", compute)
+    monkeypatch.setattr(skd, "protect", compute)
+    with pytest.raises(errors.ConfigError) as err:
+        call(digits_protocol)
+    assert message in str(err.value)
