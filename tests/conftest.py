@@ -9,6 +9,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # jax's cache runs in a per-session temporary folder instead (session_compilation_cache).
 os.environ.setdefault("TRM_JAX_NO_COMPILE_CACHE", "1")
 
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+# Tests marked ``torch`` (the PyTorch comparisons) run each in a fresh process of its own, with
+# torch imported before JAX: torch's lazily loaded compiler stack (torch._dynamo -> triton)
+# crashed a test process after JAX had run there (segfault, pytest-xdist "node down").
+# This variable marks such a child process.
+TORCH_CHILD_ENV = "TRM_JAX_TORCH_CHILD"
+IN_TORCH_CHILD = os.environ.get(TORCH_CHILD_ENV) == "1"
+if IN_TORCH_CHILD:
+    import torch  # noqa: F401  (before jax, on purpose)
+
 import jax
 import pytest
 
@@ -106,3 +120,39 @@ def interrupt_at(monkeypatch):
             monkeypatch.setattr(runs.RunDir, "log", original)
 
     return patch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "torch: compares with PyTorch; runs in a fresh process of "
+                            "its own, torch imported before JAX (skipped without torch)")
+
+
+# Per test file: {node id: outcome} of its torch tests, run once in one child process.
+_TORCH_RUNS: dict[str, tuple[dict[str, str], str]] = {}
+
+
+def pytest_pyfunc_call(pyfuncitem):
+    """A ``torch`` test runs in a child process (``pytest <its file> -m torch``, one child per
+    file and worker); it passes here when it passed there. Fixtures still run here: they
+    must not import torch outside :data:`IN_TORCH_CHILD`."""
+    if pyfuncitem.get_closest_marker("torch") is None or IN_TORCH_CHILD:
+        return None
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("PyTorch is not installed (pip install -e '.[bench]')")
+    file = pyfuncitem.nodeid.split("::")[0]
+    if file not in _TORCH_RUNS:
+        root = pathlib.Path(__file__).resolve().parents[1]
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
+                              "-m", "torch", file], cwd=root, capture_output=True, text=True,
+                             timeout=1200, env={**os.environ, TORCH_CHILD_ENV: "1"})
+        outcomes = {}
+        for line in out.stdout.splitlines():  # the -rA summary: "PASSED tests/x.py::test_y[a]"
+            word, _, rest = line.partition(" ")
+            if word in ("PASSED", "FAILED", "ERROR", "SKIPPED") and "::" in rest:
+                outcomes.setdefault(rest.split(" - ")[0].strip(), word)
+        _TORCH_RUNS[file] = outcomes, f"exit {out.returncode}:\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}"
+    outcomes, log = _TORCH_RUNS[file]
+    if outcomes.get(pyfuncitem.nodeid) != "PASSED":
+        pytest.fail(f"{pyfuncitem.nodeid}: {outcomes.get(pyfuncitem.nodeid, 'did not run')} in "
+                    f"its own process ({log}", pytrace=False)
+    return True

@@ -104,7 +104,12 @@ def test_synthetic_cifar():
 
 @pytest.fixture(scope="module")
 def tr():
-    torch = pytest.importorskip("torch")
+    from conftest import IN_TORCH_CHILD
+
+    if not IN_TORCH_CHILD:  # the test itself runs in a process of its own (conftest)
+        yield None
+        return
+    import torch
     from benchmarks import torch_reference
 
     # Tiny sizes: extra threads only add overhead (and spin-wait badly on a shared
@@ -119,10 +124,12 @@ def tr():
 TINY_META = dict(n_good=1, n_bad=1, ways=2, shots=1, query_shots=2, inner_steps=2, inner_lr=0.1)
 
 
+@pytest.mark.torch
 def test_lenet_param_count(tr):
     assert tr.num_params(tr.LeNet()) == 62_006
 
 
+@pytest.mark.torch
 def test_meta_step_impls_are_exact_second_order(tr):
     import torch
 
@@ -163,6 +170,7 @@ def test_meta_step_impls_are_exact_second_order(tr):
     assert fd == pytest.approx(analytic, rel=1e-5, abs=1e-8)
 
 
+@pytest.mark.torch
 def test_meta_step_runs_and_updates(tr):
     import torch
 
@@ -175,6 +183,7 @@ def test_meta_step_runs_and_updates(tr):
     assert torch.isfinite(run()) and run.items_per_call == 1
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("pre", [False, True])
 def test_attack_sweep_curves(tr, pre):
     run, sync = tr.make_torch_attack_sweep(seeds=2, learning_rates=(1e-3, 1e-1), epochs=2, n_train=128,
@@ -189,6 +198,7 @@ def test_attack_sweep_curves(tr, pre):
     np.testing.assert_array_equal(curves, run())
 
 
+@pytest.mark.torch
 def test_attack_sweep_natural_equals_precomputed(tr):
     kw = dict(seeds=1, learning_rates=(1e-1,), epochs=1, n_train=96, n_test=60, batch_size=32,
               eval_batch=30, device="cpu")
@@ -197,6 +207,7 @@ def test_attack_sweep_natural_equals_precomputed(tr):
     np.testing.assert_allclose(nat, pre, atol=1 / 60 + 1e-9)  # at most one borderline test image
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("bench", ["train_epoch", "distill_epoch"])
 def test_epoch_benches(tr, bench):
     import torch
