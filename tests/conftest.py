@@ -78,6 +78,22 @@ def session_compilation_cache(tmp_path_factory):
         jax.config.update(name, value)
 
 
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Every compute entry point of the experiments raises: a test of a bad input passes only
+    if the input was reported before any training, meta-training or attack started."""
+    from trm_jax import evaluation, fewshot, methods
+    from trm_jax.methods import reverse_maml
+
+    def compute(*args, **kwargs):
+        raise AssertionError("compute started before the bad input was reported")
+
+    for owner, name in ((methods, "protect"), (evaluation, "evaluate"),
+                        (evaluation, "scratch_reference"), (reverse_maml, "meta_train"),
+                        (fewshot, "evaluate_fewshot")):
+        monkeypatch.setattr(owner, name, compute)
+
+
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory) -> str:
     """A TFDS data dir with the scikit-learn digits prepared in it (~5 s, once)."""

@@ -111,3 +111,29 @@ def test_entry_points_check_their_arguments(call, message, digits_protocol, monk
     with pytest.raises(errors.ConfigError) as err:
         call(digits_protocol)
     assert message in str(err.value)
+
+
+def test_a_model_whose_head_does_not_fit_the_classes_is_refused(digits_protocol, monkeypatch):
+    from trm_jax import models, train
+
+    def compute(*args, **kwargs):
+        raise AssertionError("trained despite a head of the wrong size")
+
+    monkeypatch.setattr(train, "fit_classifier", compute)
+    three = models.lenet(3, digits_protocol.image_shape, padding="SAME")
+    with pytest.raises(errors.ConfigError, match="the given model has 3 outputs; this method needs 5"):
+        trm_jax.protect("reference", trm_jax.config_for("reference", "digits"), digits_protocol,
+                        trm_jax.seed_keys(1), model=three)
+
+
+def test_method_check_validates_the_config_against_the_data(digits_protocol):
+    import dataclasses
+
+    config = trm_jax.config_for("skd", "digits")
+    n = len(digits_protocol.pretrain.beneficial)
+    too_big = dataclasses.replace(config, head=dataclasses.replace(config.head, batch_size=n + 1))
+    with pytest.raises(errors.ConfigError, match=f"head.batch_size={n + 1} exceeds the {n}") as err:
+        trm_jax.methods.check("skd", too_big, digits_protocol)
+    assert err.value.field == "head.batch_size"
+    with pytest.raises(errors.ConfigError, match="needs a ReferenceConfig, got SKDMethodConfig"):
+        trm_jax.methods.check("reference", config, digits_protocol)

@@ -1,3 +1,4 @@
+import json
 import pathlib
 import warnings
 
@@ -146,3 +147,41 @@ def test_saving_an_existing_step_replaces_it(tmp_path):
         restored, meta = ckpt.restore(make_state(), step=1)
     assert meta["v"] == 2
     assert_trees_equal(restored, make_state((2, 3)))
+
+
+def test_max_to_keep_prunes_the_oldest_steps(tmp_path):
+    with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=2) as ckpt:
+        for step in (1, 2, 3, 4):
+            ckpt.save(step, make_state((step, step + 10)), {"epoch": step})
+        assert ckpt.all_steps() == [3, 4]
+        restored, meta = ckpt.restore(make_state(), step=3)
+    assert meta["epoch"] == 3 and meta["restored_step"] == 3
+    assert_trees_equal(restored, make_state((3, 13)))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == ["3", "4"]
+
+
+def test_restoring_a_named_corrupt_step_is_an_error_not_a_fallback(tmp_path):
+    """step=k asks for that step: a corrupt k is an error naming it (no silent older step),
+    and nothing is moved aside."""
+    with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=3) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, make_state((step, step)))
+    corrupt_arrays(tmp_path / "ckpt" / "2")
+    with checkpoint.Checkpointer(tmp_path / "ckpt", max_to_keep=3) as ckpt:
+        with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint at step 2 .* corrupt"):
+            ckpt.restore(make_state(), step=2)
+        assert ckpt.all_steps() == [1, 2] and not (tmp_path / "ckpt" / "2.corrupt").exists()
+        assert_trees_equal(ckpt.restore(make_state(), step=1)[0], make_state((1, 1)))
+
+
+@pytest.mark.parametrize("text, what", [('{"model": {"name": "lenet"', "JSONDecodeError"),
+                                        ('{"seeds": [0]}', "KeyError"),
+                                        (json.dumps({"model": {**MODEL.spec(), "name": "resnet"},
+                                                     "seeds": [0]}), "resnet")])
+def test_a_corrupt_model_json_names_the_file(tmp_path, text, what):
+    checkpoint.save_model(tmp_path, MODEL, MODEL.init_seeds(jax.vmap(jax.random.key)(jnp.arange(1))),
+                          [0])
+    (tmp_path / "model.json").write_text(text)
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load_model(tmp_path)
+    assert f"{tmp_path / 'model.json'} is corrupt" in str(err.value) and what in str(err.value)

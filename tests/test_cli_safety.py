@@ -1,7 +1,7 @@
 """Nothing lost, nothing computed in vain: the experiments' pre-flight checks.
 
 Every bad input of this file fails before any compute (the compute entry points are
-replaced by functions that raise), with ONE line naming the flag and exit code 2, and
+replaced by functions that raise: conftest's ``no_compute``), with ONE line naming the flag and exit code 2, and
 leaves nothing behind; ``--overwrite`` never deletes what the project did not write.
 """
 from __future__ import annotations
@@ -14,24 +14,13 @@ import sys
 import pytest
 
 from experiments import _cli, attack, compare, reverse_maml, skd, train_reference
-from trm_jax import errors, evaluation, methods, runs
+from trm_jax import errors, runs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A path no process can write, root included (sysfs refuses new files) ...
 UNWRITABLE = pathlib.Path("/sys/trm_jax_qa")
 # ... and one whose parent does not exist and cannot be made (procfs).
 UNCREATABLE = pathlib.Path("/proc/trm_jax_qa/sub")
-
-
-@pytest.fixture
-def no_compute(monkeypatch):
-    """Any training or attack raises: a test passes only if the error came first."""
-    def compute(*args, **kwargs):
-        raise AssertionError("compute started before the bad input was reported")
-
-    monkeypatch.setattr(methods, "protect", compute)
-    monkeypatch.setattr(evaluation, "evaluate", compute)
-    monkeypatch.setattr(evaluation, "scratch_reference", compute)
 
 
 def run_cli(module, args, capsys):

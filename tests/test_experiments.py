@@ -159,6 +159,30 @@ def test_a_second_writer_of_a_run_folder_is_refused(golden_runs, digits_data_dir
         holder.wait()
 
 
+def test_the_summary_of_a_real_run_follows_from_its_entries(golden_runs):
+    """The golden file has no summary: check a real run's summary against its own entries
+    (worst case, per-budget advantages over scratch, and the unprotected reference's)."""
+    results = golden_runs["reverse_maml"][0]
+    attacks, refs, summary = results["attacks"], results["references"], results["summary"]
+    for m in ("final", "auc"):
+        name = max(attacks, key=lambda a: attacks[a][m]["mean"])
+        assert summary["worst_case"][m]["attack"] == name
+        assert summary["worst_case"][m]["mean"] == attacks[name][m]["mean"]
+    scratch = refs["scratch"]["budgets"]["all"]["1x"]["final"]["mean"]
+    at = summary["budgets"]["all"]["1x"]
+    assert at["scratch"]["final"]["mean"] == scratch
+    worst = at["worst"]
+    own = attacks[worst["entry"]]["budgets"]["all"]["1x"]["final"]["mean"]
+    assert worst["advantage_final"] == pytest.approx(own - scratch, abs=1e-12)
+    unprotected = {n.split("/", 1)[1]: e for n, e in refs.items() if n.startswith("unprotected/")}
+    assert unprotected, sorted(refs)  # the reference was attacked the same way
+    u = at["unprotected"]["worst"]
+    best = max(unprotected, key=lambda a: unprotected[a]["budgets"]["all"]["1x"]["final"]["mean"])
+    assert u["entry"] == f"unprotected/{best}"
+    assert u["advantage_final"] == pytest.approx(
+        unprotected[best]["budgets"]["all"]["1x"]["final"]["mean"] - scratch, abs=1e-12)
+
+
 @pytest.mark.parametrize("key, value, every", [("step", 4, "2"), ("epoch", 1, "2"), ("step", 4, "100")])
 def test_reverse_maml_resumes_to_the_same_numbers(golden_runs, digits_data_dir, tmp_path,
                                                   interrupt_at, key, value, every):
@@ -268,7 +292,8 @@ def run_cli(module, args, capsys) -> tuple[int, str]:
     (attack, ["--run", "/nonexistent/run"], errors.RunFolderError, "/nonexistent/run"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2_before_any_compute(module, args, error, message,
-                                                                   digits_data_dir, tmp_path, capsys):
+                                                                   digits_data_dir, tmp_path, capsys,
+                                                                   no_compute):
     workdir = tmp_path / "never"
     full = ["--dataset", "digits", "--data-dir", digits_data_dir, *args]
     if module is not attack:

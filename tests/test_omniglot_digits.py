@@ -245,7 +245,8 @@ def test_omniglot_offline_without_mock_says_what_to_do(tmp_path, capsys):
     (["--malicious-pretrain-size", "1297"], r"needs 1298 training examples"),
     (["--meta.queries", "9"], r"omniglot meta_train: no class has >= 10 .* raise mock_examples"),
 ])
-def test_bad_settings_fail_before_any_compute(tmp_path, digits_data_dir, flags, message):
+def test_bad_settings_fail_before_any_compute(tmp_path, digits_data_dir, flags, message,
+                                              no_compute):
     with pytest.raises(ConfigError, match=message):
         omniglot_digits.main(["--malicious", "digits", "--mock-beneficial", "--mock-examples",
                               "200", "--meta.queries", "1", "--workdir", str(tmp_path / "run"),

@@ -251,7 +251,22 @@ def test_feature_anchor_is_zero_at_the_anchor_and_scale_free():
     p, q = init(model, 0), init(model, 1)
     x = make_task(dtype=np.float32).support_x
     assert float(sa.feature_anchor(model, p["features"], p["features"], x)) == 0.0
-    assert float(sa.feature_anchor(model, q["features"], p["features"], x)) > 0.01
+    value = float(sa.feature_anchor(model, q["features"], p["features"], x))
+    assert value > 0.01
+
+    class Scaled:  # the same network with its penultimate features times c
+        def __init__(self, c, anchor_c=None):
+            self.c, self.anchor_c = c, c if anchor_c is None else anchor_c
+
+        def features(self, params, images):
+            c = self.anchor_c if params is p["features"] else self.c
+            return c * model.features(params, images)
+
+    for c in (1e-3, 7.0, 1e3):  # both feature sets scaled alike: the same value
+        np.testing.assert_allclose(float(sa.feature_anchor(Scaled(c), q["features"], p["features"], x)),
+                                   value, rtol=1e-5)
+    # ... but not when only the moved model's features are scaled (the check is not vacuous)
+    assert abs(float(sa.feature_anchor(Scaled(7.0, 1.0), q["features"], p["features"], x)) - value) > 1.0
 
 
 @pytest.mark.parametrize("kwargs, match", [

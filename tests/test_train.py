@@ -22,35 +22,60 @@ MODEL = models.lenet(3, (8, 8, 1), padding="SAME")
 LOSS = train.classification_loss(MODEL.apply)
 
 
-def stacked_state(seeds, optimizer):
+# Float64 and where the tolerance comes from (as in test_sharding): vmapping seeds or
+# scanning an epoch may only reorder floating-point sums, which training amplifies to
+# ~20-200 ulps (measured there after 2 epochs of Adam); in float32 that is the size of real
+# parameter differences, so no float32 tolerance both catches a mixed-up seed and never
+# flakes. In float64 1e6 ulps (2.2e-10) is far above any reordering and ~1e6x below what a
+# real bug (a seed given another seed's data, key or update) produces.
+TOLERANCE = 1e6 * float(np.finfo(np.float64).eps)
+
+
+def stacked_state(seeds, optimizer, model=MODEL):
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    params = MODEL.init_seeds(keys)
+    params = model.init_seeds(keys)
     return jax.vmap(train.init_state, in_axes=(0, 0, None))(keys, params, optimizer)
 
 
-def run(state, optimizer, epochs=3, strategy="scan", **kw):
-    return train.fit(state, tiny_problem(), loss_fn=LOSS, optimizer=optimizer, epochs=epochs,
-                     batch_size=16, strategy=strategy, progress=False, **kw)
+def run(state, optimizer, epochs=3, strategy="scan", model=MODEL, **kw):
+    return train.fit(state, tiny_problem(), loss_fn=train.classification_loss(model.apply),
+                     optimizer=optimizer, epochs=epochs, batch_size=16, strategy=strategy,
+                     progress=False, **kw)
 
 
-def test_vmapped_seeds_equal_separate_runs():
+@pytest.fixture
+def model64():
+    with jax.enable_x64(True):
+        yield models.lenet(3, (8, 8, 1), padding="SAME", param_dtype=jnp.float64)
+
+
+def assert_float64_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype == jnp.float64
+        np.testing.assert_allclose(x, y, rtol=0, atol=TOLERANCE)
+
+
+def test_vmapped_seeds_equal_separate_runs(model64):
     opt = optax.adam(1e-2)
-    together, _ = run(stacked_state([0, 1, 2], opt), opt)
+    together, _ = run(stacked_state([0, 1, 2], opt, model64), opt, model=model64)
     for i, seed in enumerate([0, 1, 2]):
-        alone, _ = run(stacked_state([seed], opt), opt)
-        # Batched convs sum in another order: Adam lets float32 rounding drift slightly.
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b[0], rtol=1e-3, atol=3e-4),
-                     together.params, alone.params)
+        alone, _ = run(stacked_state([seed], opt, model64), opt, model=model64)
+        assert_float64_close(jax.tree.map(lambda x: x[i], together.params),
+                             jax.tree.map(lambda x: x[0], alone.params))
+    # and the seeds really differ (a mix-up would make two of them equal)
+    w = together.params["head"]["dense"]["kernel"]
+    assert np.abs(w[0] - w[1]).max() > 1e-3
 
 
-def test_scan_and_step_strategies_agree_and_learn():
+def test_scan_and_step_strategies_agree_and_learn(model64):
     opt = optax.adam(1e-2)
-    scanned, hist_scan = run(stacked_state([0, 1], opt), opt, epochs=4, strategy="scan")
-    stepped, hist_step = run(stacked_state([0, 1], opt), opt, epochs=4, strategy="step")
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=3e-4),
-                 scanned.params, stepped.params)
+    scanned, hist_scan = run(stacked_state([0, 1], opt, model64), opt, epochs=4, strategy="scan",
+                             model=model64)
+    stepped, hist_step = run(stacked_state([0, 1], opt, model64), opt, epochs=4, strategy="step",
+                             model=model64)
+    assert_float64_close(scanned.params, stepped.params)
     assert np.all(hist_scan[-1]["loss"] < hist_scan[0]["loss"])
-    np.testing.assert_allclose(hist_scan[-1]["loss"], hist_step[-1]["loss"], rtol=1e-3)
+    np.testing.assert_allclose(hist_scan[-1]["loss"], hist_step[-1]["loss"], rtol=0, atol=TOLERANCE)
     assert int(scanned.step[0]) == 4 * (96 // 16)
 
 

@@ -179,13 +179,22 @@ def test_bad_forget_classes_are_clear_errors(forget, retain_labels, message):
         unlearning.validate_forget_labels(forget, 10, np.array(retain_labels))
 
 
-def test_unsir_checks_inputs_before_any_compute():
+def test_unsir_checks_inputs_before_any_compute(monkeypatch):
     model = models.lenet(10, (8, 8, 1), padding="SAME")
     keys = jax.random.key(0)[None]
     params = model.init_seeds(keys)
     retain = jnp.zeros((20, 8, 8, 1), jnp.uint8), jnp.zeros((20,), jnp.int32)
-    with pytest.raises(ValueError, match="forget_labels is empty"):
-        unlearning.unsir(keys, params, model.apply, [], *retain, SMALL, progress=False)
+
+    def compute(*args, **kwargs):
+        raise AssertionError("UNSIR computed before reporting the bad input")
+
+    # the noise learner and the stages' trainer are where UNSIR's compute starts
+    monkeypatch.setattr(unlearning, "make_noise_learner", compute)
+    monkeypatch.setattr(unlearning, "fit_phase", compute)
     too_big = dataclasses.replace(SMALL, repair=dataclasses.replace(SMALL.repair, batch_size=64))
-    with pytest.raises(ValueError, match="repair batch_size=64 exceeds its 20 examples"):
-        unlearning.unsir(keys, params, model.apply, [5], *retain, too_big, progress=False)
+    with compilation.count_compilations() as stats:
+        with pytest.raises(ValueError, match="forget_labels is empty"):
+            unlearning.unsir(keys, params, model.apply, [], *retain, SMALL, progress=False)
+        with pytest.raises(ValueError, match="repair batch_size=64 exceeds its 20 examples"):
+            unlearning.unsir(keys, params, model.apply, [5], *retain, too_big, progress=False)
+    assert stats.total.compilations == 0  # not a single program built
