@@ -288,7 +288,7 @@ def writable_folder(path: str | os.PathLike, what: str, *, must_write: bool = Tr
             raise errors.ConfigError(f"{what} {path} cannot be read; give a readable folder")
         return
     try:
-        fd, probe = tempfile.mkstemp(prefix=".trm_jax_probe_", dir=existing)
+        fd, probe = tempfile.mkstemp(prefix=runs.PROBE_PREFIX, dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:

@@ -216,6 +216,7 @@ def test_every_writer_lists_its_file_before_writing_it(tmp_path):
         "checkpoints", "config.json", "extra.json", "fig.png", "metrics.jsonl"]
     assert runs.foreign_entries(tmp_path / "run") == []
     (tmp_path / "run" / "config.json.tmp").write_text("{")  # a write cut off by a kill: ours
+    (tmp_path / "run" / f"{runs.PROBE_PREFIX}x1y2").write_text("")  # a write probe cut off
     assert runs.foreign_entries(tmp_path / "run") == []
 
 

@@ -35,6 +35,8 @@ RESULT_KEYS = ("experiment", "dataset", "seeds", "beneficial_test_accuracy", "at
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 MARKER_FILE = ".trm_jax_run"
+#: Files the experiments' write probe makes and removes at once (one left by a kill is ours).
+PROBE_PREFIX = ".trm_jax_probe_"
 #: Version of the run-folder layout recorded in the marker.
 RUN_FORMAT = 1
 # Run folders written before the marker existed: recognised by a config.json naming an
@@ -149,7 +151,7 @@ def foreign_entries(path: str | os.PathLike) -> list[pathlib.Path]:
     foreign = []
     for child in sorted(path.iterdir()):
         name = child.name
-        if name in (LOCK_FILE, MARKER_FILE, MARKER_FILE + ".tmp"):
+        if name in (LOCK_FILE, MARKER_FILE, MARKER_FILE + ".tmp") or name.startswith(PROBE_PREFIX):
             continue
         if marker is not None:
             ours = name in marker["files"] or (name.endswith(".tmp") and name[:-4] in marker["files"])
