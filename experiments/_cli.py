@@ -23,7 +23,6 @@ import pathlib
 import re
 import shutil
 import sys
-import tempfile
 import time
 import typing
 from typing import Annotated, Any, Callable, TypeVar
@@ -287,13 +286,10 @@ def writable_folder(path: str | os.PathLike, what: str, *, must_write: bool = Tr
         if not os.access(path, os.R_OK | os.X_OK):
             raise errors.ConfigError(f"{what} {path} cannot be read; give a readable folder")
         return
-    try:
-        fd, probe = tempfile.mkstemp(prefix=runs.PROBE_PREFIX, dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
+    err = runs.write_probe(existing)
+    if err is not None:
         raise errors.ConfigError(f"{what} {path}: cannot write in {existing} "
-                                 f"({err.strerror or err}); {hint}") from None
+                                 f"({err.strerror or err}); {hint}")
 
 
 def main(run: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:

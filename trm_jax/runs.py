@@ -166,6 +166,20 @@ def foreign_entries(path: str | os.PathLike) -> list[pathlib.Path]:
     return foreign
 
 
+def write_probe(folder: str | os.PathLike) -> OSError | None:
+    """Creates and removes one file in ``folder``: ``None`` when that worked, else the error
+    (as root, permissions alone do not say whether a folder can be written)."""
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return err
+    return None
+
+
 def _protected_folder(path: pathlib.Path) -> str | None:
     """Why ``--overwrite`` may never empty ``path`` (None: it may)."""
     resolved, cwd = path.resolve(), pathlib.Path.cwd().resolve()
@@ -303,7 +317,7 @@ class RunDir:
             raise RunNotFoundError(f"{path} is not a run folder (no config.json)")
         return cls(path)
 
-    def _write_marker(self, files: list[str] | None = None) -> None:
+    def _write_marker(self, files: list[str] | None = None) -> dict[str, Any]:
         marker = _read_marker(self.path) or {"format": RUN_FORMAT, "files": [], "seconds": []}
         if files is not None:
             marker["files"] = files
@@ -314,13 +328,15 @@ class RunDir:
         tmp = self.path / (MARKER_FILE + ".tmp")
         tmp.write_text(json.dumps(marker) + "\n")
         os.replace(tmp, self.path / MARKER_FILE)
+        return marker
 
     def wall_seconds(self) -> tuple[float, int]:
         """``(seconds, processes)``: the time every process that wrote this run spent on it
         (a killed one's until its last record), and how many there were."""
-        if self._started is not None and _read_marker(self.path) is not None:
-            self._write_marker()
-        seconds = (_read_marker(self.path) or {}).get("seconds", [])
+        marker = _read_marker(self.path)
+        if self._started is not None and marker is not None:
+            marker = self._write_marker()
+        seconds = (marker or {}).get("seconds", [])
         return float(sum(seconds)), len(seconds)
 
     def file(self, name: str) -> pathlib.Path:

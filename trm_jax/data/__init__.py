@@ -496,25 +496,14 @@ def _data_source(dataset: str, split: str, data_dir: str | None,
         try:
             return _tfds_source(tfds, dataset, split, data_dir, download)
         except OSError as err:  # a data dir that cannot be written (read-only, not a folder)
+            from trm_jax.runs import write_probe
+
             folder = data_dir or default_data_dir()
-            why = ("the folder cannot be written" if not _writable(folder)
+            why = ("the folder cannot be written" if write_probe(folder) is not None
                    else f"{type(err).__name__}: {err.strerror or err}")
             raise DatasetUnavailableError(
                 f"{dataset!r} is not prepared in data_dir={folder!r} and cannot be prepared "
                 f"there ({why}); give a writable --data-dir (or $TFDS_DATA_DIR)") from None
-
-
-def _writable(folder: str) -> bool:
-    """Whether a file can be made in ``folder`` (as root, permissions alone do not say)."""
-    import tempfile
-
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".trm_jax_probe_", dir=folder)
-    except OSError:
-        return False
-    os.close(fd)
-    os.unlink(probe)
-    return True
 
 
 def _tfds_source(tfds: Any, dataset: str, split: str, data_dir: str | None,
