@@ -9,10 +9,10 @@ after every epoch. One timed call = the whole sweep (20 attacks).
 
 Implementations (all in this process, all compiled before timing):
 
-* ``jax vmap (one program)`` -- :func:`trm_jax.attack.attack_sweep`: one jitted
+* ``jax vmap (one program)`` -- :func:`trm_jax.attacks.attack_sweep`: one jitted
   program, ``vmap`` over seeds and learning rates, features computed once per seed.
 * ``jax per-run loop`` -- the reference: a Python loop over (seed, lr) calling
-  the same single-run attack (:func:`trm_jax.attack.make_attack`) jitted alone.
+  the same single-run attack (:func:`trm_jax.attacks.make_attack`) jitted alone.
 * ``jax vmap, features not precomputed`` (``--quick`` or ``--unprecomputed``) -- the one program
   with the frozen features masked out of the optimizer instead of precomputed:
   what the precomputation saves.
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import harness
-from trm_jax import attack, compilation, models
+from trm_jax import attacks as attack, compilation, models
 
 BENCH = "attack_sweep"
 FULL = dict(seeds=5, learning_rates=(1e-4, 1e-3, 1e-2, 1e-1), epochs=5, n_train=5000,

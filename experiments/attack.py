@@ -21,7 +21,7 @@ from typing import Any
 import jax
 
 from experiments import _cli
-from trm_jax import checkpoint, errors, evaluation, methods, runs
+from trm_jax import attacks, checkpoint, errors, evaluation, methods, runs
 from trm_jax.evaluation import SuiteConfig
 
 NAME = "attack"
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_dir = config.data_dir or (stored.get("run") or {}).get("data_dir")
     protocol = _cli.load_protocol(stored["dataset"], options, _cli.RunOptions(data_dir=data_dir))
     _cli.check_suite(config.attack, protocol)
-    report = evaluation.evaluate(protected, protocol, config.attack, reference=reference,
+    result = evaluation.evaluate(protected, protocol, config.attack, reference=reference,
                                  verbose=True)
+    report = attacks.to_json(result)
     chance = 1.0 / protocol.finetune.malicious.num_classes
     result = {"experiment": NAME, "run": str(run.path), "attacked_experiment": stored.get("experiment"),
               "dataset": stored["dataset"], "seeds": seeds, "protocol": protocol.spec,

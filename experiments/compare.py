@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 
 from experiments import _cli
-from trm_jax import checkpoint, config_for, errors, evaluation, methods, metrics, plots, runs
+from trm_jax import attacks, checkpoint, config_for, errors, evaluation, methods, plots, runs
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.hooks import RunFolderHooks
 from trm_jax.methods.reference import ReferenceConfig
@@ -163,16 +163,17 @@ def main(argv: list[str] | None = None) -> dict:
                     print("[compare] scratch reference", flush=True)
                     scratch = evaluation.scratch_reference(prot, protocol, suite)
                 print(f"[compare] attack suite on {entry}", flush=True)
-                report = evaluation.evaluate(prot, protocol, suite, scratch=scratch,
-                                             verbose=config.run.progress)
+                sweep = evaluation.evaluate(prot, protocol, suite, scratch=scratch,
+                                            verbose=config.run.progress)
+            report = attacks.to_json(sweep)
             entries.update({f"{entry}/{name}": e for name, e in report["attacks"].items()})
             beneficial[entry] = summaries[entry]["beneficial_test_accuracy"]
-            table.append(row(entry, beneficial[entry], report, scratch))
+            table.append(row(entry, beneficial[entry], report, sweep))
 
         results = run.finish({
             "experiment": NAME, "dataset": config.dataset, "seeds": seeds,
             "beneficial_test_accuracy": beneficial, "attacks": entries,
-            "references": {"scratch": scratch} if scratch else {},
+            "references": {"scratch": attacks.report.scratch_entry(scratch)} if scratch else {},
             "methods": {e: {k: s[k] for k in ("beneficial_test_accuracy", "wall_seconds", "stages",
                                               "misses_percent", "false_masks_percent",
                                               "teacher_test_accuracy", "ablation") if k in s}
@@ -193,15 +194,16 @@ def probe_name(report: dict) -> str:
     return next((n for n in names if n.endswith("adam")), names[0]) if names else next(iter(report["attacks"]))
 
 
-def row(entry: str, beneficial: dict, report: dict, scratch: dict) -> dict[str, Any]:
+def row(entry: str, beneficial: dict, report: dict, sweep: attacks.SweepResult) -> dict[str, Any]:
     """One method's table row: the linear probe at the headline budget and, per budget
-    (data, steps), the two worst cases with each worst attack's OWN numbers."""
+    (data, steps), the two worst cases with each worst attack's OWN numbers, and the
+    attacker's search curves."""
     probe = report["attacks"][probe_name(report)]
     return {"method": entry, "label": ENTRIES[entry][1], "beneficial": beneficial,
             "probe_attack": probe_name(report), "probe_final": probe["final"],
-            "probe_auc": probe["auc"],
-            "probe_relative_to_scratch": metrics.relative_to_scratch(probe, scratch),
-            "budgets": report["summary"].get("budgets", {})}
+            "probe_auc": probe["auc"], "probe_relative_to_scratch": probe["relative_to_scratch"],
+            "budgets": attacks.report.budgets_json(sweep),
+            "search_curves": attacks.report.search_curves_json(sweep)}
 
 
 def _pm(s: dict) -> str:
@@ -268,6 +270,7 @@ def markdown(results: dict) -> str:
         lines += ["| method | beneficial acc | linear probe final | linear probe AUC |", "|---|---|---|---|"]
         lines += [f"| {r['label']} | {_pm(r['beneficial'])} | {_pm(r['probe_final'])} | "
                   f"{_pm(r['probe_auc'])} |" for r in rows]
+    lines += search_lines(rows)
     lines += ["## Linear probe (the paper's attack, headline budget)", "",
               "| method | beneficial acc | linear probe final | linear probe AUC "
               "| linear probe AUC / scratch AUC |", "|---|---|---|---|---|"]
@@ -288,6 +291,54 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The numbers of trials the search table shows (and ``all``).
+SEARCH_TRIALS = (1, 3, 10)
+
+
+def search_lines(rows: list[dict]) -> list[str]:
+    """The attacker's search table: expected best attack after n random trials, per budget."""
+    rows = [r for r in rows if r.get("search_curves")]
+    if not rows:
+        return []
+    lines = ["## Attacker search: the expected best attack after n random trials", "",
+             "An attacker who tries n distinct (attack, optimizer, learning rate) settings of the "
+             "suite at random and keeps the best one: its expected mean final malicious accuracy "
+             "(n = all: the worst case over the suite, as in the tables above).", "",
+             "| method | attacker data | steps | " + " | ".join(f"n = {n}" for n in SEARCH_TRIALS)
+             + " | n = all |", "|" + "---|" * (4 + len(SEARCH_TRIALS))]
+    for r in rows:
+        for d, per in r["search_curves"].items():
+            for s, curve in per.items():
+                cells = [f"{curve[n - 1]:.3f}" if n <= len(curve) else "-" for n in SEARCH_TRIALS]
+                lines.append(f"| {r['label']} | {d} | {s} | " + " | ".join(cells)
+                             + f" | {curve[-1]:.3f} (N = {len(curve)}) |")
+    return lines + [""]
+
+
+def search_figure(path, results: dict) -> None:
+    """Figure 5: expected best attack vs the attacker's number of random trials, per method,
+    at all the attacker's data and the shortest steps budget; scratch as a line."""
+    plt = plots._pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    scratch = results["references"]["scratch"]["budgets"]
+    d = "all" if "all" in scratch else list(scratch)[-1]
+    s = next(k for k in scratch[d] if k != "curve")
+    for r in results["table"]:
+        curve = r["search_curves"][d][s]
+        ax.plot(range(1, len(curve) + 1), curve, marker=".", label=r["label"])
+    ax.axhline(scratch[d][s]["final"]["mean"], color="black", ls="--", label="scratch (random init)")
+    ax.axhline(results["chance"], color="grey", lw=0.8, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("attacker's random trials of (attack, optimizer, learning rate)")
+    ax.set_ylabel("expected best mean final malicious accuracy")
+    ax.set_title(f"Figure 5: attacker search ({results['dataset']}, data {data_label(d, results)}, "
+                 f"{s} steps)", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def figures(file: Callable[[str], pathlib.Path], results: dict) -> None:
     """The figures of ``results``, each written to ``file(name)`` (a run folder's :meth:`~_cli.Run.file`)."""
     rows = results["table"]
@@ -303,6 +354,8 @@ def figures(file: Callable[[str], pathlib.Path], results: dict) -> None:
     scratch = results["references"]["scratch"]
     if "budgets" in scratch:
         data_figure(file("fig3_accuracy_vs_attacker_data.png"), results)
+        if all(r.get("search_curves") for r in rows):
+            search_figure(file("fig5_attacker_search.png"), results)
         for r in rows:  # per-attack curves at all data, the longest steps budget
             d = "all" if "all" in scratch["budgets"] else list(scratch["budgets"])[-1]
             entries = {name.split("/", 1)[1]: {"curves": [e["budgets"][d]["curve"]]}

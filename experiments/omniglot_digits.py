@@ -29,11 +29,12 @@ import dataclasses
 from typing import Annotated, Literal
 
 from experiments import _cli
-from trm_jax import config_for, evaluation, fewshot, models
+from trm_jax import attacks, config_for, evaluation, fewshot, models
 from trm_jax.errors import ConfigError
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.meta import MetaConfig
-from trm_jax.methods import Protected, reverse_maml
+from trm_jax.methods import reverse_maml
+from trm_jax.typing import Protected
 from trm_jax.methods.reverse_maml import ReverseMAMLConfig
 
 NAME = "omniglot_digits"
@@ -115,8 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
                            "per_seed": summary["per_seed"]})
         protected = Protected(reverse_maml.NAME, model, params, keys, {"meta_final_metrics": last})
         with run.phase("attack"):
-            report = evaluation.evaluate(protected, protocol, config.attack,
+            result = evaluation.evaluate(protected, protocol, config.attack,
                                          verbose=config.run.progress)
+            report = attacks.to_json(result)
         m = config.meta
         results = run.finish({
             "experiment": NAME, "dataset": f"{config.dataset}-vs-{config.data.malicious}",

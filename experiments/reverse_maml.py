@@ -17,7 +17,7 @@ import dataclasses
 from typing import Annotated
 
 from experiments import _cli
-from trm_jax import config_for, evaluation, methods
+from trm_jax import attacks, config_for, evaluation, methods
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods.reference import ReferenceConfig
 from trm_jax.methods.reverse_maml import ReverseMAMLConfig
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
             _cli.print_accuracy("unprotected reference beneficial test accuracy",
                                 _cli.summarize(reference.metrics)["beneficial_test_accuracy"])
         with run.phase('attack'):
-            report = evaluation.evaluate(protected, protocol, config.attack, reference=reference,
+            result = evaluation.evaluate(protected, protocol, config.attack, reference=reference,
                                          verbose=config.run.progress)
+            report = attacks.to_json(result)
         results = {"experiment": NAME, "dataset": config.dataset, "seeds": seeds,
                    **_cli.summarize(protected.metrics), **report}
         if reference is not None:

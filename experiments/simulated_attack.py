@@ -17,7 +17,7 @@ import dataclasses
 from typing import Annotated
 
 from experiments import _cli
-from trm_jax import config_for, data, evaluation, methods
+from trm_jax import attacks, config_for, data, evaluation, methods
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods import simulated_attack
 from trm_jax.methods.simulated_attack import SimulatedAttackConfig
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
         _cli.print_accuracy("unprotected reference beneficial accuracy", unprotected)
         _cli.print_accuracy("protected beneficial accuracy", summary["beneficial_test_accuracy"])
         with run.phase("attack"):
-            report = evaluation.evaluate(protected, protocol, config.attack,
+            result = evaluation.evaluate(protected, protocol, config.attack,
                                          verbose=config.run.progress)
+            report = attacks.to_json(result)
         goals = evaluation.defence_goals(report, summary["beneficial_test_accuracy"], unprotected)
         results = run.finish({"experiment": NAME, "dataset": config.dataset, "seeds": seeds,
                               "split": "validation" if config.validation else "test",

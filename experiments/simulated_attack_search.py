@@ -25,7 +25,7 @@ import json
 from typing import Annotated, Any
 
 from experiments import _cli
-from trm_jax import config_for, data, errors, evaluation, methods, plots, runs
+from trm_jax import attacks, config_for, data, errors, evaluation, methods, plots, runs
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods import simulated_attack
 from trm_jax.methods.simulated_attack import SimulatedAttackConfig
@@ -108,22 +108,22 @@ def evaluate_variant(name: str, config: SimulatedAttackConfig, protocol, keys, s
     if config.start != "reference":
         start = None  # the hybrid trains its own starting model (SKD)
     protected = simulated_attack.protect(config, protocol, keys, model=model, start=start)
-    report = evaluation.evaluate(protected, protocol, suite, scratch=scratch)
+    result = evaluation.evaluate(protected, protocol, suite, scratch=scratch)
     summary = _cli.summarize(protected.metrics)
     return _json({
         "variant": name, "config": config, "beneficial": summary["beneficial_test_accuracy"],
         "start_beneficial": summary["start_test_accuracy"],
-        "budgets": report["summary"]["budgets"],
+        "budgets": attacks.report.budgets_json(result),
         "meta_final_metrics": summary["meta_final_metrics"]})
 
 
 def reference_record(start, protocol, suite, scratch) -> dict[str, Any]:
     """The unprotected reference (the search's starting model) attacked the same way."""
-    report = evaluation.evaluate(start, protocol, suite, scratch=scratch)
+    result = evaluation.evaluate(start, protocol, suite, scratch=scratch)
     return _json({
         "variant": "unprotected reference",
         "beneficial": _cli.summarize(start.metrics)["beneficial_test_accuracy"],
-        "budgets": report["summary"]["budgets"]})
+        "budgets": attacks.report.budgets_json(result)})
 
 
 def with_goals(record: dict[str, Any], reference_beneficial: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Annotated
 
 
 from experiments import _cli
-from trm_jax import config_for, errors, evaluation, methods, plots
+from trm_jax import attacks, config_for, errors, evaluation, methods, plots
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods.skd import SUMMARY_KEYS, SKDMethodConfig
 
@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
         run.save_model(protected.model, protected.params, seeds)
         skd_seconds = run.seconds()
         with run.phase('attack'):
-            report = evaluation.evaluate(protected, protocol, config.attack, verbose=config.run.progress)
+            result = evaluation.evaluate(protected, protocol, config.attack,
+                                         verbose=config.run.progress)
+            report = attacks.to_json(result)
         chance = 1.0 / protocol.test.malicious.num_classes
         final = rows[-1]
         results = run.finish({

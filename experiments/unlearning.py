@@ -20,7 +20,7 @@ import dataclasses
 from typing import Annotated
 
 from experiments import _cli
-from trm_jax import config_for, evaluation, methods
+from trm_jax import attacks, config_for, evaluation, methods
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods.unsir import STAGES, UnsirMethodConfig
 
@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
         run.save_model(protected.model, protected.params, seeds)
         unsir_seconds = run.seconds()
         with run.phase('attack'):
-            report = evaluation.evaluate(
-                protected, protocol, config.attack, verbose=config.run.progress,
-                reference=protected.extras["original"] if config.attack_original else None)
+            original = protected.extras["original"] if config.attack_original else None
+            result = evaluation.evaluate(protected, protocol, config.attack,
+                                         verbose=config.run.progress, reference=original)
+            report = attacks.to_json(result)
         summary = _cli.summarize(protected.metrics)
         results = run.finish({
             "experiment": NAME, "dataset": config.dataset, "seeds": seeds, **summary, **report,

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trm_jax import attack, compilation, datasets, errors, plots
+from trm_jax import attacks as attack
+from trm_jax import compilation, datasets, errors, evaluation, plots
+from trm_jax.attacks import program
 
 EPOCHS = 2
 SEEDS = 2
@@ -113,11 +115,12 @@ def test_bad_inputs_raise_before_compute(setup, digits_protocol, monkeypatch):
     def no_compute(*args, **kwargs):
         raise AssertionError("validation must happen before any compilation")
 
-    monkeypatch.setattr(attack, "compiled_sweep", no_compute)
+    monkeypatch.setattr(program, "compiled_sweep", no_compute)
     monkeypatch.setattr(attack, "scratch_reference", no_compute)
-    report = lambda *a, **kw: attack.attack_report(model, params, keys, digits_protocol, *a, **kw)
+    protected = evaluation.Protected("x", model, params, keys, {})
+    report = lambda **kw: evaluation.evaluate(protected, digits_protocol, evaluation.SuiteConfig(**kw))
     with pytest.raises(ValueError, match=r"unknown attack.*'bogus'.*allowed.*linear_probe.*full_finetune"):
-        report(("linear_probe", "bogus"))
+        report(attacks=("linear_probe", "bogus"))
     with pytest.raises(ValueError, match=r"> 0.*-0\.1"):
         report(learning_rates=(0.1, -0.1))
     with pytest.raises(ValueError, match=r"> 0.*0\.0"):
@@ -128,6 +131,9 @@ def test_bad_inputs_raise_before_compute(setup, digits_protocol, monkeypatch):
         report(optimizers=("rmsprop",))
     with pytest.raises(ValueError, match="batch_size=1000 exceeds the 262"):
         report(batch_size=1000)
+    with pytest.raises(ValueError, match="leading seed axis of 2"):  # a reference of 3 seeds
+        evaluation.evaluate(protected, digits_protocol, reference=jax.tree.map(
+            lambda x: jnp.concatenate([x, x[:1]]), params))
     with pytest.raises(ValueError, match="learning rates"):
         attack.attack_sweep(model, params, keys, (float("nan"),), data, config("linear_probe"))
     with pytest.raises(ValueError, match="unknown batching"):
@@ -182,12 +188,14 @@ def test_report_scratch_plot_and_cli(setup, digits_protocol, digits_data_dir, tm
     with pytest.raises(errors.RunFolderError, match="--overwrite"):
         cli.main(["--run", str(run.path)])
     # the library entry point with a precomputed scratch reference reuses it
-    report = attack.attack_report(model, params, keys, digits_protocol, learning_rates=LRS,
-                                  epochs=EPOCHS, scratch=scratch)
-    assert report["references"]["scratch"] == scratch
+    protected = evaluation.Protected("x", model, params, keys, {})
+    suite = evaluation.SuiteConfig(learning_rates=LRS, epochs=EPOCHS)
+    shared = evaluation.scratch_reference(protected, digits_protocol, suite)
+    result = evaluation.evaluate(protected, digits_protocol, suite, scratch=shared)
+    assert result.scratch is shared
+    report = attack.to_json(result)
+    assert report["references"]["scratch"]["curves"] == scratch["curves"]
     np.testing.assert_allclose(report["attacks"]["linear_probe"]["curves"], entry["curves"], atol=1e-6)
-    with pytest.raises(ValueError, match="same budget"):
-        attack.attack_report(model, params, keys, digits_protocol, epochs=EPOCHS + 1, scratch=scratch)
     path = plots.plot_attack_curves({"a": entry}, tmp_path / "f.png", "t", chance=0.2, lr="all")
     assert path.exists()
 
@@ -227,7 +235,7 @@ def _layers_equal(after, before) -> dict[str, bool]:
 
 def test_reinit_top_k_parts_follow_the_layer_order(setup):
     model = setup[0]
-    assert attack.feature_layers(model) == (("conv1",), ("conv2",), ("fc1",), ("fc2",))
+    assert model.feature_layers == (("conv1",), ("conv2",), ("fc1",), ("fc2",))
     assert attack.resolve_parts(model, ("top:1",)) == ("features/fc2",)
     assert attack.resolve_parts(model, ("head", "top:3")) == (
         "head", "features/conv2", "features/fc1", "features/fc2")

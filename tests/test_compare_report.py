@@ -1,43 +1,40 @@
-"""experiments.compare's report parts (table per budget, figures) on a hand-built results
-dict: no training, instant."""
+"""experiments.compare's report parts (table per budget, search curves, figures) on
+hand-built sweep results: no training, instant."""
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from experiments import compare
-from trm_jax import attack, metrics
+from trm_jax import attacks
+from trm_jax.attacks import result as R
 
-BUDGETS = attack.Budgets((5, None), (1, 2))
 LRS = (0.01, 0.1)
+DATA = ("5", "all")
 
 
-def _entry(level: float, reuse: bool, scratch: dict | None = None, seed: int = 0) -> dict:
-    """An entry whose curves sit around ``level`` (epochs 2 x max steps 2 = 4)."""
+def _sweep(level: float, names=("linear_probe", "reinit_top3"), seed: int = 0, scratch=None):
+    """Curves around ``level`` (epochs 2 x max steps 2 = 5 points), 2 seeds, adam."""
     rng = np.random.default_rng(seed)
-    curves = {d: np.clip(level + 0.05 * rng.standard_normal((len(LRS), 2, 5)), 0, 1)
-              for d in ("5", "all")}
-    targets = None if scratch is None else {
-        d: {s: 0.9 * scratch["budgets"][d][s]["final"]["mean"] for s in ("1x", "2x")}
-        for d in curves}
-    out = {**metrics.sweep_summary(curves["all"][..., :3], LRS), "optimizer": "adam",
-           "reuse": reuse, "curves": curves["all"][..., :3].tolist(),
-           "budgets": attack.budget_summaries(curves, LRS, epochs=2, budgets=BUDGETS,
-                                              steps_per_epoch=4, targets=targets)}
-    return out
+    acc = np.clip(level + 0.05 * rng.standard_normal((len(names), 1, len(LRS), 2, len(DATA), 5)), 0, 1)
+    acc[1:] += 0.05  # the second attack a little stronger
+    return R.SweepResult(acc, np.ones(acc.shape[:-1], bool), tuple(names), ("adam",), LRS, DATA, 2,
+                         (1, 2), 4, 64, tuple(n != "reinit_top3" for n in names),
+                         np.zeros((len(names), 1)), scratch=scratch)
 
 
-def test_markdown_and_figures_per_budget(tmp_path):
-    scratch = _entry(0.8, False)
-    table, attacks = [], {}
+def test_markdown_search_curves_and_figures_per_budget(tmp_path):
+    scratch = dataclasses.replace(_sweep(0.8, ("scratch",), seed=99), reuse=(False,))
+    table, entries = [], {}
     for i, (method, level) in enumerate((("reference", 0.9), ("skd", 0.4))):
-        report = {"attacks": {"linear_probe/adam": _entry(level, True, scratch, i),
-                              "reinit_top3/adam": _entry(level + 0.05, False, scratch, i + 7)}}
-        report["summary"] = {"budgets": attack.report_budgets(report["attacks"], scratch)}
-        attacks.update({f"{method}/{n}": e for n, e in report["attacks"].items()})
-        table.append(compare.row(method, {"mean": 0.95, "std": 0.01}, report, scratch))
+        sweep = _sweep(level, seed=i, scratch=scratch)
+        report = attacks.to_json(sweep)
+        entries.update({f"{method}/{n}": e for n, e in report["attacks"].items()})
+        table.append(compare.row(method, {"mean": 0.95, "std": 0.01}, report, sweep))
     results = {"dataset": "digits", "seeds": [0, 1], "chance": 0.2, "table": table,
-               "attacks": attacks, "references": {"scratch": scratch}, "failed": {},
-               "command": "python -m experiments.compare", "wall_seconds": 60.0,
+               "attacks": entries, "references": {"scratch": attacks.report.scratch_entry(scratch)},
+               "failed": {}, "command": "python -m experiments.compare", "wall_seconds": 60.0,
                "evaluation": {"wall_seconds": 30.0, "xla_compilations": 12, "compile_seconds": 9.0},
                "data_provenance": "digits"}
     md = compare.markdown(results)
@@ -46,12 +43,15 @@ def test_markdown_and_figures_per_budget(tmp_path):
     # the worst-case cells of a row are ONE attack's numbers: check skd at (all, 2x)
     worst = table[1]["budgets"]["all"]["2x"]["worst"]
     cells = compare._worst_cells(worst)
-    assert cells[1] == compare._pm(attacks["skd/" + worst["entry"]]["budgets"]["all"]["2x"]["final"])
-    assert cells[2] == compare._pm(attacks["skd/" + worst["entry"]]["budgets"]["all"]["2x"]["auc"])
+    assert cells[1] == compare._pm(entries["skd/" + worst["entry"]]["budgets"]["all"]["2x"]["final"])
+    assert cells[2] == compare._pm(entries["skd/" + worst["entry"]]["budgets"]["all"]["2x"]["auc"])
     assert " | ".join(cells) in md
-    assert table[1]["budgets"]["all"]["2x"]["worst_reuse"]["entry"] == "linear_probe/adam"
-    assert "12 XLA compilations" in md
+    assert table[1]["budgets"]["all"]["2x"]["worst_reuse"]["entry"] == "linear_probe"
+    # the search curve's last point is the suite's worst case at that budget
+    curve = table[1]["search_curves"]["all"]["2x"]
+    assert len(curve) == 2 * len(LRS) and curve[-1] == worst["final"]["mean"]
+    assert "## Attacker search" in md and "12 XLA compilations" in md
     compare.figures(lambda name: tmp_path / name, results)
     for name in ("fig3_accuracy_vs_attacker_data.png", "fig4_attacks_skd.png",
-                 "fig4_attacks_reference.png", "fig2_attack_curves.png"):
+                 "fig4_attacks_reference.png", "fig2_attack_curves.png", "fig5_attacker_search.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name

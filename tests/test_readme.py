@@ -6,6 +6,8 @@ import re
 
 import numpy as np
 
+import trm_jax
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -21,12 +23,26 @@ def test_library_example_runs_as_written(digits_data_dir, monkeypatch, capsys):
     monkeypatch.setenv("TFDS_DATA_DIR", digits_data_dir)  # the prepared digits, not ~/
     namespace: dict = {}
     exec(compile(block("library"), "README.md:library", "exec"), namespace)
-    protected, report = namespace["protected"], namespace["report"]
+    protected, result = namespace["protected"], namespace["result"]
     accuracy = np.asarray(protected.metrics["beneficial_test_accuracy"])
     assert accuracy.shape == (2,) and np.all(accuracy > 0.5)
-    assert set(report["attacks"]) == {"linear_probe", "full_finetune"}
+    assert result.attacks == ("linear_probe", "full_finetune")
+    assert result.scratch is not None and result.unprotected.attacks == result.attacks
+    report = trm_jax.attacks.to_json(result)
     assert "scratch" in report["references"] and "unprotected/linear_probe" in report["references"]
-    assert "linear_probe" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "linear_probe" in out and namespace["worst"].attack in out
+
+
+def test_your_own_model_example_runs_as_written(digits_data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("TFDS_DATA_DIR", digits_data_dir)
+    namespace: dict = {}
+    exec(compile(block("byo"), "README.md:byo", "exec"), namespace)
+    result = namespace["result"]
+    assert result.attacks == ("linear_probe", "reinit_penultimate", "full_finetune")
+    assert namespace["model"].feature_layers == (("hidden",), ("penultimate",))
+    assert np.asarray(namespace["protected"].metrics["beneficial_test_accuracy"]).mean() > 0.8
+    assert "reinit_penultimate" in capsys.readouterr().out
 
 
 RESULTS = ROOT / "experiments" / "results" / "digits"

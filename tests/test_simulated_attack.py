@@ -39,7 +39,8 @@ class SmoothFeatures(nn.Module):
 
 
 def smooth_model(dtype=jnp.float64):
-    return models.Model("lenet", SmoothFeatures(), CLASSES, (2, 2, 1), "fc2", param_dtype=dtype)
+    return models.Model("lenet", SmoothFeatures(), CLASSES, (2, 2, 1), "fc2", param_dtype=dtype,
+                        layers=models.LENET_LAYERS)
 
 
 def init(model, seed):

@@ -27,7 +27,7 @@ class SmallFeatures(nn.Module):
         return nn.Dense(8, name="fc2")(x)
 
 
-SMALL = models.Model("lenet", SmallFeatures(), 5, (8, 8, 1), "fc2")
+SMALL = models.Model("lenet", SmallFeatures(), 5, (8, 8, 1), "fc2", layers=models.LENET_LAYERS)
 TINY = method.SimulatedAttackConfig(
     attacker=sa.AttackerSpace(optimizers=("sgd", "adam"), steps=2, top_layers=(0, 1),
                               data_per_class=(2, 4)), bad_tasks=1, shots=4, queries=2,

@@ -7,7 +7,7 @@ Protect a model, then attack it::
   keys = trm_jax.seed_keys(2)
   protected = trm_jax.protect("reverse_maml", trm_jax.config_for("reverse_maml", "digits"),
                               protocol, keys)
-  report = trm_jax.evaluate(protected, protocol)
+  result = trm_jax.evaluate(protected, protocol)      # a trm_jax.attacks.SweepResult
 
 Modules map to concepts:
 
@@ -19,7 +19,8 @@ Modules map to concepts:
 * :mod:`~trm_jax.train` -- the one supervised training engine
 * :mod:`~trm_jax.tasks`, :mod:`~trm_jax.meta` -- few-shot tasks, MAML / Reverse-MAML
 * :mod:`~trm_jax.skd`, :mod:`~trm_jax.unlearning` -- SKD and UNSIR building blocks
-* :mod:`~trm_jax.attack`, :mod:`~trm_jax.metrics` -- the fine-tuning attacks and their metrics
+* :mod:`~trm_jax.attacks`, :mod:`~trm_jax.metrics` -- the fine-tuning attacks (stages, the
+  compiled sweep, budgets, :class:`~trm_jax.attacks.SweepResult`) and per-curve metrics
 * :mod:`~trm_jax.hooks`, :mod:`~trm_jax.checkpoint`, :mod:`~trm_jax.runs` -- logging and
   resuming, orbax checkpoints, run folders
 * :mod:`~trm_jax.errors`, :mod:`~trm_jax.typing`, :mod:`~trm_jax.streams` -- typed errors,
@@ -29,14 +30,15 @@ Modules map to concepts:
 
 Importing ``trm_jax`` never imports TensorFlow or TFDS (only loading a dataset does).
 """
-from trm_jax import (attack, checkpoint, compilation, data, datasets, errors, evaluation, hooks,
+from trm_jax import (attacks, checkpoint, compilation, data, datasets, errors, evaluation, hooks,
                      meta, methods, metrics, models, plots, runs, sharding, skd, streams, tasks,
                      train, unlearning)
 from trm_jax.evaluation import SuiteConfig, evaluate
-from trm_jax.methods import Protected, config_for, protect, seed_keys
+from trm_jax.methods import config_for, protect, seed_keys
+from trm_jax.typing import Protected
 
 __version__ = "0.2.0"
-__all__ = ["attack", "checkpoint", "compilation", "data", "datasets", "errors", "evaluation", "hooks", "meta",
+__all__ = ["attacks", "checkpoint", "compilation", "data", "datasets", "errors", "evaluation", "hooks", "meta",
            "methods", "metrics", "models", "plots", "runs", "sharding", "skd", "streams", "tasks",
            "train", "unlearning", "Protected", "SuiteConfig", "config_for", "evaluate", "protect",
            "seed_keys"]

@@ -1,15 +1,17 @@
 """``evaluate``: attack any protected model with a suite of fine-tuning attacks.
 
-The evaluation every experiment reports (:mod:`trm_jax.attack` does the work):
+The evaluation every experiment reports (:mod:`trm_jax.attacks` does the work):
 each attack of :class:`SuiteConfig` runs for every seed and learning rate in one
 compiled program, next to the from-scratch reference (the same architecture
 from random init, same data and budget) and, optionally, an unprotected
-reference attacked the same way.
+reference attacked the same way. The result is one
+:class:`~trm_jax.attacks.SweepResult`; :func:`trm_jax.attacks.to_json` writes it.
 
 Example::
 
-  report = trm_jax.evaluate(protected, protocol)                          # the paper's probe
-  report = trm_jax.evaluate(protected, protocol, SuiteConfig(attacks=("all",)))
+  result = trm_jax.evaluate(protected, protocol)                          # the paper's probe
+  result = trm_jax.evaluate(protected, protocol, SuiteConfig(attacks=("all",)))
+  print(summary_table(result))
 """
 from __future__ import annotations
 
@@ -18,14 +20,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from trm_jax import attack, data, plots
+from trm_jax import attacks as attack
+from trm_jax import data, plots
+from trm_jax.attacks import Report, SweepResult
 from trm_jax.errors import ConfigError, about
-from trm_jax.methods import Protected
-from trm_jax.typing import Params
-
-#: ``{"attacks": {name: entry}, "references": {"scratch": entry, ...}, "summary": {...}}``,
-#: entries as :func:`trm_jax.attack.make_entry` (the ``results.json`` shape of DESIGN.md).
-Report = dict[str, Any]
+from trm_jax.typing import Params, Protected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,19 +32,19 @@ class SuiteConfig:
     """Which attacks, with which budgets.
 
     Attributes:
-      attacks: names from :data:`trm_jax.attack.ATTACKS`, or ``("all",)`` for the
+      attacks: names from :data:`trm_jax.attacks.ATTACKS`, or ``("all",)`` for the
         whole suite with both suite optimizers.
       learning_rates: the grid of every attack; ``None``: the paper's 0.1 for a
-        lone linear probe, :data:`trm_jax.attack.LEARNING_RATE_GRID` otherwise.
+        lone linear probe, :data:`trm_jax.attacks.LEARNING_RATE_GRID` otherwise.
       optimizers: ``None``: adam (``"all"``: adam and momentum).
       epochs: attack epochs; ``None``: the dataset's ``attack_epochs``.
       batch_size: examples per attack step.
       scratch: also train the from-scratch reference.
-      batching: ``"auto"``, ``"vmap"`` or ``"map"`` (see :func:`trm_jax.attack.resolve_batching`).
+      batching: ``"auto"``, ``"vmap"`` or ``"map"`` (see :func:`trm_jax.attacks.resolve_batching`).
       data_per_class: attacker data budgets, fine-tuning examples per malicious class
-        (``None``: all); see :func:`trm_jax.attack.data_budget`.
+        (``None``: all); see :func:`trm_jax.attacks.data_budget`.
       steps_multipliers: steps budgets as multiples of ``epochs``, read off ONE long
-        run (see :class:`trm_jax.attack.Budgets`).
+        run (see :class:`trm_jax.attacks.Budgets`).
       scratch_learning_rates, scratch_optimizers: the scratch reference's grid;
         ``None``: the attacks' own (``learning_rates`` or the suite's default grid,
         and ``optimizers``), so every comparison is at equal budget.
@@ -156,21 +155,26 @@ class SuiteConfig:
 
 
 def evaluate(protected: Protected, protocol: data.ProtocolData,
-             config: SuiteConfig = SuiteConfig(), *, scratch: Mapping[str, Any] | None = None,
-             reference: Protected | Params | None = None, verbose: bool = False) -> Report:
+             config: SuiteConfig = SuiteConfig(), *, scratch: SweepResult | None = None,
+             reference: Protected | Params | None = None, verbose: bool = False) -> SweepResult:
     """Attacks ``protected.params`` (every seed) with the suite of ``config``.
+
+    Any :class:`~trm_jax.models.Model` works, your own Flax modules included
+    (:func:`trm_jax.models.wrap`); ``Protected(method, model, params[S, ...], keys[S], {})``
+    wraps params that no method made.
 
     Args:
       protected: what a method returned (:func:`trm_jax.protect`).
       protocol: the data; its malicious fine-tuning and test halves are used.
       config: the attacks and budgets.
-      scratch: a precomputed scratch entry (:func:`scratch_reference`) to share
+      scratch: a precomputed scratch reference (:func:`scratch_reference`) to share
         between methods; otherwise computed here when ``config.scratch``.
       reference: an unprotected model (``Protected`` or ``[S, ...]`` params) attacked
-        the same way; its entries are ``references["unprotected/<attack>"]``.
+        the same way (``result.unprotected``).
 
     Returns:
-      :data:`Report`.
+      A :class:`~trm_jax.attacks.SweepResult` (``.scratch``, ``.unprotected`` set);
+      :func:`trm_jax.attacks.to_json` gives the ``results.json`` report.
     """
     if not isinstance(protected, Protected):
         raise ConfigError(f"evaluate needs a Protected (what trm_jax.protect returns), got "
@@ -182,25 +186,57 @@ def evaluate(protected: Protected, protocol: data.ProtocolData,
                           f"{type(protocol).__name__}")
     config.check(protocol)
     ref_params = reference.params if isinstance(reference, Protected) else reference
-    return attack.attack_report(
-        protected.model, protected.params, protected.keys, protocol, config.suite,
-        learning_rates=config.learning_rates, optimizers=config.optimizers,
-        epochs=config.epochs_for(protocol), batch_size=config.batch_size,
-        include_scratch=config.scratch, scratch=scratch, reference_params=ref_params,
-        batching=config.batching, budgets=config.budgets,
-        scratch_learning_rates=config.scratch_grid[0], scratch_optimizers=config.scratch_grid[1],
-        verbose=verbose)
+    epochs, budgets = config.epochs_for(protocol), config.budgets
+    plan = config.plan(protocol.finetune.malicious.num_classes,
+                       epochs * max(budgets.steps_multipliers))
+    adata = attack.attack_data(protocol)
+    for stack in (protected.params, ref_params):  # every check before any compute
+        if stack is not None:
+            attack.check_all(protected.model, stack, protected.keys, plan, adata)
+    if scratch is not None:
+        _check_scratch(scratch, epochs, config.batch_size, int(protected.keys.shape[0]), budgets)
+    elif config.scratch:
+        scratch = scratch_reference(protected, protocol, config, data=adata)
+        _say(verbose, "scratch", scratch.wall_seconds.sum())
+    say = (lambda name, seconds: _say(True, name, seconds)) if verbose else None
+    run = lambda stack: attack.run_plan(protected.model, stack, protected.keys, plan, adata,
+                                        budgets, epochs, batching=config.batching, on_entry=say)
+    result = dataclasses.replace(run(protected.params), scratch=scratch)
+    if ref_params is not None:
+        unprotected = dataclasses.replace(run(ref_params), scratch=scratch)
+        result = dataclasses.replace(result, unprotected=unprotected)
+    return result
+
+
+def _check_scratch(scratch: SweepResult, epochs: int, batch_size: int, num_seeds: int,
+                   budgets: attack.Budgets) -> None:
+    """A shared scratch reference must have this evaluation's budget."""
+    if not isinstance(scratch, SweepResult) or scratch.attacks != ("scratch",):
+        raise ConfigError(f"scratch must be what scratch_reference returns (a SweepResult of "
+                          f"'scratch'), got {type(scratch).__name__}")
+    have = (scratch.epochs, scratch.batch_size, scratch.num_seeds, scratch.data,
+            scratch.steps_multipliers)
+    need = (epochs, batch_size, num_seeds, budgets.data_keys, tuple(budgets.steps_multipliers))
+    if have != need:
+        raise ConfigError(f"the given scratch reference has (epochs, batch_size, seeds, data "
+                          f"budgets, steps) = {have}; this evaluation needs {need} (same budget)")
+
+
+def _say(verbose: bool, name: str, seconds: float) -> None:
+    if verbose:
+        print(f"[attack] {name}: {float(seconds):.1f}s", flush=True)
 
 
 def scratch_reference(protected: Protected, protocol: data.ProtocolData,
-                      config: SuiteConfig = SuiteConfig()) -> dict[str, Any]:
-    """The from-scratch entry for ``protected``'s architecture and seeds at ``config``'s
+                      config: SuiteConfig = SuiteConfig(), *,
+                      data: attack.AttackData | None = None) -> SweepResult:
+    """The from-scratch reference for ``protected``'s architecture and seeds at ``config``'s
     budget: compute it once and pass it to :func:`evaluate` for every method."""
     lrs, optimizers = config.scratch_grid
     return attack.scratch_reference(protected.model, protected.keys, protocol, learning_rates=lrs,
                                     optimizer=optimizers, epochs=config.epochs_for(protocol),
                                     batch_size=config.batch_size, batching=config.batching,
-                                    budgets=config.budgets)
+                                    budgets=config.budgets, data=data)
 
 
 #: The skeptic's full grid (issue 12): every attack, 3 optimizers x 9 learning rates
@@ -227,10 +263,10 @@ COMPARE_SUITE = SuiteConfig(attacks=("all",), learning_rates=(1e-3, 1e-2, 1e-1),
 DEFAULT_BUDGET = ("all", "1x")
 
 
-def defence_goals(report: Report, beneficial: Any, unprotected_beneficial: Any, *,
+def defence_goals(result: SweepResult | Report, beneficial: Any, unprotected_beneficial: Any, *,
                   max_reuse: float = 0.30, max_beneficial_drop: float = 0.02,
                   budget: tuple[str, str] = DEFAULT_BUDGET) -> dict[str, Any]:
-    """A defence's standing against the transfer-resistance goals (issue 13), from a report.
+    """A defence's standing against the transfer-resistance goals (issue 13).
 
     * ``reuse``: the worst *reuse* attack's mean final malicious accuracy at ``budget``
       (goal: ``<= max_reuse``);
@@ -240,7 +276,8 @@ def defence_goals(report: Report, beneficial: Any, unprotected_beneficial: Any, 
       scratch in final accuracy (goal: ``<= 0``: the weights give nothing random ones don't).
 
     Args:
-      report: :func:`evaluate`'s report (its ``summary.budgets``).
+      result: :func:`evaluate`'s result (with its scratch reference), or its report
+        (:func:`trm_jax.attacks.to_json`, e.g. read back from ``results.json``).
       beneficial, unprotected_beneficial: per-seed accuracies ``f[S]`` or
         ``{"mean": ...}`` summaries.
 
@@ -249,7 +286,8 @@ def defence_goals(report: Report, beneficial: Any, unprotected_beneficial: Any, 
       "max_advantage_at", "limits", "met": {"reuse", "beneficial", "advantage"}, "all_met"}``.
     """
     mean = lambda v: float(v["mean"]) if isinstance(v, Mapping) else float(np.mean(v))
-    budgets = report["summary"]["budgets"]
+    budgets = (attack.report.budgets_json(result) if isinstance(result, SweepResult)
+               else result["summary"]["budgets"])
     at = budgets[budget[0]][budget[1]]
     if at.get("worst_reuse") is None:
         raise ConfigError("defence_goals needs a suite with reuse attacks (attacks=('all',))")
@@ -280,8 +318,9 @@ def goals_line(goals: Mapping[str, Any]) -> str:
             f"(<= 0 {mark(goals['met']['advantage'])})")
 
 
-def summary_table(report: Mapping[str, Any]) -> str:
-    """A plain-text table: one row per attack and reference entry."""
+def summary_table(result: SweepResult | Mapping[str, Any]) -> str:
+    """A plain-text table: one row per attack and reference entry (a result or its report)."""
+    report = attack.to_json(result) if isinstance(result, SweepResult) else result
     header = ["entry", "lr*", "epoch 0", "final", "AUC", "best", "steps to scratch", "AUC/scratch"]
     rows = []
     groups = [("", report["attacks"]), ("ref: ", report["references"])]
@@ -302,9 +341,10 @@ def summary_table(report: Mapping[str, Any]) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
-def plot_report(report: Mapping[str, Any], path, title: str, chance: float,
+def plot_report(result: SweepResult | Mapping[str, Any], path, title: str, chance: float,
                 label: str = "") -> Any:
-    """Mean +- std learning curves of every attack and reference entry of ``report``."""
+    """Mean +- std learning curves of every attack and reference entry of ``result``."""
+    report = attack.to_json(result) if isinstance(result, SweepResult) else result
     entries = {f"{label}{name}": entry for name, entry in report["attacks"].items()}
     entries.update({name.replace("unprotected/", "unprotected: "): entry
                     for name, entry in report["references"].items()})

@@ -38,7 +38,7 @@ import optax
 from trm_jax.tasks import LABEL_MODES, ClassPool, LabelMode, Task, check_task_shape, sample_tasks
 from trm_jax.errors import ConfigError
 
-Params = Any  # a pytree of arrays
+from trm_jax.typing import Params  # noqa: E402
 LossFn = Callable[[Params, chex.Array, chex.Array], chex.Array]  # (params, x, y) -> scalar
 ApplyFn = Callable[[Params, chex.Array], chex.Array]  # (params, x) -> logits / predictions
 BadTermFn = Callable[[chex.Array, chex.Array, Optional[float]], chex.Array]

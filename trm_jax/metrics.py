@@ -188,7 +188,7 @@ def worst_case(entries: Mapping[str, Mapping[str, Any]],
 
     Args:
       entries: ``{name: entry}`` as made by :func:`sweep_summary` (or
-        :func:`trm_jax.attack.attack_report`).
+        :func:`trm_jax.attacks.to_json`).
     Returns:
       ``{m: {"attack": name, "learning_rate": l*, "mean", "std"} for m in metrics}``.
     """

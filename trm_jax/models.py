@@ -26,8 +26,7 @@ import numpy as np
 
 from trm_jax import compilation
 from trm_jax.errors import ConfigError
-
-Params = Any  # a pytree of arrays
+from trm_jax.typing import Params
 Padding = Literal["VALID", "SAME"]
 ConvImpl = Literal["auto", "lax", "im2col", "toeplitz"]
 CONV_IMPLS = ("auto", "lax", "im2col", "toeplitz")
@@ -346,6 +345,9 @@ class Model:
       input_shape: ``(H, W, C)`` of one image.
       penultimate: name of the last features layer (trainable in the
         ``head_and_penultimate`` attack).
+      layers: the features layers bottom to top, each the tuple of its param names
+        (conv4's ``norm<i>`` belongs to ``conv<i>``): what the attacks' ``top:k`` parts
+        and the *reuse* attacks (keeping the bottom half) are defined on.
     """
 
     name: str
@@ -355,6 +357,15 @@ class Model:
     penultimate: str
     param_dtype: Any = jnp.float32
     options: tuple[tuple[str, Any], ...] = ()  # factory kwargs, for `spec()`
+    layers: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def feature_layers(self) -> tuple[tuple[str, ...], ...]:
+        """:attr:`layers`, bottom to top (e.g. lenet: ``(("conv1",), ("conv2",), ("fc1",), ("fc2",))``)."""
+        if not self.layers:
+            raise ConfigError(f"model {self.name!r} has no layer order; build it with "
+                              f"trm_jax.models.wrap(..., layers=...)")
+        return self.layers
 
     def spec(self) -> dict[str, Any]:
         """A JSON-able description; ``from_spec(model.spec())`` rebuilds the model."""
@@ -424,6 +435,10 @@ def _init_seeds(model: Model, keys: chex.Array) -> Params:
     return jax.vmap(model.init)(keys)
 
 
+#: LeNet's features layers bottom to top (:attr:`Model.layers`).
+LENET_LAYERS = (("conv1",), ("conv2",), ("fc1",), ("fc2",))
+
+
 def lenet(num_classes: int = 10, input_shape: tuple[int, int, int] = (32, 32, 3),
           padding: Padding = "VALID", param_dtype: Any = jnp.float32,
           conv_impl: ConvImpl = "auto") -> Model:
@@ -439,7 +454,7 @@ def lenet(num_classes: int = 10, input_shape: tuple[int, int, int] = (32, 32, 3)
                          f"{input_shape}; use padding='SAME' for small images such as digits.")
     return Model("lenet", LeNetFeatures(padding, param_dtype, conv_impl), num_classes,
                  tuple(input_shape), "fc2", param_dtype,
-                 (("padding", padding), *_impl_option(conv_impl)))
+                 (("padding", padding), *_impl_option(conv_impl)), LENET_LAYERS)
 
 
 def conv4(num_classes: int = 5, input_shape: tuple[int, int, int] = (28, 28, 1),
@@ -450,9 +465,49 @@ def conv4(num_classes: int = 5, input_shape: tuple[int, int, int] = (28, 28, 1),
     resolve_conv_impl(conv_impl)
     if norm not in ("none", "layer"):
         raise ConfigError(f"conv4 norm must be 'none' or 'layer', got {norm!r}")
+    layers = tuple((f"conv{i}",) + ((f"norm{i}",) if norm == "layer" else ()) for i in range(1, 5))
     return Model("conv4", Conv4Features(width, norm, param_dtype, conv_impl), num_classes,
                  tuple(input_shape), "conv4", param_dtype,
-                 (("width", width), ("norm", norm), *_impl_option(conv_impl)))
+                 (("width", width), ("norm", norm), *_impl_option(conv_impl)), layers)
+
+
+def wrap(features: nn.Module, num_classes: int, layers: Sequence[str | Sequence[str]],
+         input_shape: tuple[int, int, int], *, name: str = "custom",
+         param_dtype: Any = jnp.float32) -> Model:
+    """Your own ``flax.linen`` features module as a :class:`Model` that
+    :func:`trm_jax.protect`, :func:`trm_jax.evaluate` and the attack suite accept.
+
+    Args:
+      features: maps ``f32[B, H, W, C]`` images (in ``[-1, 1]``) to ``f32[B, D]``: everything
+        up to the penultimate layer's *pre-activation* (the head adds the ReLU).
+      num_classes: outputs of the head (ReLU + linear, the project's head: the attacker
+        replaces it with a fresh one anyway).
+      layers: the features module's layers bottom to top, by submodule name (a name, or a
+        tuple of names that form one layer, e.g. ``("conv1", "norm1")``); the last is the
+        penultimate layer. Every top-level param collection must belong to one layer.
+      input_shape: ``(H, W, C)`` of one image.
+
+    Raises:
+      ConfigError: a layer the module does not have, or a param collection no layer owns.
+    """
+    _check_shape(input_shape)
+    groups = tuple((l,) if isinstance(l, str) else tuple(l) for l in layers)
+    if not groups or not all(groups):
+        raise ConfigError(f"layers must name the features layers bottom to top, got {layers!r}")
+    x = jax.ShapeDtypeStruct((1, *input_shape), param_dtype)
+    try:
+        shapes = jax.eval_shape(features.init, jax.random.key(0), x)["params"]
+    except Exception as err:  # noqa: BLE001 -- any failure of the user's module on this input
+        raise ConfigError(f"features module {type(features).__name__} fails on input_shape "
+                          f"{tuple(input_shape)}: {type(err).__name__}: {err}") from err
+    named = [n for g in groups for n in g]
+    missing, unowned = sorted(set(named) - set(shapes)), sorted(set(shapes) - set(named))
+    if missing or unowned or len(set(named)) != len(named):
+        raise ConfigError(f"layers {groups} must name each of the module's param collections "
+                          f"{sorted(shapes)} once; missing from the module: {missing}, owned by "
+                          f"no layer: {unowned}")
+    return Model(name, features, num_classes, tuple(input_shape), groups[-1][0], param_dtype,
+                 (), groups)
 
 
 def _impl_option(conv_impl: str) -> tuple[tuple[str, str], ...]:

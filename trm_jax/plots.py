@@ -24,7 +24,7 @@ def plot_attack_curves(entries: Mapping[str, Mapping[str, Any]], path: str | os.
 
     Args:
       entries: ``{label: entry}`` with ``entry["curves"]: [L][S][E+1]`` (as made by
-        :func:`trm_jax.attack.make_entry`); references (scratch) can be mixed in.
+        :func:`trm_jax.attacks.report.entry`); references (scratch) can be mixed in.
       path: the PNG to write (parent folders are created).
       title: figure title.
       chance: chance accuracy (``1 / num_classes``), drawn as a dashed line.

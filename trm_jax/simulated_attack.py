@@ -2,7 +2,7 @@ r"""Simulated attackers in the inner loop, with exact gradients through optax fi
 
 A defence judged by fine-tuning attacks should be trained against them. Here the
 inner loop of meta-learning IS an attacker from the evaluation's suite
-(:mod:`trm_jax.attack`), sampled per bad task and outer step from an
+(:mod:`trm_jax.attacks`), sampled per bad task and outer step from an
 :class:`AttackerSpace`:
 
 * which parameters it trains: a fresh head plus the top ``k`` features layers
@@ -56,12 +56,15 @@ from trm_jax.errors import ConfigError
 from trm_jax.tasks import Task
 from trm_jax.typing import Params
 
-#: The attacker's optimizers, as :func:`trm_jax.train.make_optimizer` builds them.
+#: The attacker's optimizers in the order they are sampled (index = draw): the names of
+#: :data:`trm_jax.train.OPTIMIZERS`, ordered from the weakest attacker up.
 OPTIMIZERS = ("sgd", "momentum", "adam")
 #: How the inner steps' bad terms are weighted: ``uniform`` (``1/K`` each), ``late``
 #: (``k / sum k``, towards later steps, as TAR), ``final`` (the last step only, MAML).
 STEP_WEIGHTINGS = ("uniform", "late", "final")
-META_GRADS = ("exact", "first_order")
+#: Meta-gradients the simulated attack supports: :data:`trm_jax.meta.META_GRADS` but Reptile
+#: (its outer step is no gradient of the attacked objective).
+META_GRADS = tuple(g for g in meta.META_GRADS if g != "reptile")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +153,9 @@ class Attacker(NamedTuple):
 
 
 def layer_names(model: models.Model) -> tuple[tuple[str, ...], ...]:
-    """The features layers bottom to top, each the tuple of its param names."""
-    from trm_jax.attack import feature_layers  # the evaluation's layer order
-
-    return feature_layers(model)
+    """The features layers bottom to top, each the tuple of its param names (the evaluation's
+    layer order, :attr:`trm_jax.models.Model.feature_layers`)."""
+    return model.feature_layers
 
 
 def sample_attacker(key: chex.PRNGKey, space: AttackerSpace) -> Attacker:

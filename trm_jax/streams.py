@@ -8,7 +8,7 @@ stream gets a new, distinct constant here; tests check that they are distinct.
 """
 from __future__ import annotations
 
-#: The fine-tuning attack: fresh head and shuffles (``trm_jax.attack``).
+#: The fine-tuning attack: fresh head and shuffles (``trm_jax.attacks``).
 ATTACK = 0x0A77
 #: The scratch reference's random initialisation.
 SCRATCH = 0x5C7A

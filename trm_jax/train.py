@@ -29,7 +29,7 @@ import optax
 
 from trm_jax import compilation, sharding
 
-Params = Any
+from trm_jax.typing import Params  # noqa: E402
 Batch = Any  # a pytree of arrays with a common leading batch axis
 LossFn = Callable[[Params, Batch], tuple[jax.Array, Mapping[str, jax.Array]]]
 STRATEGIES = ("auto", "scan", "step")
@@ -100,7 +100,7 @@ def make_optimizer(name: str, learning_rate: float | jax.Array, *, b1: float = 0
     """``"adam"`` | ``"sgd"`` | ``"momentum"`` as an optax transformation.
 
     ``learning_rate`` may be a traced scalar (e.g. vmapped over a learning-rate
-    grid, as :mod:`trm_jax.attack` does); only Python/NumPy numbers are
+    grid, as :mod:`trm_jax.attacks` does); only Python/NumPy numbers are
     validated here, traced values are validated by the caller before tracing.
     """
     if not isinstance(learning_rate, jax.Array) and not learning_rate > 0:
@@ -230,6 +230,11 @@ def evaluate(apply_fn: Callable[[Params, jax.Array], jax.Array], params: Params,
 
     correct, ce = jax.lax.map(chunk, (padded, valid))
     return {"accuracy": correct.sum() / n, "loss": ce.sum() / n}
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """``bool[]``: every leaf of ``tree`` is finite everywhere (traceable)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def resolve_strategy(strategy: str) -> str:

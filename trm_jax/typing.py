@@ -1,9 +1,12 @@
 """Type aliases shared by every module (declared once, like optax's ``_src/base.py``)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import jax
+
+if TYPE_CHECKING:
+    from trm_jax.models import Model
 
 #: A pytree of parameters, e.g. ``{"features": {...}, "head": {...}}``; stacked
 #: over seeds it has a leading ``[S]`` axis on every leaf.
@@ -19,3 +22,25 @@ LossFn = Callable[..., Any]
 #: A flat mapping of metric names to per-seed arrays ``f32[S]``.
 Metrics = Mapping[str, Any]
 ArrayLike = Any
+
+
+class Protected(NamedTuple):
+    """What a method returns: one protected model per seed.
+
+    Attributes:
+      method: the method's name (``"reference"``, ``"skd"``, ...).
+      model: the architecture.
+      params: ``[S, ...]`` stack of ``{"features", "head"}`` params.
+      keys: ``[S]`` the seed keys it was trained with (the evaluation reuses them).
+      metrics: per-seed numbers ``f[S]`` (``beneficial_test_accuracy`` always) and
+        method-specific ones (SKD's misses, UNSIR's stages, meta-training metrics).
+      extras: other ``[S, ...]`` params stacks worth keeping (UNSIR: ``"original"``,
+        the model before unlearning, which the evaluation can attack as a reference).
+    """
+
+    method: str
+    model: "Model"
+    params: Params
+    keys: PRNGKey
+    metrics: dict[str, Any]
+    extras: dict[str, Params] = {}

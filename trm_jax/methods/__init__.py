@@ -26,7 +26,6 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
 from types import ModuleType
 from typing import Any
 
@@ -34,7 +33,8 @@ from trm_jax import datasets
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference, reverse_maml, simulated_attack, skd, unsir
-from trm_jax.methods._phases import Protected, check_keys, seed_keys, train_phase
+from trm_jax.methods._phases import check_keys, dataset_config, replace_path, seed_keys, train_phase
+from trm_jax.typing import Protected
 
 #: name -> module with ``NAME``, a config class, ``default_config(entry)`` and ``protect``.
 METHODS: dict[str, ModuleType] = {m.NAME: m for m in (reference, unsir, skd, reverse_maml,
@@ -56,16 +56,6 @@ def method(name: str) -> ModuleType:
     return METHODS[name]
 
 
-def replace_path(config: Any, path: str, value: Any) -> Any:
-    """``replace_path(cfg, "meta.shots", 5)``: a copy of a nested frozen dataclass."""
-    head, _, rest = path.partition(".")
-    if not dataclasses.is_dataclass(config) or head not in {f.name for f in dataclasses.fields(config)}:
-        raise ConfigError(f"{type(config).__name__} has no field {head!r} (override {path!r})")
-    if rest:
-        value = replace_path(getattr(config, head), rest, value)
-    return dataclasses.replace(config, **{head: value})
-
-
 def config_for(name: str, dataset: str) -> Any:
     """The recommended config of method ``name`` on ``dataset``: the method's defaults
     with the dataset's training budget and its overrides (:mod:`trm_jax.datasets`).
@@ -73,11 +63,7 @@ def config_for(name: str, dataset: str) -> Any:
     Raises:
       ConfigError: unknown method or dataset, or an override naming no field.
     """
-    module, entry = method(name), datasets.get(dataset)
-    config = module.default_config(entry)
-    for path, value in entry.overrides.get(name, {}).items():
-        config = replace_path(config, path, datasets.resolve_value(value))
-    return config
+    return dataset_config(method(name), datasets.get(dataset))
 
 
 def check(name: str, config: Any, protocol) -> None:

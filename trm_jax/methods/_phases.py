@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,29 +13,29 @@ import optax
 from trm_jax import compilation, data, models, train
 from trm_jax.errors import ConfigError, NonFiniteError
 from trm_jax.hooks import NO_HOOKS, Hooks
-from trm_jax.typing import ApplyFn, Params, PRNGKey
+from trm_jax.typing import ApplyFn, Params, PRNGKey, Protected  # noqa: F401 (Protected: re-exported)
 
 
-class Protected(NamedTuple):
-    """What a method returns: one protected model per seed.
+def replace_path(config: Any, path: str, value: Any) -> Any:
+    """``replace_path(cfg, "meta.shots", 5)``: a copy of a nested frozen dataclass."""
+    head, _, rest = path.partition(".")
+    if not dataclasses.is_dataclass(config) or head not in {f.name for f in dataclasses.fields(config)}:
+        raise ConfigError(f"{type(config).__name__} has no field {head!r} (override {path!r})")
+    if rest:
+        value = replace_path(getattr(config, head), rest, value)
+    return dataclasses.replace(config, **{head: value})
 
-    Attributes:
-      method: the method's name (``"reference"``, ``"skd"``, ...).
-      model: the architecture.
-      params: ``[S, ...]`` stack of ``{"features", "head"}`` params.
-      keys: ``[S]`` the seed keys it was trained with (the evaluation reuses them).
-      metrics: per-seed numbers ``f[S]`` (``beneficial_test_accuracy`` always) and
-        method-specific ones (SKD's misses, UNSIR's stages, meta-training metrics).
-      extras: other ``[S, ...]`` params stacks worth keeping (UNSIR: ``"original"``,
-        the model before unlearning, which the evaluation can attack as a reference).
-    """
 
-    method: str
-    model: models.Model
-    params: Params
-    keys: PRNGKey
-    metrics: dict[str, Any]
-    extras: dict[str, Params] = {}
+def dataset_config(module: Any, entry: Any) -> Any:
+    """A method module's recommended config on dataset ``entry`` (a
+    :class:`~trm_jax.datasets.DatasetEntry`): its ``default_config(entry)`` with the entry's
+    overrides for ``module.NAME``."""
+    from trm_jax import datasets
+
+    config = module.default_config(entry)
+    for path, value in entry.overrides.get(module.NAME, {}).items():
+        config = replace_path(config, path, datasets.resolve_value(value))
+    return config
 
 
 def seed_keys(seeds: int | list[int] | tuple[int, ...]) -> PRNGKey:
@@ -226,9 +226,7 @@ def _seeds_program(step: Callable[..., Any], in_axes: tuple) -> Callable[..., An
     return compilation.jit(jax.vmap(step, in_axes=in_axes))
 
 
-@compilation.jit
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+_all_finite = compilation.jit(train.all_finite)
 
 
 def _finite(tree: Any) -> bool:

@@ -15,9 +15,9 @@ import jax
 
 from trm_jax import data, models, train
 from trm_jax.hooks import Hooks
-from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_batch,
-                                     check_keys, device_subset, train_phase)
-from trm_jax.typing import PRNGKey
+from trm_jax.methods._phases import (accuracy_on, beneficial_model, check_batch, check_keys,
+                                     device_subset, train_phase)
+from trm_jax.typing import Protected, PRNGKey
 
 NAME = "reference"
 

@@ -37,9 +37,9 @@ import optax
 from trm_jax import data, meta, models, tasks, train
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
-from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_batch,
-                                     check_keys, device_subset, outer_loop, train_phase)
-from trm_jax.typing import Params, PRNGKey
+from trm_jax.methods._phases import (accuracy_on, beneficial_model, check_batch, check_keys,
+                                     device_subset, outer_loop, train_phase)
+from trm_jax.typing import Protected, Params, PRNGKey
 
 NAME = "reverse_maml"
 

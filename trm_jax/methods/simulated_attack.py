@@ -42,9 +42,9 @@ from trm_jax import simulated_attack as sa
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference, skd
-from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_batch,
-                                     check_keys, device_subset, outer_loop)
-from trm_jax.typing import Params, PRNGKey
+from trm_jax.methods._phases import (accuracy_on, beneficial_model, check_batch, check_keys,
+                                     dataset_config, device_subset, outer_loop)
+from trm_jax.typing import Protected, Params, PRNGKey
 
 NAME = "simulated_attack"
 STARTS = ("reference", "skd")
@@ -123,10 +123,8 @@ class SimulatedAttackConfig:
 
 def default_config(entry) -> SimulatedAttackConfig:
     """The dataset's training budget for the starting model and its SKD settings (the hybrid)."""
-    from trm_jax.methods import config_for  # the package imports this module
-
     return SimulatedAttackConfig(start_train=reference.dataset_train_config(entry),
-                                 start_skd=config_for(skd.NAME, entry.name))
+                                 start_skd=dataset_config(skd, entry))
 
 
 def check(config: SimulatedAttackConfig, protocol: data.ProtocolData,

@@ -26,9 +26,9 @@ from trm_jax import compilation, data, models, skd, streams, train
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference
-from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, check_batch,
-                                     check_keys, device_subset, train_phase)
-from trm_jax.typing import PRNGKey
+from trm_jax.methods._phases import (accuracy_on, beneficial_model, check_batch, check_keys,
+                                     device_subset, train_phase)
+from trm_jax.typing import Protected, PRNGKey
 
 NAME = "skd"
 SUMMARY_KEYS = ("teacher_test_accuracy", "student_test_accuracy", "misses_percent",

@@ -23,9 +23,8 @@ import numpy as np
 from trm_jax import data, models, train, unlearning
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
-from trm_jax.methods._phases import (Protected, beneficial_model, check_keys, device_subset,
-                                     train_phase)
-from trm_jax.typing import PRNGKey
+from trm_jax.methods._phases import (beneficial_model, check_keys, device_subset, train_phase)
+from trm_jax.typing import Protected, PRNGKey
 
 NAME = "unsir"
 STAGES = ("original", "impair", "repair")
