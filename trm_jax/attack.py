@@ -629,7 +629,7 @@ def attack_sweep(model: models.Model, params: Params, keys: jax.Array,
         params = {"features": params["features"]}
     params, keys, data = _place(params, keys, data, int(keys.shape[0]))
     fn = compiled_sweep(model, config, batching, return_params)
-    return fn(params, keys, jnp.asarray(lrs, jnp.float32), data)
+    return sharding.gather(fn(params, keys, jnp.asarray(lrs, jnp.float32), data))
 
 
 def check_inputs(model: models.Model, params: Params, keys: jax.Array, data: AttackData,
