@@ -48,7 +48,7 @@ def check_seeds(num_seeds: int) -> None:
     ``num_seeds`` (every device holds the same number of seeds)."""
     n = jax.device_count()
     if multiprocess() and num_seeds % n:
-        raise ConfigError(f"--seeds {num_seeds}: a run over {jax.process_count()} processes "
+        raise ConfigError(f"seeds {num_seeds}: a run over {jax.process_count()} processes "
                           f"shards the seeds over their {n} devices, which must divide it; "
                           f"allowed: a multiple of {n}", field="seeds")
 
