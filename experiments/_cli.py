@@ -166,7 +166,8 @@ def parse(config_cls: type[C], defaults: Callable[[str], C], argv: list[str] | N
         # Several processes: they connect now (before any JAX computation), and their
         # devices must divide the seeds; then the same checks as alone.
         distributed.initialize(config.run.distributed)
-        if isinstance(getattr(config, "seeds", None), int) and config.seeds >= 1:
+        if config.run.distributed.enabled and isinstance(getattr(config, "seeds", None), int) \
+                and config.seeds >= 1:
             sharding.check_seeds(config.seeds)
         check_run_options(config.run)
     return config
@@ -389,7 +390,7 @@ class Run:
         # Several processes, before compute: the same settings everywhere (all but the
         # process id), and process 0's run folder (its default has process 0's timestamp).
         same = json.loads(json.dumps(resolved))
-        same["run"]["distributed"].pop("process_id", None)
+        same.get("run", {}).get("distributed", {}).pop("process_id", None)
         if not distributed.is_writer():
             workdir = pathlib.Path(distributed.agree(same)[0]["workdir"])
         self.dir = runs.RunDir.create(workdir, overwrite=options.overwrite, resume=options.resume)

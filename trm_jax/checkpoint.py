@@ -24,12 +24,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from trm_jax.errors import CheckpointError, NonFiniteError  # noqa: F401  (re-exported)
+from trm_jax.sharding import is_key as _is_key
 
 CORRUPT_SUFFIX = ".corrupt"
-
-
-def _is_key(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _to_storable(tree: Any) -> Any:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from trm_jax import distributed
 from trm_jax.errors import RunExistsError, RunFolderError, RunNotFoundError  # noqa: F401  (re-exported)
 
 RESULT_KEYS = ("experiment", "dataset", "seeds", "beneficial_test_accuracy", "attacks",
@@ -268,8 +269,6 @@ class RunDir:
             the folder, ``path`` is a file, or the folder cannot be written.
         """
         path = pathlib.Path(path)
-        from trm_jax import distributed
-
         if not distributed.is_writer():
             return cls.follower(path)
         run_folder = check_workdir(path, overwrite=overwrite, resume=resume)

@@ -64,12 +64,13 @@ def can_shard(num_seeds: int) -> bool:
     return n > 1 and num_seeds % n == 0
 
 
-def _is_key(x: Any) -> bool:
+def is_key(x: Any) -> bool:
+    """Whether ``x`` is an array of typed PRNG keys (``jax.random.key``)."""
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _place(x: Any, sharding: NamedSharding) -> Any:
-    if _is_key(x):  # typed keys: place their raw data, wrap it again
+    if is_key(x):  # typed keys: place their raw data, wrap it again
         return jax.random.wrap_key_data(_place(jax.random.key_data(x), sharding),
                                         impl=jax.random.key_impl(x))
     if not multiprocess() or (isinstance(x, jax.Array) and not x.is_fully_addressable):
