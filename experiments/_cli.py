@@ -321,6 +321,9 @@ def main(run: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
         print("interrupted: continue with the same command plus --resume", file=sys.stderr)
         _leave("interrupted", 130)
         return 130
+    except Exception as err:  # a bug: its traceback follows; the other processes stop too
+        distributed.report_failure(f"{type(err).__name__}: {' '.join(str(err).split())}")
+        raise
     _leave(None, 0)
     if isinstance(results, dict) and results.get("failed"):
         print(f"error: failed: {sorted(results['failed'])} (see results.json)", file=sys.stderr)
@@ -409,7 +412,8 @@ class Run:
             self.cache_dir = compilation.enable_persistent_cache() if options.compile_cache else None
         except BaseException:
             self.dir.close()
-            if fresh and self.dir.writer:  # made a moment ago by this process: nothing of anyone else's is in it
+            if fresh and self.dir.writer:  # made a moment ago by this process: nothing of
+                # anyone else's is in it
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
         self.stats = compilation.count_compilations().__enter__()

@@ -51,7 +51,7 @@ class DistributedConfig:
     num_processes: int | None = None
     """how many processes take part (with HOST:PORT)"""
     process_id: int | None = None
-    """this process's index, 0..num_processes-1 (0 hosts the coordinator and writes the run folder)"""
+    """this process's index, 0..num_processes-1 (0 hosts the coordinator, writes the run folder)"""
     timeout: int = 120
     """seconds to wait for every process to connect, and to agree on the settings"""
     heartbeat_timeout: int = 60
