@@ -332,12 +332,12 @@ def main(run: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
 
 
 def _leave(error: str | None, code: int) -> None:
-    if error is not None:
-        distributed.report_failure(error)
     if distributed.stuck():  # JAX still waits to connect, in a thread that cannot be stopped
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    if error is not None:
+        distributed.report_failure(error)
     distributed.shutdown()
 
 

@@ -220,22 +220,26 @@ def test_seeds_are_placed_and_gathered_across_two_processes(tmp_path):
         assert p.returncode == 0 and f"placement ok {i}" in out, err[-3000:]
 
 
-@pytest.mark.timeout(120)
-def test_an_unreachable_coordinator_fails_in_time_with_one_line(tmp_path):
-    began = time.monotonic()
-    port = free_port()  # process 1 of 2, whose coordinator (process 0) never comes
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("process_id, why", [
+    (1, "the coordinator 127.0.0.1:{port} cannot be reached"),  # process 0 never comes
+    (0, "the coordinator answers: another process is missing"),  # process 1 never comes
+])
+def test_a_missing_process_fails_in_time_with_one_line(tmp_path, process_id, why):
+    began, port = time.monotonic(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.reverse_maml", "--dataset", "digits",
          "--distributed.coordinator", f"127.0.0.1:{port}", "--distributed.num-processes", "2",
-         "--distributed.process-id", "1", "--distributed.timeout", "3"],
+         "--distributed.process-id", str(process_id), "--distributed.timeout", "3"],
         cwd=ROOT, env=env(2, tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
-    out, err = proc.communicate(timeout=90)
+    out, err = proc.communicate(timeout=150)
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2, err[-2000:]
-    assert len(lines) == 1 and f"127.0.0.1:{port} cannot be reached" in lines[0], err[-2000:]
-    assert "--distributed.timeout 3 s" in lines[0]
-    assert time.monotonic() - began < 60
+    assert len(lines) == 1 and why.format(port=port) in lines[0], err[-2000:]
+    assert lines[0].startswith(f"error: process {process_id}: not all 2 processes connected")
+    assert "within --distributed.timeout 3 s" in lines[0]
+    assert time.monotonic() - began < 120  # JAX alone would wait out its own timeout, then abort
 
 
 @pytest.mark.timeout(900)

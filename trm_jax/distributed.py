@@ -101,9 +101,11 @@ _STATE: dict[str, Any] = {"stuck": False, "posted": False, "config": None}
 
 
 def is_initialized() -> bool:
+    """Whether this process is connected to a multi-process run (not while a connect that
+    :func:`initialize` gave up on is still pending)."""
     import jax
 
-    return jax.distributed.is_initialized()
+    return not _STATE["stuck"] and jax.distributed.is_initialized()
 
 
 def process_index() -> int:
