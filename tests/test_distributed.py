@@ -337,6 +337,13 @@ def check_uninterrupted(module: str, tmp_path: pathlib.Path, data_dir: str, expe
     assert metric_records(clean) == metric_records(tmp_path / "one") != {}
     assert json.loads((clean / runs.MARKER_FILE).read_text())["seconds"].__len__() == 1
     assert "(written by process 0)" in (tmp_path / "two.1.out").read_text()
+    # One checkpoint folder, each process's shards in it (orbax's multi-process layout).
+    assert shard_writers(clean / "checkpoints" / "model") == ["ocdbt.process_0", "ocdbt.process_1"]
+
+
+def shard_writers(folder: pathlib.Path) -> list[str]:
+    """The processes that wrote shards into the orbax checkpoints under ``folder``."""
+    return sorted({p.name for p in folder.rglob("ocdbt.process_*")})
 
 
 def check_kill_and_resume(module: str, tmp_path: pathlib.Path, data_dir: str, expected: dict,
