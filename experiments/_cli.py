@@ -31,7 +31,8 @@ import jax
 import numpy as np
 import tyro
 
-from trm_jax import checkpoint, compilation, data, datasets, errors, runs
+from trm_jax import checkpoint, compilation, data, datasets, distributed, errors, runs, sharding
+from trm_jax.distributed import DistributedConfig
 from trm_jax.hooks import RunFolderHooks
 from trm_jax import methods
 from trm_jax.methods import seed_keys
@@ -78,6 +79,9 @@ class RunOptions:
     download: bool = True
     """let TFDS download a dataset that is not prepared (after one short reachability probe:
     offline it fails in seconds); --no-download never downloads"""
+    distributed: DistributedConfig = DistributedConfig()
+    """one run over several processes/hosts (docs/multihost.md): every process starts the
+    same command with its own --distributed.process-id"""
     compile_cache: bool = True
     """JAX's persistent compilation cache ($TRM_JAX_CACHE_DIR, default ~/.cache/trm_jax/jax;
     also off with TRM_JAX_NO_COMPILE_CACHE=1): a second run loads its programs instead of
@@ -159,6 +163,12 @@ def parse(config_cls: type[C], defaults: Callable[[str], C], argv: list[str] | N
             raise err from None
         raise errors.ConfigError(one_line(text)) from None
     if isinstance(getattr(config, "run", None), RunOptions):
+        # Several processes: they connect now (before any JAX computation), and their
+        # devices must divide the seeds; then the same checks as alone.
+        distributed.initialize(config.run.distributed)
+        if config.run.distributed.enabled and isinstance(getattr(config, "seeds", None), int) \
+                and config.seeds >= 1:
+            sharding.check_seeds(config.seeds)
         check_run_options(config.run)
     return config
 
@@ -259,7 +269,7 @@ def check_run_options(run: RunOptions) -> None:
     ``--no-compile-cache``, the compilation cache (``$TRM_JAX_CACHE_DIR``). Each is probed by
     creating and removing a file in it (or in the nearest folder above it that exists), so
     a read-only filesystem fails here, before any compute and before a run folder exists."""
-    if run.workdir is not None:
+    if run.workdir is not None and distributed.is_writer():  # the others write no run folder
         runs.check_workdir(run.workdir, overwrite=run.overwrite, resume=run.resume)
         writable_folder(run.workdir, "--workdir")
     writable_folder(run.data_dir or data.default_data_dir(),
@@ -293,7 +303,11 @@ def writable_folder(path: str | os.PathLike, what: str, *, must_write: bool = Tr
 
 
 def main(run: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Runs an experiment's ``main``; typed errors -> one line on stderr, exit code 2."""
+    """Runs an experiment's ``main``; typed errors -> one line on stderr, exit code 2.
+
+    Several processes (``--distributed.*``): an error before compute is also posted to the
+    others (they stop with one line naming this process), and every process leaves the run
+    together (``jax.distributed.shutdown``)."""
     try:
         results = run(argv)
     except errors.TrmError as err:
@@ -301,14 +315,30 @@ def main(run: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
             err = name_flag(err)
         message = " ".join(str(err).split())
         print(f"error: {message}", file=sys.stderr)
+        _leave(message, 2)
         return 2
     except KeyboardInterrupt:
         print("interrupted: continue with the same command plus --resume", file=sys.stderr)
+        _leave("interrupted", 130)
         return 130
+    except Exception as err:  # a bug: its traceback follows; the other processes stop too
+        distributed.report_failure(f"{type(err).__name__}: {' '.join(str(err).split())}")
+        raise
+    _leave(None, 0)
     if isinstance(results, dict) and results.get("failed"):
         print(f"error: failed: {sorted(results['failed'])} (see results.json)", file=sys.stderr)
         return 1
     return 0
+
+
+def _leave(error: str | None, code: int) -> None:
+    if distributed.stuck():  # JAX still waits to connect, in a thread that cannot be stopped
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if error is not None:
+        distributed.report_failure(error)
+    distributed.shutdown()
 
 
 def protocol_spec(dataset: str, options: ProtocolOptions) -> data.ProtocolSpec:
@@ -360,6 +390,12 @@ class Run:
         workdir = pathlib.Path(options.workdir or runs.default_workdir(name))
         fresh = not workdir.exists()
         resolved = runs.to_jsonable({"experiment": name, **dataclasses.asdict(config)})
+        # Several processes, before compute: the same settings everywhere (all but the
+        # process id), and process 0's run folder (its default has process 0's timestamp).
+        same = json.loads(json.dumps(resolved))
+        same.get("run", {}).get("distributed", {}).pop("process_id", None)
+        if not distributed.is_writer():
+            workdir = pathlib.Path(distributed.agree(same)[0]["workdir"])
         self.dir = runs.RunDir.create(workdir, overwrite=options.overwrite, resume=options.resume)
         try:
             if options.resume and (self.dir.path / "config.json").exists():
@@ -371,10 +407,13 @@ class Run:
                         f"--resume: the resolved settings differ from the stored run's in {diff}; "
                         "resume with the original settings or start a new --workdir")
             self.dir.write_config(resolved)
+            if distributed.is_writer():
+                distributed.agree(same, {"workdir": str(workdir)})
             self.cache_dir = compilation.enable_persistent_cache() if options.compile_cache else None
         except BaseException:
             self.dir.close()
-            if fresh:  # made a moment ago by this process: nothing of anyone else's is in it
+            if fresh and self.dir.writer:  # made a moment ago by this process: nothing of
+                # anyone else's is in it
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
         self.stats = compilation.count_compilations().__enter__()
@@ -383,7 +422,9 @@ class Run:
                                     progress=options.progress,
                                     checkpoint_every_phase={"meta": options.meta_checkpoint_every})
         self.resume = options.resume
-        print(f"run folder: {self.dir.path}", flush=True)
+        self.writer = self.dir.writer  # False: another process writes the run folder
+        print(f"run folder: {self.dir.path}" + ("" if self.writer else " (written by process 0)"),
+              flush=True)
 
     def __enter__(self) -> "Run":
         return self
@@ -446,7 +487,7 @@ def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, dict):
             out[k] = summarize(v)
         elif isinstance(v, (np.ndarray, jax.Array)) and np.ndim(v) == 1:
-            out[k] = runs.summarize(v)
+            out[k] = runs.summarize(sharding.to_host(v))
         else:
             out[k] = v
     return out

@@ -126,7 +126,7 @@ def run_entry(entry: str, config: Config, protocol, keys, seeds, parent: _cli.Ru
                    "attacks": {}, "references": {}, "wall_seconds": time.perf_counter() - start}
         if ablation:
             summary["ablation"] = ablation
-            if len(ablation) > 1:
+            if len(ablation) > 1 and run.writer:
                 plots.plot_ablation(ablation, run.file("ablation.png"),
                                     f"SKD teacher ablation ({config.dataset}, {len(seeds)} seeds)")
         run.write_results(summary)
@@ -182,9 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
             "evaluation": run.stats.phases["attack"].as_dict() if "attack" in run.stats.phases else {},
             "chance": 1.0 / protocol.test.malicious.num_classes,
             "data_provenance": f"{config.dataset}: real data through TFDS", "command": command})
-        run.file("results.md").write_text(markdown(results))
-        if table:
-            figures(run.file, results)
+        if run.writer:  # process 0 of a multi-process run writes the table and figures
+            run.file("results.md").write_text(markdown(results))
+            if table:
+                figures(run.file, results)
         print(markdown(results))
         return results
 

@@ -134,10 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
             "meta_final_metrics": _cli.summarize(last), "data_sizes": loaded.sizes(),
             "model": model.spec()})
         mock = "" if results["data_provenance"]["all_real"] else " [MOCK DATA: not real]"
-        evaluation.plot_report(report, run.file("attack_curves.png"),
-                               f"Fine-tuning attack on {results['dataset']}{mock}",
-                               chance=1.0 / protocol.test.malicious.num_classes,
-                               label="Reverse-MAML Conv4: ")
+        if run.writer:  # process 0 of a multi-process run writes the figure
+            evaluation.plot_report(report, run.file("attack_curves.png"),
+                                   f"Fine-tuning attack on {results['dataset']}{mock}",
+                                   chance=1.0 / protocol.test.malicious.num_classes,
+                                   label="Reverse-MAML Conv4: ")
         print(f"\n{fewshot.describe_provenance(results['data_provenance'])}")
         for half in ("beneficial", "malicious"):
             _cli.print_accuracy(f"{half} few-shot accuracy ({config.eval_tasks} {m.ways}-way "

@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
             results["unprotected_beneficial_test_accuracy"] = _cli.summarize(
                 reference.metrics)["beneficial_test_accuracy"]
         results = run.finish(results)
-        evaluation.plot_report(report, run.file("attack_curves.png"),
-                               f"Fine-tuning attack on {config.dataset}: Reverse-MAML vs references",
-                               chance=1.0 / protocol.test.malicious.num_classes, label="Reverse-MAML: ")
+        if run.writer:  # process 0 of a multi-process run writes the figure
+            evaluation.plot_report(report, run.file("attack_curves.png"),
+                                   f"Fine-tuning attack on {config.dataset}: Reverse-MAML vs references",
+                                   chance=1.0 / protocol.test.malicious.num_classes, label="Reverse-MAML: ")
         print(evaluation.summary_table(results))
         return results
 

@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     _cli.check_suite(suite, protocol)
     with _cli.Run(NAME, config, config.run) as run:
         done = run.file("variants")
-        done.mkdir(exist_ok=True)
+        if run.writer:  # process 0 of a multi-process run writes the records
+            done.mkdir(exist_ok=True)
 
         def cached(tag: str, compute) -> dict[str, Any]:
             path = done / f"{tag}.json"
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[search] {tag}: reusing {path}", flush=True)
                 return json.loads(path.read_text())
             record = compute()
-            path.write_text(json.dumps(record, indent=1))
+            if run.writer:
+                path.write_text(json.dumps(record, indent=1))
             return record
 
         def stage(protocol_, seeds: int, entries: dict[str, SimulatedAttackConfig], split: str):
@@ -207,8 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
                               "attacks": {}, "references": {},  # per-variant budgets below
                               "search": points, "pick": best["variant"], "test": rows,
                               "unprotected": unprotected, "unprotected_validation": val_reference, "suite": runs.to_jsonable(suite)})
-        run.file("results.md").write_text(markdown(results))
-        tradeoff_figure(run.file("tradeoff.png"), results)
+        if run.writer:
+            run.file("results.md").write_text(markdown(results))
+            tradeoff_figure(run.file("tradeoff.png"), results)
         print(markdown(results))
         return results
 

@@ -106,10 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
             "notes": "misses/false masks in % of test images; the attacked model is the last "
                      "teacher budget's; beneficial_test_accuracy = the SKD student + head",
             "skd_seconds": skd_seconds, "attack_seconds": run.seconds() - skd_seconds})
-        evaluation.plot_report(report, run.file("attack_curves.png"),
-                               f"SKD on {config.dataset} (teacher {final['teacher_epochs']} epochs): "
-                               "malicious test accuracy under attack", chance, label="SKD: ")
-        if len(rows) > 1:
+        if run.writer:  # process 0 of a multi-process run writes the figures
+            evaluation.plot_report(report, run.file("attack_curves.png"),
+                                   f"SKD on {config.dataset} (teacher {final['teacher_epochs']} epochs): "
+                                   "malicious test accuracy under attack", chance, label="SKD: ")
+        if len(rows) > 1 and run.writer:
             plots.plot_ablation(rows, run.file("ablation.png"),
                                 f"SKD teacher ablation ({config.dataset}, {len(seeds)} seeds)")
         print(ablation_table(rows))

@@ -71,9 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
             "stage_accuracy_note": "argmax over all classes' logits (the unlearned model as deployed); "
                                    "the attack replaces the head with a fresh malicious one",
             "unsir_seconds": unsir_seconds, "attack_seconds": run.seconds() - unsir_seconds})
-        evaluation.plot_report(report, run.file("attack_curves.png"),
-                               f"UNSIR on {config.dataset}: malicious test accuracy under attack",
-                               1.0 / protocol.test.malicious.num_classes, label="UNSIR: ")
+        if run.writer:  # process 0 of a multi-process run writes the figure
+            evaluation.plot_report(report, run.file("attack_curves.png"),
+                                   f"UNSIR on {config.dataset}: malicious test accuracy under attack",
+                                   1.0 / protocol.test.malicious.num_classes, label="UNSIR: ")
         for stage in STAGES:
             acc = results["stages"][stage]
             print(f"{stage:<9} beneficial {acc['beneficial_test_accuracy']['mean']:.4f}  "

@@ -26,19 +26,20 @@ Modules map to concepts:
 * :mod:`~trm_jax.errors`, :mod:`~trm_jax.typing`, :mod:`~trm_jax.streams` -- typed errors,
   shared type aliases, PRNG stream tags
 * :mod:`~trm_jax.plots`, :mod:`~trm_jax.sharding` -- figures, seeds across devices
+* :mod:`~trm_jax.distributed` -- one run over several processes or hosts (``jax.distributed``)
 * :mod:`~trm_jax.compilation` -- the persistent compilation cache and a compile counter
 
 Importing ``trm_jax`` never imports TensorFlow or TFDS (only loading a dataset does).
 """
-from trm_jax import (attacks, checkpoint, compilation, data, datasets, errors, evaluation, hooks,
-                     meta, methods, metrics, models, plots, runs, sharding, skd, streams, tasks,
-                     train, unlearning)
+from trm_jax import (attacks, checkpoint, compilation, data, datasets, distributed, errors,
+                     evaluation, hooks, meta, methods, metrics, models, plots, runs, sharding, skd,
+                     streams, tasks, train, unlearning)
 from trm_jax.evaluation import SuiteConfig, evaluate
 from trm_jax.methods import config_for, protect, seed_keys
 from trm_jax.typing import Protected
 
 __version__ = "0.2.0"
-__all__ = ["attacks", "checkpoint", "compilation", "data", "datasets", "errors", "evaluation", "hooks", "meta",
-           "methods", "metrics", "models", "plots", "runs", "sharding", "skd", "streams", "tasks",
-           "train", "unlearning", "Protected", "SuiteConfig", "config_for", "evaluate", "protect",
-           "seed_keys"]
+__all__ = ["attacks", "checkpoint", "compilation", "data", "datasets", "distributed", "errors",
+           "evaluation", "hooks", "meta", "methods", "metrics", "models", "plots", "runs",
+           "sharding", "skd", "streams", "tasks", "train", "unlearning", "Protected", "SuiteConfig",
+           "config_for", "evaluate", "protect", "seed_keys"]

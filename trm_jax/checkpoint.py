@@ -24,12 +24,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from trm_jax.errors import CheckpointError, NonFiniteError  # noqa: F401  (re-exported)
+from trm_jax.sharding import is_key as _is_key
 
 CORRUPT_SUFFIX = ".corrupt"
-
-
-def _is_key(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _to_storable(tree: Any) -> Any:
@@ -39,7 +36,9 @@ def _to_storable(tree: Any) -> Any:
 def _all_finite(tree: Any) -> bool:
     leaves = [x for x in jax.tree_util.tree_leaves(tree)
               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in leaves)
+    # A global array (several processes) is checked on the devices: its shards are not all here.
+    return all(bool(jnp.all(jnp.isfinite(x))) if isinstance(x, jax.Array) and not x.is_fully_addressable
+               else bool(np.all(np.isfinite(np.asarray(x)))) for x in leaves)
 
 
 def _from_storable(stored: Any, like: Any) -> Any:
@@ -177,13 +176,18 @@ class Checkpointer:
 
 def save_model(run_dir: str | os.PathLike, model: Any, params: Any, seeds: list[int]) -> None:
     """Stores a params stack ``[S, ...]`` in ``<run_dir>/checkpoints/model`` and the
-    architecture in ``<run_dir>/model.json`` (what :func:`load_model` reads)."""
+    architecture in ``<run_dir>/model.json`` (what :func:`load_model` reads). Several
+    processes: each saves its seeds' shards (orbax), process 0 writes ``model.json``."""
     import json
     import pathlib
+
+    from trm_jax import distributed
 
     run_dir = pathlib.Path(run_dir)
     with Checkpointer(run_dir / "checkpoints" / "model", max_to_keep=1) as ckpt:
         ckpt.save(0, params, {"model": model.spec(), "seeds": list(seeds)})
+    if not distributed.is_writer():
+        return
     tmp = run_dir / "model.json.tmp"
     tmp.write_text(json.dumps({"model": model.spec(), "seeds": list(seeds)}, indent=2) + "\n")
     os.replace(tmp, run_dir / "model.json")

@@ -90,6 +90,11 @@ class RunNotFoundError(RunFolderError, FileNotFoundError):
     """The run folder (or a file a run needs in it) does not exist, or holds no run."""
 
 
+class DistributedError(TrmError, RuntimeError):
+    """A multi-process run cannot start: the processes did not all connect in time, were
+    started with different settings, or one of them stopped with an error before compute."""
+
+
 @contextlib.contextmanager
 def about(field: str) -> Iterator[None]:
     """A :class:`ConfigError` raised in the block is about ``field``: its ``field`` becomes

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Literal, NamedTuple
 import jax
 import numpy as np
 
-from trm_jax import compilation, data, meta, runs, streams, tasks
+from trm_jax import compilation, data, meta, runs, sharding, streams, tasks
 from trm_jax.errors import ConfigError, DatasetUnavailableError
 from trm_jax.typing import Params, PRNGKey
 
@@ -358,7 +358,7 @@ def fewshot_accuracy(model: Any, params: Params, keys: PRNGKey, pool: tasks.Clas
 
         return jax.lax.map(chunk, jax.random.split(key, num_chunks)).reshape(-1)[:num_tasks]
 
-    return np.asarray(compilation.jit(jax.vmap(one_seed))(params, keys))
+    return sharding.to_host(compilation.jit(jax.vmap(one_seed))(params, keys))
 
 
 def eval_keys(keys: PRNGKey, half: str) -> PRNGKey:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from trm_jax import distributed
 from trm_jax.errors import RunExistsError, RunFolderError, RunNotFoundError  # noqa: F401  (re-exported)
 
 RESULT_KEYS = ("experiment", "dataset", "seeds", "beneficial_test_accuracy", "attacks",
@@ -247,6 +248,7 @@ class RunDir:
         self._listed: set[str] = set()  # names known to be in the marker already
         self._started: float | None = None  # perf_counter at create() (writers only)
         self._process = 0  # this process's index in the marker's "seconds"
+        self._writer = True  # False: another process of a multi-process run writes it
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, overwrite: bool = False,
@@ -267,6 +269,8 @@ class RunDir:
             the folder, ``path`` is a file, or the folder cannot be written.
         """
         path = pathlib.Path(path)
+        if not distributed.is_writer():
+            return cls.follower(path)
         run_folder = check_workdir(path, overwrite=overwrite, resume=resume)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -301,6 +305,21 @@ class RunDir:
         return run
 
     @classmethod
+    def follower(cls, path: str | os.PathLike) -> "RunDir":
+        """The run folder as the processes other than 0 of a multi-process run see it
+        (:mod:`trm_jax.distributed`): the same paths (orbax writes their checkpoint shards
+        under :attr:`checkpoint_dir`), but it writes nothing: no folder, lock, marker,
+        metrics, JSON (:meth:`create` returns one there)."""
+        run = cls(path)
+        run._writer = False
+        return run
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the folder's files (see :meth:`follower`)."""
+        return self._writer
+
+    @classmethod
     def open(cls, path: str | os.PathLike) -> "RunDir":
         """Opens a run folder for reading (no lock).
 
@@ -319,6 +338,8 @@ class RunDir:
 
     def _write_marker(self, files: list[str] | None = None) -> dict[str, Any]:
         marker = _read_marker(self.path) or {"format": RUN_FORMAT, "files": [], "seconds": []}
+        if not self._writer:
+            return marker
         if files is not None:
             marker["files"] = files
         seconds = list(marker.get("seconds", []))
@@ -344,7 +365,7 @@ class RunDir:
         project writes into a run folder goes through here (or the writers below), so
         :func:`foreign_entries` can tell it from the user's."""
         top = pathlib.PurePath(name).parts[0]
-        if top not in self._listed:
+        if top not in self._listed and self._writer:
             marker = _read_marker(self.path)
             if marker is not None and top not in marker["files"]:
                 self._write_marker(sorted({*marker["files"], top}))
@@ -402,6 +423,8 @@ class RunDir:
     def write_json(self, name: str, value: Any) -> pathlib.Path:
         """Writes atomically (temp file + rename): a crash never leaves half a file."""
         target = self.file(name)
+        if not self._writer:
+            return target
         tmp = target.with_suffix(target.suffix + ".tmp")
         tmp.write_text(json.dumps(to_jsonable(value), indent=2) + "\n")
         os.replace(tmp, target)
@@ -431,6 +454,8 @@ class RunDir:
 
     def log(self, record: dict[str, Any]) -> None:
         """Appends one JSON object (one line, one ``write``) to ``metrics.jsonl``."""
+        if not self._writer:
+            return
         with open(self.file(METRICS_FILE), "a") as f:
             f.write(json.dumps(to_jsonable(record)) + "\n")
         if self._started is not None:
@@ -475,6 +500,8 @@ class RunDir:
 
     def _write_metrics(self, records: list[dict[str, Any]]) -> None:
         file = self.file(METRICS_FILE)
+        if not self._writer:
+            return
         tmp = file.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
         os.replace(tmp, file)

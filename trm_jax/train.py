@@ -310,10 +310,9 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
             new_state, metrics = epoch_fn(state, data)
         else:
             new_state, metrics = _epoch_by_steps(step_fn, state, data, n, batch_size)
-        metrics = {k: np.asarray(v) for k, v in metrics.items()}
         if evaluate_all is not None:
-            metrics.update({f"eval_{k}": np.asarray(v)
-                            for k, v in evaluate_all(new_state.params).items()})
+            metrics.update({f"eval_{k}": v for k, v in evaluate_all(new_state.params).items()})
+        metrics = sharding.to_host(dict(metrics))  # [S] each, on every process
         bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
         if bad:
             seeds = sorted({int(i) for k in bad for i in np.flatnonzero(~np.isfinite(metrics[k]))})

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import compilation, models, streams, train
+from trm_jax import compilation, models, sharding, streams, train
 from trm_jax.errors import ConfigError, NonFiniteError
 from trm_jax.typing import ApplyFn, Params
 
@@ -467,7 +467,7 @@ def half_accuracies(apply_fn: ApplyFn, params: Params, beneficial: tuple[jax.Arr
       ``{"beneficial": f[S], "malicious": f[S]}``.
     """
     ben, mal = _half_accuracies(apply_fn, params, beneficial, malicious, offset)
-    return {"beneficial": np.asarray(ben), "malicious": np.asarray(mal)}
+    return sharding.to_host({"beneficial": ben, "malicious": mal})
 
 
 # Module-level so that the stages of one run (same shapes) share one compiled program.

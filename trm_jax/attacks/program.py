@@ -334,7 +334,8 @@ def attack_sweep(model: models.Model, params: Params, keys: jax.Array,
         params = {"features": params["features"]}
     params, keys, data = place(params, keys, data)
     fn = compiled_sweep(model, config, batching, return_params)
-    return fn(params, keys, jnp.asarray(lrs, jnp.float32), data)
+    # Several processes: every process gets the whole [L, S] output (one process: as is).
+    return sharding.gather(fn(params, keys, jnp.asarray(lrs, jnp.float32), data))
 
 
 def check_inputs(model: models.Model, params: Params, keys: jax.Array, data: AttackData,

@@ -121,7 +121,11 @@ def run_plan(model: models.Model, params: Params, keys: jax.Array, plan: Plan,
 
 
 def default_workers() -> int:
-    """Sweeps at once: the CPU cores on a CPU backend (up to 4), else 2 (overlaps host work)."""
+    """Sweeps at once: the CPU cores on a CPU backend (up to 4), else 2 (overlaps host work);
+    1 in a multi-process run, where every process must start the same programs in the same
+    order (their collectives pair up)."""
+    if jax.process_count() > 1:
+        return 1
     if jax.default_backend() == "cpu":
         return max(1, min(4, os.cpu_count() or 1))
     return 2

@@ -103,7 +103,9 @@ def beneficial_model(protocol: data.ProtocolData, model: models.Model | None = N
 def accuracy_on(model: models.Model, params: Params, subset: tuple[jax.Array, jax.Array]) -> np.ndarray:
     """Per-seed accuracy ``f[S]`` of a params stack on ``(images, labels)``."""
     out = jax.vmap(lambda p: train.evaluate(model.apply, p, *subset))(params)
-    return np.asarray(out["accuracy"])
+    from trm_jax import sharding
+
+    return sharding.to_host(out["accuracy"])
 
 
 def train_phase(hooks: Hooks | None, phase: str, keys: PRNGKey, params: Params,
@@ -200,7 +202,7 @@ def outer_loop(phase: str, step: Callable[..., tuple[Params, Any, dict[str, jax.
         fn = plain_fn if plain_fn is not None and t % plain_every == 0 else step_fn
         params, opt_state, metrics = fn(params, opt_state, fold(stream, t), *shared, *per_seed)
         if t % log_every == 0 or t == steps:
-            metrics = {k: np.asarray(v) for k, v in metrics.items()}
+            metrics = sharding.to_host(dict(metrics))  # [S] each, on every process
             bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
             if bad or not _finite(params):
                 raise NonFiniteError(

@@ -20,9 +20,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 
-from trm_jax import compilation, data, models, skd, streams, train
+from trm_jax import compilation, data, models, sharding, skd, streams, train
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference
@@ -109,4 +108,4 @@ def protect(config: SKDMethodConfig, protocol: data.ProtocolData, keys: PRNGKey,
         "beneficial_test_accuracy": accuracy, "student_test_accuracy": accuracy,
         "teacher_test_accuracy": teacher.metrics["beneficial_test_accuracy"],
         "teacher_epochs": config.teacher.epochs,
-        **{k: np.asarray(v) for k, v in masks.items()}})
+        **sharding.to_host(dict(masks))})

@@ -18,9 +18,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 
-from trm_jax import data, models, train, unlearning
+from trm_jax import data, models, sharding, train, unlearning
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods._phases import (beneficial_model, check_keys, device_subset, train_phase)
@@ -100,7 +99,7 @@ def protect(config: UnsirMethodConfig, protocol: data.ProtocolData, keys: PRNGKe
     params = dict(zip(STAGES, (original, result.impaired, result.repaired)))
     accuracy = {stage: unlearning.half_accuracies(model.apply, p, test_ben, test_mal, offset)
                 for stage, p in params.items()}
-    history = {k: np.asarray(v) for k, v in result.noise_history.items()}  # [S, K, steps + 1]
+    history = sharding.to_host(dict(result.noise_history))  # [S, K, steps + 1]
     noise = {"forget_ce_initial": history["forget_ce"][..., 0].mean(1),
              "forget_ce_final": history["forget_ce"][..., -1].mean(1),
              "l2_final": history["l2"][..., -1].mean(1),
