@@ -3,9 +3,9 @@
     python -m experiments.compare --dataset digits --seeds 5 --skd-teacher-epochs 1 2 5 10 20
     python -m experiments.compare --seeds 5                # CIFAR-10 (internet + a GPU advised)
 
-Protects with every method (library calls, ``trm_jax.protect``), each into its own
-run folder ``WORKDIR/methods/<method>`` (reused when finished; ``--force`` redoes
-it; ``--resume`` continues an interrupted one), then attacks every method with
+Protects with every method (library calls, trm_jax.protect), each into its own
+run folder WORKDIR/methods/<method> (reused when finished; --force redoes
+it; --resume continues an interrupted one), then attacks every method with
 the same suite against ONE from-scratch reference (same seeds, same budget). A
 method that fails (e.g. NaN) is recorded with its error and the others go on;
 the exit code is then 1. Writes results.json, results.md (the table),

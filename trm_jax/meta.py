@@ -392,29 +392,35 @@ class MetaConfig:
     """Reverse-MAML hyper-parameters (frozen and hashable, so it can be static under jit).
 
     Attributes:
-      ways, shots, queries: ``N``-way ``K``-shot tasks with ``Q`` queries per class.
-      good_tasks, bad_tasks: tasks per meta-batch from the beneficial / malicious pool.
-      inner_lr: inner SGD learning rate ``alpha``.
-      inner_steps: inner SGD steps ``K`` (``0`` = plain training on the query sets).
-      adapt: ``"all"`` (classic MAML: every param adapts) or ``"head"`` (the
+      ways: N, the classes per task (N-way).
+      shots: K, the support images per class of a task (K-shot).
+      queries: Q, the query images per class of a task (scored after adaptation).
+      good_tasks: tasks per meta-batch from the beneficial classes (trained normally).
+      bad_tasks: tasks per meta-batch from the malicious classes (trained in reverse).
+      inner_lr: inner SGD learning rate alpha.
+      inner_steps: inner SGD steps K (0 = plain training on the query sets).
+      adapt: 'all' (classic MAML: every param adapts) or 'head' (the
         attack's setting: features frozen, only the head adapts; features are
         computed once per task and only the head is differentiated twice).
-      head_init: with ``adapt="head"``, ``"keep"`` adapts the meta-learned head;
-        ``"fresh"`` re-initialises it per task (like the attack), so only the
+      head_init: with adapt="head", 'keep' adapts the meta-learned head;
+        'fresh' re-initialises it per task (like the attack), so only the
         features are meta-learned.
-      meta_grad: ``"exact"`` (second order), ``"first_order"`` (FOMAML) or
-        ``"reptile"`` (``adapt="all"`` only).
-      remat: ``jax.checkpoint`` each inner step (memory for compute).
-      bad_term: how bad tasks are resisted, see :data:`BAD_TERMS`.
-      lam: weight ``lambda >= 0`` of the bad term.
-      loss_cap: the cap of ``clipped_ascent``; ``None`` = ``log C`` (chance level).
-      task_batching: ``"vmap"``, ``"map"``, ``"unroll"`` or ``"auto"``.
-      inner_unroll: the inner loop's ``lax.scan`` unroll factor (``True`` = fully
-        unrolled); ``None`` = per backend (:func:`resolve_inner_unroll`). Speed only.
-      label_mode: ``"fixed"`` (the default: a task's labels are its classes'
-        protocol labels, so every task trains the same ``C``-way head and the
+      meta_grad: 'exact' (second order), 'first_order' (FOMAML) or
+        'reptile' (adapt="all" only).
+      remat: jax.checkpoint each inner step (memory for compute).
+      bad_term: how bad tasks are resisted: 'ascent' (gradient ascent on their
+        post-adaptation loss, unbounded), 'clipped_ascent' (ascent up to loss_cap),
+        'inverse_ce' (minimise -log(1 - p_true)), 'uniform_kl' (KL to the uniform
+        prediction) or 'max_entropy' (maximise the prediction's entropy).
+      lam: weight lambda >= 0 of the bad term.
+      loss_cap: the cap of clipped_ascent; None = log C (chance level).
+      task_batching: 'vmap', 'map', 'unroll' or 'auto'.
+      inner_unroll: the inner loop's lax.scan unroll factor (True = fully
+        unrolled); None = per backend (resolve_inner_unroll). Speed only.
+      label_mode: 'fixed' (the default: a task's labels are its classes'
+        protocol labels, so every task trains the same C-way head and the
         meta-learned params stay a beneficial classifier, which is what the
-        evaluation measures) or ``"shuffled"`` (classic MAML: labels ``0..N-1``
+        evaluation measures) or 'shuffled' (classic MAML: labels 0..N-1
         in random order per task).
     """
 

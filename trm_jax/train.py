@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence, get_args
 
 import chex
 import jax
@@ -32,8 +32,10 @@ from trm_jax import compilation, sharding
 Params = Any
 Batch = Any  # a pytree of arrays with a common leading batch axis
 LossFn = Callable[[Params, Batch], tuple[jax.Array, Mapping[str, jax.Array]]]
-STRATEGIES = ("auto", "scan", "step")
-OPTIMIZERS = ("adam", "sgd", "momentum")
+Strategy = Literal["auto", "scan", "step"]
+Optimizer = Literal["adam", "sgd", "momentum"]
+STRATEGIES = get_args(Strategy)
+OPTIMIZERS = get_args(Optimizer)
 
 
 class TrainState(NamedTuple):
@@ -56,22 +58,23 @@ class TrainConfig:
       epochs: passes over the data.
       batch_size: examples per step; the last partial batch of an epoch is dropped.
       learning_rate: optimizer step size (> 0).
-      optimizer: ``"adam"`` (b1, b2=0.999), ``"sgd"`` or ``"momentum"`` (SGD with momentum).
+      optimizer: 'adam' (b1, b2=0.999), 'sgd' or 'momentum' (SGD with momentum).
       b1: Adam's first-moment decay.
-      momentum: for ``"momentum"``.
-      trainable: ``"all"`` or path prefixes such as ``("head",)`` or
-        ``("head", "features/fc2")``; everything else stays bitwise frozen.
-      strategy: ``"scan"``, ``"step"`` or ``"auto"`` (see module docstring).
+      momentum: for 'momentum'.
+      trainable: 'all' or path prefixes such as ("head",) or
+        ("head", "features/fc2"); everything else stays bitwise frozen.
+      strategy: 'scan' (each epoch one lax.scan), 'step' (one jitted step per batch)
+        or 'auto' (scan where it compiles well).
     """
 
     epochs: int = 10
     batch_size: int = 64
     learning_rate: float = 1e-3
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
     b1: float = 0.9
     momentum: float = 0.9
     trainable: str | tuple[str, ...] = "all"
-    strategy: str = "auto"
+    strategy: Strategy = "auto"
 
     def __post_init__(self):
         validate_config(self)
