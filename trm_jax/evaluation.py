@@ -33,22 +33,28 @@ class SuiteConfig:
     """Which attacks, with which budgets.
 
     Attributes:
-      attacks: names from :data:`trm_jax.attack.ATTACKS`, or ``("all",)`` for the
-        whole suite with both suite optimizers.
-      learning_rates: the grid of every attack; ``None``: the paper's 0.1 for a
-        lone linear probe, :data:`trm_jax.attack.LEARNING_RATE_GRID` otherwise.
-      optimizers: ``None``: adam (``"all"``: adam and momentum).
-      epochs: attack epochs; ``None``: the dataset's ``attack_epochs``.
+      attacks: the attacks to run: linear_probe (the paper's), standardized_probe,
+        head_and_penultimate, reinit_penultimate, reinit_top2, reinit_top3,
+        full_finetune, warm_start, probe_then_finetune; or all for the whole suite
+        with both suite optimizers.
+      learning_rates: the learning-rate grid of every attack; None: the paper's 0.1
+        for a lone linear probe, 1e-4 1e-3 1e-2 1e-1 otherwise.
+      optimizers: the attacks' optimizers (adam, sgd, momentum); None: adam, or adam
+        and momentum with attacks=all.
+      epochs: attack epochs; None: the dataset's attack epochs.
       batch_size: examples per attack step.
-      scratch: also train the from-scratch reference.
-      batching: ``"auto"``, ``"vmap"`` or ``"map"`` (see :func:`trm_jax.attack.resolve_batching`).
-      data_per_class: attacker data budgets, fine-tuning examples per malicious class
-        (``None``: all); see :func:`trm_jax.attack.data_budget`.
-      steps_multipliers: steps budgets as multiples of ``epochs``, read off ONE long
-        run (see :class:`trm_jax.attack.Budgets`).
-      scratch_learning_rates, scratch_optimizers: the scratch reference's grid;
-        ``None``: the attacks' own (``learning_rates`` or the suite's default grid,
-        and ``optimizers``), so every comparison is at equal budget.
+      scratch: also train the from-scratch reference (the same architecture from a
+        random init, with the same data, steps and grid).
+      batching: how the (lr, seed) grid runs in one program: vmap (in parallel),
+        map (one after another) or auto (map on CPU for attacks that train
+        convolutions, vmap otherwise).
+      data_per_class: attacker data budgets: fine-tuning examples per malicious class,
+        several in one program; None: all of them.
+      steps_multipliers: attacker step budgets as multiples of epochs, read off ONE
+        long run.
+      scratch_learning_rates: the scratch reference's learning-rate grid; None: the
+        attacks' own, so every comparison is at equal budget.
+      scratch_optimizers: the scratch reference's optimizers; None: the attacks' own.
     """
 
     attacks: tuple[str, ...] = ("linear_probe",)

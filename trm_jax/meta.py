@@ -168,6 +168,7 @@ def max_entropy(logits: chex.Array, labels: chex.Array, cap: Optional[float] = N
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1).mean()
 
 
+#: The bad terms ``R`` by name (the Reverse-MAML objective's resistance term).
 BAD_TERMS: dict[str, BadTermFn] = {
     "ascent": ascent, "clipped_ascent": clipped_ascent,
     "inverse_ce": inverse_ce, "uniform_kl": uniform_kl, "max_entropy": max_entropy,

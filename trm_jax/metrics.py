@@ -267,9 +267,10 @@ def budget_summary(entries: Mapping[str, Mapping[str, Any]], scratch: Mapping[st
         ``target = SCRATCH_FRACTION x scratch final``).
       scratch: scratch's summary at the same budget (its best optimizer and lr).
       reuse: the names of ``entries`` that are reuse attacks.
+
     Returns:
-      ``{"scratch": {"final", "auc", "optimizer", "learning_rate"}, "worst": ...,
-      "worst_reuse": ...}``.
+      ``{"scratch": {"final", "auc", "optimizer", "learning_rate"}, "worst": ...}``
+      and ``"worst_reuse": ...``.
     """
     if not entries:
         raise ConfigError("budget_summary needs at least one attack entry")

@@ -12,7 +12,7 @@ Written for ONE seed, lifted over seeds with ``jax.vmap``:
 Execution strategy is an option: ``"auto"`` is ``"scan"`` on every backend (one
 dispatch per epoch). ``"step"`` (one jitted call per step) was the CPU default while
 models ran ``lax.conv`` there, whose gradients XLA:CPU runs slower inside a loop;
-since :mod:`trm_jax.models` runs CPU convolutions as ``dot``s, the scan is faster
+since :mod:`trm_jax.models` runs CPU convolutions as ``dot`` products, the scan is faster
 there too (1.4-1.5x, BENCHMARKS.md). Both give the same numbers (tested).
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from trm_jax import compilation, sharding
 
 Params = Any
 Batch = Any  # a pytree of arrays with a common leading batch axis
+#: ``loss_fn(params, batch) -> (scalar loss, {name: metric})``.
 LossFn = Callable[[Params, Batch], tuple[jax.Array, Mapping[str, jax.Array]]]
 Strategy = Literal["auto", "scan", "step"]
 Optimizer = Literal["adam", "sgd", "momentum"]

@@ -207,6 +207,7 @@ def fewshot_classes(images: np.ndarray, labels: np.ndarray, min_examples: int = 
 
 
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
+#: The resize methods :func:`grey_resize` takes.
 RESIZE_METHODS = ("bilinear", "nearest")
 
 

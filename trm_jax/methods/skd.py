@@ -31,6 +31,7 @@ from trm_jax.methods._phases import (Protected, accuracy_on, beneficial_model, c
 from trm_jax.typing import PRNGKey
 
 NAME = "skd"
+#: The per-seed metrics of SKD besides the beneficial test accuracy.
 SUMMARY_KEYS = ("teacher_test_accuracy", "student_test_accuracy", "misses_percent",
                 "false_masks_percent", "malicious_mean_activation", "beneficial_mean_activation")
 
