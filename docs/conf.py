@@ -20,6 +20,8 @@ source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
 html_static_path: list[str] = []
+html_use_index = False  # the API pages are the index
+html_copy_source = False
 myst_heading_anchors = 3
 suppress_warnings = ["myst.xref_missing"]  # links to repository files outside docs/
 
@@ -64,6 +66,18 @@ def _attribute_docstring(app, what, name, obj, options, lines):
         lines[text[0]] = f"{words}: {lines[text[0]].lstrip()}"
 
 
+def _defined_in(name: str) -> str:
+    """The module that defines the object documented as ``name`` (``trm_jax.evaluate``:
+    ``trm_jax.evaluation``)."""
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(getattr(importlib.import_module(module), attr), "__module__", "") or ""
+    except (ImportError, AttributeError, ValueError):
+        return ""
+
+
 def _unique_suffix(app, env, node, contnode):
     """``:class:`ConfigError``` inside trm_jax.datasets means trm_jax.errors.ConfigError:
     a short (or re-exported) name resolves to the one documented object that ends with it
@@ -72,17 +86,21 @@ def _unique_suffix(app, env, node, contnode):
     if node.get("refdomain") != "py":
         return None
     target = node["reftarget"].lstrip("~.")
-    objects = {name: entry for name, entry in env.get_domain("py").objects.items()
-               if not entry.aliased}
+    domain = env.get_domain("py")
+    if getattr(env, "_trm_objects", (None,))[0] is not domain.objects:  # once per build
+        env._trm_objects = (domain.objects, {name: entry for name, entry in domain.objects.items()
+                                             if not entry.aliased})
+    objects = env._trm_objects[1]
     found = [name for name in objects if name == target or name.endswith("." + target)]
     if not found:  # re-exported: trm_jax.methods.config_for is documented as trm_jax.config_for
         last = target.rsplit(".", 1)[-1]
         found = [name for name in objects if name.rsplit(".", 1)[-1] == last]
-    if len(found) > 1:  # "docstring of trm_jax.evaluation.evaluate": prefer trm_jax.evaluation.*
+    if len(found) > 1:  # "docstring of trm_jax.evaluation.evaluate": prefer trm_jax.evaluation's
         where = str(node.source or "").rpartition("docstring of ")[2]
+        home = [name for name in found if where.startswith(f"{_defined_in(name)}.")]
         shared = lambda name: len(os.path.commonprefix([name.split("."), where.split(".")]))
-        best = max(map(shared, found))
-        found = [name for name in found if shared(name) == best]
+        best = max(map(shared, home or found))
+        found = [name for name in home or found if shared(name) == best]
     if len(found) != 1:
         return None
     from sphinx.util.nodes import make_refnode
@@ -92,9 +110,14 @@ def _unique_suffix(app, env, node, contnode):
 
 
 class _PendingFilter:
+    """Drops the warnings about PENDING_FILES before Sphinx counts them (it counts in the
+    first filter of its warning handler, so this one goes in front)."""
+
     def filter(self, record) -> bool:
-        location = str(getattr(record, "location", "") or "")
-        return not any(path in location for path in PENDING_FILES)
+        location = getattr(record, "location", None)
+        where = " ".join(str(part) for part in (
+            getattr(location, "source", None) or location, record.getMessage()))
+        return not any(path in where for path in PENDING_FILES)
 
 
 def setup(app):
@@ -103,4 +126,4 @@ def setup(app):
     app.connect("autodoc-process-docstring", _attribute_docstring, priority=600)
     app.connect("missing-reference", _unique_suffix)
     for handler in _logging.getLogger("sphinx").handlers:
-        handler.addFilter(_PendingFilter())
+        handler.filters.insert(0, _PendingFilter())

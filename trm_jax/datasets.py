@@ -113,7 +113,16 @@ def unregister(name: str) -> None:
 
 
 def get(name: str) -> DatasetEntry:
-    """The entry of ``name``; :class:`ConfigError` naming the known ones otherwise."""
+    """The registered entry of ``name``.
+
+    Raises:
+      ConfigError: ``name`` is not registered (the message lists the datasets that are).
+
+    Example:
+      >>> entry = get("digits")
+      >>> entry.image_shape, entry.offline, entry.model
+      ((8, 8, 1), True, 'lenet')
+    """
     if not isinstance(name, str) or name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; allowed: {sorted(DATASETS)}")
     return DATASETS[name]

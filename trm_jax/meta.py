@@ -122,6 +122,12 @@ def clipped_ascent(logits: chex.Array, labels: chex.Array,
     gradient while the others still do; the objective is bounded, so it can't
     diverge. ``cap=None`` means chance level, ``log C`` (``C`` = logits width):
     no reward for being worse than a uniform guess.
+
+    Example:
+      >>> import math, jax.numpy as jnp
+      >>> wrong = jnp.array([[0.0, 9.0, 0, 0, 0]])  # confidently wrong: CE ~ 9 > log 5
+      >>> round(float(clipped_ascent(wrong, jnp.array([0]))), 4) == round(math.log(5), 4)
+      True
     """
     cap = math.log(logits.shape[-1]) if cap is None else cap
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -147,6 +153,14 @@ def uniform_kl(logits: chex.Array, labels: chex.Array, cap: Optional[float] = No
     ``KL(u || p) = -log C - 1/C sum_j log p_j >= 0``, zero only at ``p = u``: the
     adapted model is pushed to know nothing rather than to be confidently wrong.
     Labels and ``cap`` are ignored.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> labels = jnp.array([0, 1])
+      >>> abs(float(uniform_kl(jnp.zeros((2, 5)), labels)))            # uniform: the maximum
+      0.0
+      >>> float(uniform_kl(jnp.array([[4.0, 0, 0, 0, 0]] * 2), labels)) < 0  # confident: lower
+      True
     """
     del labels, cap
     chex.assert_rank(logits, 2)
@@ -216,6 +230,20 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
 
     Returns:
       The adapted params ``phi_K``, same structure and dtypes as ``params``.
+
+    Example:
+      On ``L_s(w) = (w - 2)^2`` two steps at ``alpha = 0.25`` go 0 -> 1 -> 1.5, and each
+      step scales ``d phi / d theta`` by ``1 - 2 alpha``, so the exact meta-gradient of
+      ``phi_2`` is ``0.5^2`` (first order: 1).
+
+      >>> import jax, jax.numpy as jnp
+      >>> loss = lambda w, x, y: jnp.mean((w * x - y) ** 2)
+      >>> x, y = jnp.ones(1), jnp.full(1, 2.0)
+      >>> phi = lambda w, **kw: adapt(w, x, y, loss_fn=loss, inner_lr=0.25, steps=2, **kw)
+      >>> float(phi(0.0))
+      1.5
+      >>> float(jax.grad(phi)(0.0)), float(jax.grad(lambda w: phi(w, first_order=True))(0.0))
+      (0.25, 1.0)
     """
     loss_fn = _resolve_loss(loss_fn, apply_fn)
     if steps < 0:

@@ -69,6 +69,12 @@ def config_for(name: str, dataset: str) -> Any:
 
     Raises:
       ConfigError: unknown method or dataset, or an override naming no field.
+
+    Example:
+      >>> import trm_jax
+      >>> config = trm_jax.config_for("reverse_maml", "digits")
+      >>> config.meta.adapt, config.meta.shots, config.meta_steps
+      ('head', 5, 200)
     """
     module, entry = method(name), datasets.get(dataset)
     config = module.default_config(entry)
