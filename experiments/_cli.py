@@ -33,6 +33,7 @@ import tyro
 
 from trm_jax import checkpoint, compilation, data, datasets, distributed, errors, runs, sharding
 from trm_jax.distributed import DistributedConfig
+from trm_jax.models import MODELS
 from trm_jax.hooks import RunFolderHooks
 from trm_jax import methods
 from trm_jax.methods import seed_keys
@@ -42,28 +43,41 @@ C = TypeVar("C")
 FLAT = tyro.conf.arg(name="")
 
 
+def default_is(words: str, **arg: Any) -> Any:
+    """``Annotated[T, default_is("the dataset's")]``: --help says ``(default: the dataset's)``
+    where the field's value (``None``) only means "decided later"."""
+    return tyro.conf.arg(help_behavior_hint=f"(default: {words})", **arg)
+
+
+def choices(names: Any) -> str:
+    """A metavar listing the allowed values, as tyro does for ``Literal`` fields."""
+    return "{" + ",".join(names) + "}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ProtocolOptions:
     """The protocol's classes and split sizes (None: the dataset's preset)."""
 
-    beneficial_classes: tuple[int, ...] | None = None
-    """class ids of the beneficial half (default: the first half of the classes)"""
-    malicious_classes: tuple[int, ...] | None = None
-    """class ids of the malicious half (default: the second half)"""
-    pretrain_size: int | None = None
-    """train[:N] is pre-training (default: the dataset's)"""
-    finetune_size: int | None = None
-    """train[N:N+M] is fine-tuning (default: the rest of train)"""
-    test_size: int | None = None
-    """test[:T] (default: the whole test split)"""
+    beneficial_classes: Annotated[tuple[int, ...] | None,
+                                  default_is("the dataset's, e.g. 0 1 2 3 4")] = None
+    """class ids of the beneficial half (the classes the model should keep)"""
+    malicious_classes: Annotated[tuple[int, ...] | None,
+                                 default_is("the dataset's, e.g. 5 6 7 8 9")] = None
+    """class ids of the malicious half (the classes an attacker should not get)"""
+    pretrain_size: Annotated[int | None, default_is("the dataset's")] = None
+    """N: train[:N] is the pre-training split (what the methods train on)"""
+    finetune_size: Annotated[int | None, default_is("the rest of train")] = None
+    """M: train[N:N+M] is the fine-tuning split (the attacker's data)"""
+    test_size: Annotated[int | None, default_is("the whole test split")] = None
+    """T: test[:T] scores every model"""
 
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """Where results go and how the run behaves (not part of the experiment's identity)."""
 
-    workdir: str | None = None
-    """run folder (default runs/<experiment>-<timestamp>)"""
+    workdir: Annotated[str | None, default_is("runs/<experiment>-<timestamp>")] = None
+    """the run folder: config.json, metrics.jsonl, results.json, figures, checkpoints/"""
     resume: bool = False
     """continue the interrupted run in --workdir (same settings required)"""
     overwrite: bool = False
@@ -74,8 +88,8 @@ class RunOptions:
     """epochs between checkpoints of supervised phases"""
     meta_checkpoint_every: int = 100
     """outer steps between meta-training checkpoints"""
-    data_dir: str | None = None
-    """TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)"""
+    data_dir: Annotated[str | None, default_is("$TFDS_DATA_DIR or ~/tensorflow_datasets")] = None
+    """the TFDS data folder (prepared datasets are read from, and prepared into, it)"""
     download: bool = True
     """let TFDS download a dataset that is not prepared (after one short reachability probe:
     offline it fails in seconds); --no-download never downloads"""
@@ -98,12 +112,13 @@ class RunOptions:
 class Experiment:
     """The fields every experiment's config has (subclass it and add the method's)."""
 
-    dataset: str = "cifar10"
-    """'digits' works offline; the others download through TFDS (any registered dataset)"""
+    dataset: Annotated[str, tyro.conf.arg(metavar=choices(datasets.names()))] = "cifar10"
+    """the dataset (cifar10: the paper's; digits works offline; the others download
+    through TFDS on first use)"""
     seeds: int = 5
     """seeds 0..N-1, vmapped in one program"""
-    model: str | None = None
-    """architecture (default: the dataset's preset)"""
+    model: Annotated[str | None, default_is("the dataset's preset", metavar=choices(MODELS))] = None
+    """the architecture (lenet: the paper's CNN; conv4: MAML's 4-layer CNN)"""
     protocol: Annotated[ProtocolOptions, FLAT] = ProtocolOptions()
     run: Annotated[RunOptions, FLAT] = RunOptions()
 
@@ -146,9 +161,11 @@ def parse(config_cls: type[C], defaults: Callable[[str], C], argv: list[str] | N
     default = defaults(dataset)
     out = io.StringIO()
     try:
-        # A wide console: tyro's boxes then hold one logical line per line (no wrapping).
+        # Errors: a wide console, so tyro's boxes hold one logical line per line (no wrapping)
+        # for one_line. --help: the terminal's own width, or it is unreadable there.
+        wide = {} if {"-h", "--help"} & set(argv) else {"COLUMNS": "1000"}
         with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out), \
-                _environ(COLUMNS="1000"), errors.watch() as seen:
+                _environ(**wide), errors.watch() as seen:
             config = tyro.cli(config_cls, default=default, args=argv, prog=prog,
                               description=description)
     except SystemExit as exit_:

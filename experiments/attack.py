@@ -4,19 +4,19 @@
     python -m experiments.attack --run runs/ref                          # the paper's linear probe
     python -m experiments.attack --run runs/ref --attack.attacks all --output attack_all.json
 
-Reads the run's ``config.json`` (dataset, protocol, data dir) and saved model
-(``model.json`` + ``checkpoints/model``), attacks every seed's model with every
-learning rate in one compiled program per attack (``trm_jax.evaluate``), and
-writes into the run folder ``attack.json`` (all curves and metrics) and
-``attack.png`` (mean +- std learning curves, chance level), then prints a
-summary. ``--reference RUN`` also attacks an unprotected reference run the same way.
+Reads the run's config.json (dataset, protocol, data dir) and saved model
+(model.json + checkpoints/model), attacks every seed's model with every
+learning rate in one compiled program per attack (trm_jax.evaluate), and
+writes into the run folder attack.json (all curves and metrics) and
+attack.png (mean +- std learning curves, chance level), then prints a
+summary. --reference RUN also attacks an unprotected reference run the same way.
 """
 from __future__ import annotations
 
 import dataclasses
 import pathlib
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import jax
 
@@ -34,12 +34,12 @@ class Config:
     run: str
     """run folder of any experiment (with a saved model)"""
     attack: SuiteConfig = SuiteConfig()
-    seeds: int | None = None
-    """attack only the first N saved seeds (default: all)"""
+    seeds: Annotated[int | None, _cli.default_is("every saved seed")] = None
+    """attack only the first N saved seeds"""
     reference: str | None = None
     """run folder of an unprotected reference model to attack the same way"""
-    data_dir: str | None = None
-    """TFDS data dir (default: the run's)"""
+    data_dir: Annotated[str | None, _cli.default_is("the run's")] = None
+    """the TFDS data folder to read the run's dataset from"""
     output: str = "attack.json"
     """file name inside the run folder"""
     overwrite: bool = False
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figure = evaluation.plot_report(report, run.file(out_path.with_suffix(".png").name),
                                     f"Fine-tuning attacks on {stored.get('experiment', 'model')} "
                                     f"({stored['dataset']}, {len(seeds)} seeds)", chance)
-    print(evaluation.summary_table(result))
+    print(evaluation.summary_table(result, chance=chance))
     worst = result["summary"]["worst_case"]["final"]
     print(f"worst case (final): {worst['attack']} {worst['mean']:.3f} ± {worst['std']:.3f}; "
           f"chance {chance:.3f}")

@@ -3,9 +3,9 @@
     python -m experiments.compare --dataset digits --seeds 5 --skd-teacher-epochs 1 2 5 10 20
     python -m experiments.compare --seeds 5                # CIFAR-10 (internet + a GPU advised)
 
-Protects with every method (library calls, ``trm_jax.protect``), each into its own
-run folder ``WORKDIR/methods/<method>`` (reused when finished; ``--force`` redoes
-it; ``--resume`` continues an interrupted one), then attacks every method with
+Protects with every method (library calls, trm_jax.protect), each into its own
+run folder WORKDIR/methods/<method> (reused when finished; --force redoes
+it; --resume continues an interrupted one), then attacks every method with
 the same suite against ONE from-scratch reference (same seeds, same budget). A
 method that fails (e.g. NaN) is recorded with its error and the others go on;
 the exit code is then 1. Writes results.json, results.md (the table),
@@ -359,9 +359,11 @@ def figures(file: Callable[[str], pathlib.Path], results: dict) -> None:
             search_figure(file("fig5_attacker_search.png"), results)
         for r in rows:  # per-attack curves at all data, the longest steps budget
             d = "all" if "all" in scratch["budgets"] else list(scratch["budgets"])[-1]
-            entries = {name.split("/", 1)[1]: {"curves": [e["budgets"][d]["curve"]]}
+            entries = {name.split("/", 1)[1]: {"curves": [e["budgets"][d]["curve"]],
+                                               "steps_per_epoch": e.get("steps_per_epoch")}
                        for name, e in results["attacks"].items() if name.startswith(r["method"] + "/")}
-            entries["scratch"] = {"curves": [scratch["budgets"][d]["curve"]]}
+            entries["scratch"] = {"curves": [scratch["budgets"][d]["curve"]],
+                                  "steps_per_epoch": scratch.get("steps_per_epoch")}
             plots.plot_attack_curves(entries, file(f"fig4_attacks_{r['method']}.png"),
                                      f"Every attack on {r['label']} ({results['dataset']}, data "
                                      f"{data_label(d, results)}, each at its best lr)",
@@ -374,36 +376,25 @@ def figures(file: Callable[[str], pathlib.Path], results: dict) -> None:
 def data_figure(path, results: dict) -> None:
     """Malicious accuracy vs attacker data per class at the longest steps budget: scratch,
     the unprotected reference and each method's worst case (mean ± std over seeds)."""
-    plt = plots._pyplot()
     scratch = results["references"]["scratch"]["budgets"]
     keys = list(scratch)
     steps = [k for k in scratch[keys[0]] if k != "curve"][-1]
-    x = range(len(keys))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-
-    def line(values, label, **kw):
-        return ax.errorbar(x, [v["mean"] for v in values], [v["std"] for v in values],
-                           label=label, capsize=3, marker="o", **kw)[0].get_color()
-
-    line([scratch[k][steps]["final"] for k in keys], "scratch (random init)", color="black", ls="--")
+    worst = lambda r, case: [r["budgets"][k][steps][case] for k in keys]
+    shared = {"scratch (random init)": [scratch[k][steps]["final"] for k in keys]}
+    panels = {}
     for r in results["table"]:
-        worst = [r["budgets"][k][steps]["worst"] for k in keys]
-        color = line([w["final"] for w in worst],
-                     f"{r['label']}: worst case" if r["method"] != "reference" else "unprotected: worst case",
-                     lw=2.5 if r["method"] == "reference" else 1.5)
-        reuse = [r["budgets"][k][steps]["worst_reuse"] for k in keys]
-        if r["method"] != "reference" and all(reuse):
-            line([w["final"] for w in reuse], f"{r['label']}: worst reuse attack", ls=":", color=color)
-    ax.axhline(results["chance"], color="grey", lw=0.8, label="chance")
-    ax.set_xticks(list(x), [data_label(k, results) for k in keys])
-    ax.set_xlabel("attacker data (malicious fine-tuning examples per class)")
-    ax.set_ylabel(f"malicious test accuracy after {steps} steps budget")
-    ax.set_title(f"Malicious accuracy vs attacker data per class ({results['dataset']}, mean ± std "
-                 f"over {len(results['seeds'])} seeds)", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        if r["method"] == "reference":
+            shared["unprotected: worst attack"] = [w["final"] for w in worst(r, "worst")]
+            continue
+        panels[r["label"]] = {"worst attack (whole suite)": [w["final"] for w in worst(r, "worst")]}
+        if all(worst(r, "worst_reuse")):
+            panels[r["label"]]["worst reuse attack"] = [w["final"] for w in worst(r, "worst_reuse")]
+    plots.plot_budget_panels(
+        [data_label(k, results) for k in keys], panels, shared, path,
+        f"Malicious accuracy vs attacker data ({results['dataset']}, {steps} steps budget)\n"
+        f"mean ± std over {len(results['seeds'])} seeds; lower is better for a defence",
+        xlabel="attacker data per malicious class", ylabel="malicious test accuracy",
+        chance=results["chance"])
 
 
 if __name__ == "__main__":

@@ -8,20 +8,20 @@
         --width 32 --meta-steps 100 --meta.good-tasks 4 --meta.bad-tasks 4 --eval-tasks 100
 
 Classic few-shot MAML on the beneficial side (Finn et al., 2017): N-way K-shot
-tasks from the characters of ``--dataset`` (default ``omniglot``: TFDS ``train`` =
-the background alphabets, ``test`` = the evaluation alphabets) with labels
-``0..N-1`` shuffled per task; bad tasks are N-way tasks from the ``--malicious``
-digits (``mnist``, or ``digits``: scikit-learn's 8x8 digits upsampled, offline),
-trained in reverse (``trm_jax.methods.reverse_maml.meta_train``). Data and
-evaluation: ``trm_jax.fewshot``. The meta-learning defaults are
-``trm_jax.config_for("reverse_maml", dataset)`` with ``label_mode="shuffled"``.
+tasks from the characters of --dataset (default omniglot: TFDS train =
+the background alphabets, test = the evaluation alphabets) with labels
+0..N-1 shuffled per task; bad tasks are N-way tasks from the --malicious
+digits (mnist, or digits: scikit-learn's 8x8 digits upsampled, offline),
+trained in reverse (trm_jax.methods.reverse_maml.meta_train). Data and
+evaluation: trm_jax.fewshot. The meta-learning defaults are
+trm_jax.config_for("reverse_maml", dataset) with label_mode="shuffled".
 
-Reported: the few-shot accuracy after adaptation on ``--eval-tasks`` tasks from
-the held-out characters (``beneficial_fewshot_accuracy``, also as
-``beneficial_test_accuracy``) and from the malicious test split, then the
+Reported: the few-shot accuracy after adaptation on --eval-tasks tasks from
+the held-out characters (beneficial_fewshot_accuracy, also as
+beneficial_test_accuracy) and from the malicious test split, then the
 fine-tuning attack on the malicious digits next to the scratch reference.
-``results.json`` says which data were real (``data_provenance``); mock data
-(``--mock-beneficial`` / ``--mock-malicious``, offline) is never a result.
+results.json says which data were real (data_provenance); mock data
+(--mock-beneficial / --mock-malicious, offline) is never a result.
 """
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
         for half in ("beneficial", "malicious"):
             _cli.print_accuracy(f"{half} few-shot accuracy ({config.eval_tasks} {m.ways}-way "
                                 f"{m.shots}-shot tasks per seed)", scores[half])
-        print(evaluation.summary_table(results))
+        chance = 1.0 / protocol.test.malicious.num_classes
+        print(evaluation.summary_table(results, chance=chance))
         return results
 
 

@@ -5,11 +5,11 @@
     python -m experiments.reverse_maml --dataset digits --meta.inner-steps 10 --attack.attacks all
 
 Good tasks (beneficial classes) are trained normally, bad tasks (malicious
-classes) in reverse (``trm_jax.methods.reverse_maml``). The meta-learned model is
+classes) in reverse (trm_jax.methods.reverse_maml). The meta-learned model is
 then evaluated: beneficial test accuracy, then the attack suite (the paper's
 linear probe by default) next to the unprotected reference (trained here on the
 same split and seeds) and the from-scratch reference. Writes a run folder with
-results.json and attack_curves.png; ``--resume`` continues an interrupted run.
+results.json and attack_curves.png; --resume continues an interrupted run.
 """
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
             evaluation.plot_report(report, run.file("attack_curves.png"),
                                    f"Fine-tuning attack on {config.dataset}: Reverse-MAML vs references",
                                    chance=1.0 / protocol.test.malicious.num_classes, label="Reverse-MAML: ")
-        print(evaluation.summary_table(results))
+        chance = 1.0 / protocol.test.malicious.num_classes
+        print(evaluation.summary_table(results, chance=chance))
         return results
 
 

@@ -4,12 +4,12 @@
     python -m experiments.simulated_attack --dataset digits --lam 3 --attacker.steps 20
 
 Trains the unprotected reference (the starting model and the goals' baseline), meta-trains against
-attackers sampled from the evaluation's suite (``trm_jax.methods.simulated_attack``),
-then attacks the result with ``--attack`` (default: compare's suite, every attack at
-three data budgets) and reports the goals of ``trm_jax.evaluation.defence_goals``:
+attackers sampled from the evaluation's suite (trm_jax.methods.simulated_attack),
+then attacks the result with --attack (default: compare's suite, every attack at
+three data budgets) and reports the goals of trm_jax.evaluation.defence_goals:
 worst reuse attack, beneficial accuracy vs the reference, advantage over scratch.
-``--validation`` scores on a held-out part of the fine-tuning split instead of the
-test split (for choosing settings; see ``experiments.simulated_attack_search``).
+--validation scores on a held-out part of the fine-tuning split instead of the
+test split (for choosing settings; see experiments.simulated_attack_search).
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
                               "split": "validation" if config.validation else "test",
                               **summary, "unprotected_beneficial_test_accuracy": unprotected,
                               **report, "goals": goals})
-        print(evaluation.summary_table(results))
+        chance = 1.0 / protocol.test.malicious.num_classes
+        print(evaluation.summary_table(results, chance=chance))
         print(evaluation.goals_line(goals))
         return results
 

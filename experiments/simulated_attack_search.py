@@ -3,19 +3,19 @@
     python -m experiments.simulated_attack_search --dataset digits
     python -m experiments.simulated_attack_search --dataset digits --grid "lam=1" "lam=3,anchor=0.3"
 
-1. **Search** (``--search-seeds`` seeds): every ``--grid`` variant of the base config
-   (``field=value`` changes, comma-separated; dotted paths reach nested fields, e.g.
-   ``attacker.steps=20``) is trained and attacked on ``trm_jax.data.validation_protocol``:
+1. **Search** (--search-seeds seeds): every --grid variant of the base config
+   (field=value changes, comma-separated; dotted paths reach nested fields, e.g.
+   attacker.steps=20) is trained and attacked on trm_jax.data.validation_protocol:
    the attacker fine-tunes on two thirds of the fine-tuning split and is scored on the
    last third; the test split is never read. The pick: among variants within 0.02 of the
    reference's beneficial accuracy, the lowest worst-case reuse attack (then the lowest
    advantage over scratch); if none is within 0.02, the smallest beneficial drop.
-2. **Test** (``--seeds`` seeds): the pick and each ``--ablations`` change of it (one
+2. **Test** (--seeds seeds): the pick and each --ablations change of it (one
    ingredient removed), attacked on the test split, with the goals of
-   ``trm_jax.evaluation.defence_goals``; the unprotected reference attacked the same way.
+   trm_jax.evaluation.defence_goals; the unprotected reference attacked the same way.
 
 Writes results.json, results.md (search and ablation tables) and tradeoff.png (beneficial
-accuracy vs worst reuse attack, one point per variant). ``--resume`` skips finished variants.
+accuracy vs worst reuse attack, one point per variant). --resume skips finished variants.
 """
 from __future__ import annotations
 

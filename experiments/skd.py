@@ -6,11 +6,11 @@
     python -m experiments.skd                                              # the paper (CIFAR-10)
 
 Per teacher budget: teacher, distillation onto penultimate targets (-100 for
-malicious images), masked head; misses and false masks (``trm_jax.methods.skd``).
+malicious images), masked head; misses and false masks (trm_jax.methods.skd).
 The model of the LAST teacher budget is saved and attacked next to a
 from-scratch reference. Writes a run folder: config.json, metrics.jsonl (one
-``ablation`` record per budget), results.json (plus ``teacher_test_accuracy``,
-``misses_percent``, ``false_masks_percent``, ``ablation``), attack_curves.png,
+ablation record per budget), results.json (plus teacher_test_accuracy,
+misses_percent, false_masks_percent, ablation), attack_curves.png,
 ablation.png (with several budgets), checkpoints/. Digits, 3 seeds, 2 CPU cores:
 ~1.5 min; teacher 0.98, student 0.86, misses 0.4%, false masks 11%.
 """
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
             plots.plot_ablation(rows, run.file("ablation.png"),
                                 f"SKD teacher ablation ({config.dataset}, {len(seeds)} seeds)")
         print(ablation_table(rows))
-        print(evaluation.summary_table(results))
+        print(evaluation.summary_table(results, chance=chance))
         return results
 
 

@@ -3,12 +3,12 @@
     python -m experiments.unlearning --dataset digits --seeds 3
     python -m experiments.unlearning --dataset digits --unsir.impair.learning-rate 0.02
 
-Stages (``trm_jax.methods.unsir``): the original all-classes model, the
+Stages (trm_jax.methods.unsir): the original all-classes model, the
 error-maximising noise, impair, repair. Beneficial and malicious test accuracy
 (argmax over all classes' logits) after every stage. The repaired model's
 features get a fresh malicious head and are attacked like every other method's;
-the original model is attacked too, as ``references["unprotected/<attack>"]``
-(``--no-attack-original`` skips it), to show what unlearning changed.
+the original model is attacked too, as references["unprotected/<attack>"]
+(--no-attack-original skips it), to show what unlearning changed.
 
 Expected (digits, 3 seeds, ~2 min on 2 CPU cores): original 0.973 beneficial /
 0.951 malicious; impair 0.884 / 0.001; repair 0.955 / 0.000; linear probe on the
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
             acc = results["stages"][stage]
             print(f"{stage:<9} beneficial {acc['beneficial_test_accuracy']['mean']:.4f}  "
                   f"malicious {acc['malicious_test_accuracy']['mean']:.4f}")
-        print(evaluation.summary_table(results))
+        chance = 1.0 / protocol.test.malicious.num_classes
+        print(evaluation.summary_table(results, chance=chance))
         return results
 
 

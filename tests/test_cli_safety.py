@@ -167,7 +167,8 @@ def test_a_run_folder_is_removed_when_opening_it_fails_after_it_was_made(tmp_pat
     (compare, ["--skd.head.batch-size", "5000"], "--skd.head.batch-size=5000 exceeds"),
     (compare, ["--reverse-maml.meta.inner-lr", "-1"], "--reverse-maml.meta.inner-lr must be finite"),
     (reverse_maml, ["--reference.train.optimizer", "adamw"],
-     "unknown --reference.train.optimizer 'adamw'; allowed: ('adam', 'sgd', 'momentum')"),
+     "invalid choice 'adamw' for argument '--reference.train.optimizer'. Expected one of "
+     "('adam', 'sgd', 'momentum')."),
     (reverse_maml, ["--inner-steps", "10"],
      "Unrecognized options: --inner-steps, 10; perhaps you meant --meta.inner-steps"),
     (reverse_maml, ["--attack.learning-rates", "0.1", "inf"],

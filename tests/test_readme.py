@@ -31,7 +31,7 @@ def test_library_example_runs_as_written(digits_data_dir, monkeypatch, capsys):
     report = trm_jax.attacks.to_json(result)
     assert "scratch" in report["references"] and "unprotected/linear_probe" in report["references"]
     out = capsys.readouterr().out
-    assert "linear_probe" in out and namespace["worst"].attack in out
+    assert "linear_probe" in out and "reference: scratch" in out
 
 
 def test_your_own_model_example_runs_as_written(digits_data_dir, monkeypatch, capsys):
@@ -64,16 +64,60 @@ def test_quickstart_numbers_are_the_committed_run():
     assert quickstart_claim(results) in " ".join(README.split()), quickstart_claim(results)
 
 
+def test_quickstart_output_is_the_committed_run():
+    """What the README says the quick start prints is what that run prints."""
+    import json
+
+    from trm_jax import evaluation
+
+    results = json.loads((RESULTS / "quickstart.json").read_text())
+    printed = README.split("<!-- quickstart:end -->", 1)[1].split("```text", 1)[1].split("```")[0]
+    normal = lambda text: [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    # digits: 5 malicious classes, chance 0.20 (the legend names it)
+    table = [line for line in normal(evaluation.summary_table(results, chance=0.2))
+             if set(line) - set("- ")]
+    assert table and all(line in normal(printed) for line in table), (table, printed)
+    pm = lambda s: f"{s['mean']:.4f} +- {s['std']:.4f}"
+    for label, summary in (("Reverse-MAML", results["beneficial_test_accuracy"]),
+                           ("unprotected reference", results["unprotected_beneficial_test_accuracy"])):
+        assert f"{label} beneficial test accuracy: {pm(summary)}" in printed, label
+
+
+def test_a_newcomer_meets_no_commit_hash_or_internal_name_before_the_quick_start_ends():
+    start = README.split("<!-- quickstart:end -->", 1)[1].split("\n## ", 1)[0]
+    top = README.split("<!-- quickstart:start -->", 1)[0] + start
+    assert not re.findall(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", top)
+    for internal in ("trm_jax.", "conv_impl", "vmap", "jit", "lax.", "Hooks", "issue "):
+        assert internal not in top, internal
+    assert len(README.encode()) < 12_000, len(README.encode())
+
+
+def digits_rows(results: dict) -> list[str]:
+    """The README's digits table: one row per method at all the attacker's data and 1x steps."""
+    pm = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
+    rows = []
+    for row in results["table"]:
+        at = row["budgets"]["all"]["1x"]
+        worst, reuse = at["worst"], at["worst_reuse"]
+        rows.append(f"| {row['label']} | {pm(row['beneficial'])} | {pm(row['probe_final'])} | "
+                    f"{worst['attack']}: {pm(worst['final'])} ({worst['advantage_final']:+.3f}) | "
+                    f"{reuse['attack']}: {pm(reuse['final'])} |")
+    return rows
+
+
 def test_results_table_is_the_committed_comparison():
     import json
 
     from experiments import compare
 
     results = json.loads((RESULTS / "results.json").read_text())
-    rows = [ln for ln in compare.markdown(results).splitlines() if ln.startswith("| ")]
-    assert len(rows) >= 2 + len(results["table"])
-    for row in rows:
+    for row in digits_rows(results):
         assert row in README, row
+    scratch = results["references"]["scratch"]["budgets"]["all"]["1x"]["final"]
+    assert f"scratch reaches {scratch['mean']:.3f} ± {scratch['std']:.3f}" in " ".join(README.split())
+    # The full tables: results.md is what compare writes from results.json, and docs show it.
+    assert (RESULTS / "results.md").read_text() == compare.markdown(results)
+    assert "../experiments/results/digits/results.md" in (ROOT / "docs" / "results.md").read_text()
 
 
 def test_simulated_attack_tables_are_the_committed_search():
@@ -81,9 +125,22 @@ def test_simulated_attack_tables_are_the_committed_search():
 
     from experiments import simulated_attack_search as search
 
-    results = json.loads((RESULTS / "simulated_attack_search" / "results.json").read_text())
+    folder = RESULTS / "simulated_attack_search"
+    results = json.loads((folder / "results.json").read_text())
+    tables = (folder / "results.md").read_text()
     rows = [ln for ln in search.markdown(results).splitlines() if ln.startswith("| ")]
     assert len(rows) == 2 + 2 + len(results["search"]) + len(results["test"])  # headers, references
     for row in rows:
-        assert row in README, row
-    assert f"Pick: `{results['pick']}`" in README
+        assert row in tables, row
+    assert f"Pick: `{results['pick']}`" in tables
+    docs = (ROOT / "docs" / "results.md").read_text()
+    assert "../experiments/results/digits/simulated_attack_search/results.md" in docs
+
+
+def test_the_attack_suite_table_names_every_attack():
+    import trm_jax
+
+    suite = getattr(trm_jax, "attacks", None) or trm_jax.attack  # the package, once it exists
+    table = README.split("## The attack suite", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"^\| `(\w+)`", table, re.MULTILINE)
+    assert named == [*suite.ATTACKS, "scratch"], named

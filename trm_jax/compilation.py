@@ -243,8 +243,10 @@ class PhaseStats:
       xla_compilations: of those, the ones XLA really compiled (``compilations - cache_hits``).
       cache_hits: executables loaded from the persistent cache.
       cache_writes: executables written to the persistent cache.
-      trace_seconds, lower_seconds, backend_seconds: jaxpr tracing, lowering to MLIR, and
-        XLA compile or cache load; ``compile_seconds`` is their sum.
+      trace_seconds: seconds spent tracing to jaxprs.
+      lower_seconds: seconds spent lowering to MLIR.
+      backend_seconds: seconds of XLA compiling or loading from the cache
+        (``compile_seconds`` is the sum of the three).
       wall_seconds: wall time of the phase (of the ``with`` block).
     """
     compilations: int = 0

@@ -37,12 +37,15 @@ class DatasetEntry:
       num_classes: classes of the whole dataset (the protocol picks its halves).
       pretrain_size: the protocol's ``train[:pretrain_size]``; the rest of train
         is the fine-tuning split.
-      train_split, test_split: TFDS split names.
+      train_split: the TFDS split the pre-training and fine-tuning splits come from.
+      test_split: the TFDS split that scores every model.
       offline: ``True`` when it can be prepared with no network.
       model: ``"lenet"`` or ``"conv4"`` (see :mod:`trm_jax.models`).
       model_options: keyword arguments of the model factory, e.g. ``(("padding", "SAME"),)``.
-      epochs, batch_size, learning_rate: supervised training defaults (Adam) of
-        every phase that trains a classifier (reference, teacher, heads, UNSIR's original).
+      epochs: supervised training epochs (Adam) of every phase that trains a
+        classifier (reference, teacher, heads, UNSIR's original).
+      batch_size: the batch size of those phases.
+      learning_rate: the learning rate of those phases.
       attack_epochs: the fine-tuning attack's epochs.
       overrides: ``{method: {dotted.path: value}}`` on top of the method config's
         defaults (see :func:`trm_jax.methods.config_for`).
@@ -110,7 +113,16 @@ def unregister(name: str) -> None:
 
 
 def get(name: str) -> DatasetEntry:
-    """The entry of ``name``; :class:`ConfigError` naming the known ones otherwise."""
+    """The registered entry of ``name``.
+
+    Raises:
+      ConfigError: ``name`` is not registered (the message lists the datasets that are).
+
+    Example:
+      >>> entry = get("digits")
+      >>> entry.image_shape, entry.offline, entry.model
+      ((8, 8, 1), True, 'lenet')
+    """
     if not isinstance(name, str) or name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; allowed: {sorted(DATASETS)}")
     return DATASETS[name]

@@ -29,6 +29,14 @@ class ConfigError(TrmError, ValueError):
         checked (``"inner_lr"``, ``"teacher.batch_size"``), as the message spells it,
         or ``None``. The experiments' command lines replace it in the message by the
         flag that sets it (``--meta.inner-lr``).
+
+    Example:
+      >>> import trm_jax
+      >>> try:
+      ...     trm_jax.train.TrainConfig(learning_rate=float("inf"))
+      ... except ConfigError as err:
+      ...     print(err, "| field:", err.field)
+      learning_rate must be finite and > 0, got inf | field: learning_rate
     """
 
     def __init__(self, message: str, *, field: str | None = None):

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from typing import Any, Mapping
 
 import numpy as np
@@ -32,22 +33,28 @@ class SuiteConfig:
     """Which attacks, with which budgets.
 
     Attributes:
-      attacks: names from :data:`trm_jax.attacks.ATTACKS`, or ``("all",)`` for the
-        whole suite with both suite optimizers.
-      learning_rates: the grid of every attack; ``None``: the paper's 0.1 for a
-        lone linear probe, :data:`trm_jax.attacks.LEARNING_RATE_GRID` otherwise.
-      optimizers: ``None``: adam (``"all"``: adam and momentum).
-      epochs: attack epochs; ``None``: the dataset's ``attack_epochs``.
+      attacks: the attacks to run: linear_probe (the paper's), standardized_probe,
+        head_and_penultimate, reinit_penultimate, reinit_top2, reinit_top3,
+        full_finetune, warm_start, probe_then_finetune; or all for the whole suite
+        with both suite optimizers.
+      learning_rates: the learning-rate grid of every attack; None: the paper's 0.1
+        for a lone linear probe, 1e-4 1e-3 1e-2 1e-1 otherwise.
+      optimizers: the attacks' optimizers (adam, sgd, momentum); None: adam, or adam
+        and momentum with attacks=all.
+      epochs: attack epochs; None: the dataset's attack epochs.
       batch_size: examples per attack step.
-      scratch: also train the from-scratch reference.
-      batching: ``"auto"``, ``"vmap"`` or ``"map"`` (see :func:`trm_jax.attacks.resolve_batching`).
-      data_per_class: attacker data budgets, fine-tuning examples per malicious class
-        (``None``: all); see :func:`trm_jax.attacks.data_budget`.
-      steps_multipliers: steps budgets as multiples of ``epochs``, read off ONE long
-        run (see :class:`trm_jax.attacks.Budgets`).
-      scratch_learning_rates, scratch_optimizers: the scratch reference's grid;
-        ``None``: the attacks' own (``learning_rates`` or the suite's default grid,
-        and ``optimizers``), so every comparison is at equal budget.
+      scratch: also train the from-scratch reference (the same architecture from a
+        random init, with the same data, steps and grid).
+      batching: how the (lr, seed) grid runs in one program: vmap (in parallel),
+        map (one after another) or auto (map on CPU for attacks that train
+        convolutions, vmap otherwise).
+      data_per_class: attacker data budgets: fine-tuning examples per malicious class,
+        several in one program; None: all of them.
+      steps_multipliers: attacker step budgets as multiples of epochs, read off ONE
+        long run.
+      scratch_learning_rates: the scratch reference's learning-rate grid; None: the
+        attacks' own, so every comparison is at equal budget.
+      scratch_optimizers: the scratch reference's optimizers; None: the attacks' own.
     """
 
     attacks: tuple[str, ...] = ("linear_probe",)
@@ -318,18 +325,20 @@ def goals_line(goals: Mapping[str, Any]) -> str:
             f"(<= 0 {mark(goals['met']['advantage'])})")
 
 
-def summary_table(result: SweepResult | Mapping[str, Any]) -> str:
-    """A plain-text table: one row per attack and reference entry (a result or its report)."""
+def summary_table(result: SweepResult | Mapping[str, Any], chance: float | None = None) -> str:
+    """A plain-text table, one row per attack and reference entry (of a result or its report),
+    and the line that says what its columns are."""
     report = attack.to_json(result) if isinstance(result, SweepResult) else result
-    header = ["entry", "lr*", "epoch 0", "final", "AUC", "best", "steps to scratch", "AUC/scratch"]
+    header = ["attack", "best lr", "before", "final", "AUC", "peak", "steps to scratch's final",
+              "AUC / scratch's"]
     rows = []
-    groups = [("", report["attacks"]), ("ref: ", report["references"])]
+    groups = [("", report["attacks"]), ("reference: ", report["references"])]
     for prefix, entries in groups:
         for name, e in entries.items():
             steps = e.get("steps_to_reach")
             steps_cell = "-" if steps is None else (
                 f"{steps['mean']:.0f}" if steps["mean"] is not None and np.isfinite(steps["mean"])
-                else f"never ({steps['reached']:.0%} reached)")
+                else f"never ({steps['reached']:.0%} of seeds)")
             ratio = e.get("relative_to_scratch", {}).get("auc_ratio")
             rows.append([prefix + name, f"{e['best_lr']:g}", f"{e['initial']['mean']:.3f}",
                          f"{e['final']['mean']:.3f} ± {e['final']['std']:.3f}",
@@ -337,8 +346,15 @@ def summary_table(result: SweepResult | Mapping[str, Any]) -> str:
                          f"{e['best']['mean']:.3f}", steps_cell,
                          "-" if ratio is None else f"{ratio:.2f}"])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    legend = ("Malicious test accuracy under each attack, mean ± std over seeds"
+              + ("" if chance is None else f" (chance {chance:.2f})") + "; lower is better for a "
+              "defence. before: before fine-tuning; final: after the last step; AUC: the mean "
+              "over the steps; peak: the best point; steps to scratch's final: attacker steps "
+              "until scratch's mean final accuracy (never: not within the budget, with the share "
+              "of seeds that do); AUC / scratch's < 1: slower than training from scratch.")
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows),
+                      *textwrap.wrap(legend, 100)])
 
 
 def plot_report(result: SweepResult | Mapping[str, Any], path, title: str, chance: float,

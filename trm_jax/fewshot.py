@@ -54,21 +54,21 @@ class DataConfig:
     """Which malicious data, at what resolution, how it is split, and what is mocked.
 
     Attributes:
-      malicious: ``"mnist"`` (TFDS, 28x28x1) or ``"digits"`` (scikit-learn's 8x8
+      malicious: 'mnist' (TFDS, 28x28x1) or 'digits' (scikit-learn's 8x8
         digits, offline, upsampled).
-      image_size: side ``S`` of every image (``S x S x 1`` grey).
-      resize_method: ``"bilinear"`` or ``"nearest"`` (both datasets alike).
+      image_size: side S of every image (S x S x 1 grey).
+      resize_method: 'bilinear' or 'nearest' (both datasets alike).
       invert_beneficial: white strokes on black (Omniglot's pages are black on
         white; the digits are white on black), as in MAML.
       malicious_classes: digit classes of the bad tasks and the attack.
-      malicious_pretrain_size: ``train[:P]`` of the malicious dataset feeds the bad
-        tasks; ``None``: the dataset's preset (MNIST 50,000, digits 800).
-      malicious_finetune_size: ``train[P:P+F]`` is the attacker's fine-tuning set;
-        ``None``: the rest of ``train``.
-      malicious_test_size: ``test[:T]`` scores the attack; ``None``: all of ``test``.
-      mock_beneficial: load the beneficial dataset from ``tfds.testing.mock_data``
+      malicious_pretrain_size: train[:P] of the malicious dataset feeds the bad
+        tasks; None: the dataset's preset (MNIST 50,000, digits 800).
+      malicious_finetune_size: train[P:P+F] is the attacker's fine-tuning set;
+        None: the rest of train.
+      malicious_test_size: test[:T] scores the attack; None: all of test.
+      mock_beneficial: load the beneficial dataset from tfds.testing.mock_data
         (random images, NOT real results; offline smoke runs only).
-      mock_malicious: load the malicious dataset from ``tfds.testing.mock_data``
+      mock_malicious: load the malicious dataset from tfds.testing.mock_data
         (random images, NOT real results).
       mock_examples: examples per split of the mock data.
     """

@@ -122,6 +122,12 @@ def clipped_ascent(logits: chex.Array, labels: chex.Array,
     gradient while the others still do; the objective is bounded, so it can't
     diverge. ``cap=None`` means chance level, ``log C`` (``C`` = logits width):
     no reward for being worse than a uniform guess.
+
+    Example:
+      >>> import math, jax.numpy as jnp
+      >>> wrong = jnp.array([[0.0, 9.0, 0, 0, 0]])  # confidently wrong: CE ~ 9 > log 5
+      >>> round(float(clipped_ascent(wrong, jnp.array([0]))), 4) == round(math.log(5), 4)
+      True
     """
     cap = math.log(logits.shape[-1]) if cap is None else cap
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -147,6 +153,14 @@ def uniform_kl(logits: chex.Array, labels: chex.Array, cap: Optional[float] = No
     ``KL(u || p) = -log C - 1/C sum_j log p_j >= 0``, zero only at ``p = u``: the
     adapted model is pushed to know nothing rather than to be confidently wrong.
     Labels and ``cap`` are ignored.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> labels = jnp.array([0, 1])
+      >>> abs(float(uniform_kl(jnp.zeros((2, 5)), labels)))            # uniform: the maximum
+      0.0
+      >>> float(uniform_kl(jnp.array([[4.0, 0, 0, 0, 0]] * 2), labels)) < 0  # confident: lower
+      True
     """
     del labels, cap
     chex.assert_rank(logits, 2)
@@ -168,6 +182,7 @@ def max_entropy(logits: chex.Array, labels: chex.Array, cap: Optional[float] = N
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1).mean()
 
 
+#: The bad terms ``R`` by name (the Reverse-MAML objective's resistance term).
 BAD_TERMS: dict[str, BadTermFn] = {
     "ascent": ascent, "clipped_ascent": clipped_ascent,
     "inverse_ce": inverse_ce, "uniform_kl": uniform_kl, "max_entropy": max_entropy,
@@ -215,6 +230,20 @@ def adapt(params: Params, support_x: chex.Array, support_y: chex.Array, *,
 
     Returns:
       The adapted params ``phi_K``, same structure and dtypes as ``params``.
+
+    Example:
+      On ``L_s(w) = (w - 2)^2`` two steps at ``alpha = 0.25`` go 0 -> 1 -> 1.5, and each
+      step scales ``d phi / d theta`` by ``1 - 2 alpha``, so the exact meta-gradient of
+      ``phi_2`` is ``0.5^2`` (first order: 1).
+
+      >>> import jax, jax.numpy as jnp
+      >>> loss = lambda w, x, y: jnp.mean((w * x - y) ** 2)
+      >>> x, y = jnp.ones(1), jnp.full(1, 2.0)
+      >>> phi = lambda w, **kw: adapt(w, x, y, loss_fn=loss, inner_lr=0.25, steps=2, **kw)
+      >>> float(phi(0.0))
+      1.5
+      >>> float(jax.grad(phi)(0.0)), float(jax.grad(lambda w: phi(w, first_order=True))(0.0))
+      (0.25, 1.0)
     """
     loss_fn = _resolve_loss(loss_fn, apply_fn)
     if steps < 0:
@@ -392,29 +421,35 @@ class MetaConfig:
     """Reverse-MAML hyper-parameters (frozen and hashable, so it can be static under jit).
 
     Attributes:
-      ways, shots, queries: ``N``-way ``K``-shot tasks with ``Q`` queries per class.
-      good_tasks, bad_tasks: tasks per meta-batch from the beneficial / malicious pool.
-      inner_lr: inner SGD learning rate ``alpha``.
-      inner_steps: inner SGD steps ``K`` (``0`` = plain training on the query sets).
-      adapt: ``"all"`` (classic MAML: every param adapts) or ``"head"`` (the
+      ways: N, the classes per task (N-way).
+      shots: K, the support images per class of a task (K-shot).
+      queries: Q, the query images per class of a task (scored after adaptation).
+      good_tasks: tasks per meta-batch from the beneficial classes (trained normally).
+      bad_tasks: tasks per meta-batch from the malicious classes (trained in reverse).
+      inner_lr: inner SGD learning rate alpha.
+      inner_steps: inner SGD steps K (0 = plain training on the query sets).
+      adapt: 'all' (classic MAML: every param adapts) or 'head' (the
         attack's setting: features frozen, only the head adapts; features are
         computed once per task and only the head is differentiated twice).
-      head_init: with ``adapt="head"``, ``"keep"`` adapts the meta-learned head;
-        ``"fresh"`` re-initialises it per task (like the attack), so only the
+      head_init: with adapt="head", 'keep' adapts the meta-learned head;
+        'fresh' re-initialises it per task (like the attack), so only the
         features are meta-learned.
-      meta_grad: ``"exact"`` (second order), ``"first_order"`` (FOMAML) or
-        ``"reptile"`` (``adapt="all"`` only).
-      remat: ``jax.checkpoint`` each inner step (memory for compute).
-      bad_term: how bad tasks are resisted, see :data:`BAD_TERMS`.
-      lam: weight ``lambda >= 0`` of the bad term.
-      loss_cap: the cap of ``clipped_ascent``; ``None`` = ``log C`` (chance level).
-      task_batching: ``"vmap"``, ``"map"``, ``"unroll"`` or ``"auto"``.
-      inner_unroll: the inner loop's ``lax.scan`` unroll factor (``True`` = fully
-        unrolled); ``None`` = per backend (:func:`resolve_inner_unroll`). Speed only.
-      label_mode: ``"fixed"`` (the default: a task's labels are its classes'
-        protocol labels, so every task trains the same ``C``-way head and the
+      meta_grad: 'exact' (second order), 'first_order' (FOMAML) or
+        'reptile' (adapt="all" only).
+      remat: jax.checkpoint each inner step (memory for compute).
+      bad_term: how bad tasks are resisted: 'ascent' (gradient ascent on their
+        post-adaptation loss, unbounded), 'clipped_ascent' (ascent up to loss_cap),
+        'inverse_ce' (minimise -log(1 - p_true)), 'uniform_kl' (KL to the uniform
+        prediction) or 'max_entropy' (maximise the prediction's entropy).
+      lam: weight lambda >= 0 of the bad term.
+      loss_cap: the cap of clipped_ascent; None = log C (chance level).
+      task_batching: 'vmap', 'map', 'unroll' or 'auto'.
+      inner_unroll: the inner loop's lax.scan unroll factor (True = fully
+        unrolled); None = per backend (resolve_inner_unroll). Speed only.
+      label_mode: 'fixed' (the default: a task's labels are its classes'
+        protocol labels, so every task trains the same C-way head and the
         meta-learned params stay a beneficial classifier, which is what the
-        evaluation measures) or ``"shuffled"`` (classic MAML: labels ``0..N-1``
+        evaluation measures) or 'shuffled' (classic MAML: labels 0..N-1
         in random order per task).
     """
 

@@ -63,8 +63,13 @@ def final_accuracy(curves: ArrayLike) -> np.ndarray:
 
     Args:
       curves: ``f[..., E+1]``.
+
     Returns:
       ``f[...]``.
+
+    Example:
+      >>> final_accuracy([[0.2, 0.5, 0.9], [0.2, 0.3, 0.4]])
+      array([0.9, 0.4])
     """
     return _curves(curves)[..., -1]
 
@@ -79,6 +84,10 @@ def auc(curves: ArrayLike) -> np.ndarray:
 
     The mean over the post-fine-tuning points; epoch 0 is excluded.
     ``f[..., E+1] -> f[...]`` in ``[0, 1]`` for accuracy curves.
+
+    Example:
+      >>> float(auc([0.2, 0.5, 0.9]))    # (0.5 + 0.9) / 2: a fast attacker scores high
+      0.7
     """
     return _curves(curves)[..., 1:].mean(axis=-1)
 
@@ -93,8 +102,13 @@ def steps_to_reach(curves: ArrayLike, target: float, steps_per_epoch: int) -> np
       curves: ``f[..., E+1]``.
       target: accuracy to reach, e.g. the scratch model's mean final accuracy.
       steps_per_epoch: optimizer steps per epoch (``>= 1``).
+
     Returns:
       ``f64[...]``: multiples of ``steps_per_epoch``, or ``inf``.
+
+    Example:
+      >>> steps_to_reach([[0.2, 0.5, 0.9], [0.2, 0.3, 0.4]], target=0.8, steps_per_epoch=4)
+      array([ 8., inf])
     """
     arr = _curves(curves)
     if not (isinstance(steps_per_epoch, (int, np.integer)) and steps_per_epoch >= 1):
@@ -267,9 +281,10 @@ def budget_summary(entries: Mapping[str, Mapping[str, Any]], scratch: Mapping[st
         ``target = SCRATCH_FRACTION x scratch final``).
       scratch: scratch's summary at the same budget (its best optimizer and lr).
       reuse: the names of ``entries`` that are reuse attacks.
+
     Returns:
-      ``{"scratch": {"final", "auc", "optimizer", "learning_rate"}, "worst": ...,
-      "worst_reuse": ...}``.
+      ``{"scratch": {"final", "auc", "optimizer", "learning_rate"}, "worst": ...}``
+      and ``"worst_reuse": ...``.
     """
     if not entries:
         raise ConfigError("budget_summary needs at least one attack entry")

@@ -62,6 +62,7 @@ def to_float(images: chex.Array, dtype: Any = jnp.float32) -> chex.Array:
 # 3 vmapped seeds; Conv4 on 28x28x1 as fast as "lax" at width 16, 1.5x faster at width 8,
 # 3.6x SLOWER at width 32 (the band is then too narrow to pay), where "im2col" is 5x faster
 # than "lax" with vmapped seeds and as fast with one.
+#: The widest layer (output channels) that CPU runs as a Toeplitz product; wider: im2col.
 TOEPLITZ_MAX_CHANNELS = 16
 
 
@@ -81,7 +82,7 @@ def resolve_conv_impl(impl: str, backend: str | None = None,
     ``"toeplitz"`` for a layer of at most :data:`TOEPLITZ_MAX_CHANNELS`
     ``out_channels`` and ``"im2col"`` otherwise: XLA:CPU runs ``lax.conv``, its
     gradients, and any of them inside a loop or over vmapped seeds, several times
-    slower than these ``dot``s (measured, BENCHMARKS.md).
+    slower than these ``dot`` products (measured, BENCHMARKS.md).
     """
     if impl not in CONV_IMPLS:
         raise ConfigError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
@@ -361,7 +362,7 @@ class Model:
 
     @property
     def feature_layers(self) -> tuple[tuple[str, ...], ...]:
-        """:attr:`layers`, bottom to top (e.g. lenet: ``(("conv1",), ("conv2",), ("fc1",), ("fc2",))``)."""
+        """``layers``, bottom to top (e.g. lenet: ``(("conv1",), ("conv2",), ("fc1",), ("fc2",))``)."""
         if not self.layers:
             raise ConfigError(f"model {self.name!r} has no layer order; build it with "
                               f"trm_jax.models.wrap(..., layers=...)")
@@ -435,7 +436,7 @@ def _init_seeds(model: Model, keys: chex.Array) -> Params:
     return jax.vmap(model.init)(keys)
 
 
-#: LeNet's features layers bottom to top (:attr:`Model.layers`).
+#: LeNet's features layers bottom to top (a :class:`Model`'s ``layers``).
 LENET_LAYERS = (("conv1",), ("conv2",), ("fc1",), ("fc2",))
 
 

@@ -418,6 +418,7 @@ class RunDir:
 
     @property
     def checkpoint_dir(self) -> pathlib.Path:
+        """``<run>/checkpoints``: the orbax checkpoints (listed in the marker like any file)."""
         return self.file("checkpoints")
 
     def write_json(self, name: str, value: Any) -> pathlib.Path:

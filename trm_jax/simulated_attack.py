@@ -72,18 +72,20 @@ class AttackerSpace:
     """The attackers the inner loop samples (frozen: a static argument under jit).
 
     Attributes:
-      optimizers: names from :data:`OPTIMIZERS`, sampled uniformly.
-      learning_rates: ``(low, high)``, sampled log-uniformly.
-      steps: inner steps ``K`` of every attacker (static; >= 1).
+      optimizers: names from OPTIMIZERS, sampled uniformly.
+      learning_rates: (low, high), sampled log-uniformly.
+      steps: inner steps K of every attacker (static; >= 1).
       top_layers: how many of the model's features layers (from the top) the
-        attacker trains with its fresh head, sampled uniformly: ``0`` is the
-        linear probe, ``L`` (4 for lenet) full fine-tuning.
+        attacker trains with its fresh head, sampled uniformly: 0 is the
+        linear probe, L (4 for lenet) full fine-tuning.
       reinit_probability: the chance that an attacker re-initialises the layers it
-        trains (``reinit_top{k}``; no effect when ``k = 0``).
+        trains (reinit_top{k}; no effect when k = 0).
       data_per_class: support examples per class the attacker uses, sampled
         uniformly; each must be <= the support's shots.
-      momentum, b1, b2: the optimizers' constants (the evaluation's: 0.9, 0.9, 0.999).
-      eps_root: Adam's ``eps_root`` (> 0: see the module docstring).
+      momentum: the momentum optimizer's coefficient (the evaluation's: 0.9).
+      b1: Adam's first-moment decay (the evaluation's: 0.9).
+      b2: Adam's second-moment decay (the evaluation's: 0.999).
+      eps_root: Adam's eps_root (> 0: see the module docstring).
     """
 
     optimizers: tuple[str, ...] = OPTIMIZERS

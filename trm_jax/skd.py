@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import chex
 import jax
@@ -51,22 +51,22 @@ DEFAULT_MALICIOUS_TARGET = -100.0
 
 @dataclasses.dataclass(frozen=True)
 class SKDConfig:
-    """SKD's own settings (the three training phases use :class:`train.TrainConfig`).
+    """SKD's own settings (the three training phases use train.TrainConfig).
 
     Attributes:
       malicious_target: the constant every malicious image's penultimate
         pre-activations are regressed onto (the paper: -100.0). Must be finite;
         a value >= 0 would not switch the ReLU off and is rejected.
-      student_init: ``"teacher"`` (default: start from the teacher's features,
+      student_init: 'teacher' (start from the teacher's features,
         so the beneficial targets are met at step 0 and mostly the malicious ones
-        have to be learned) or ``"fresh"`` (a new random init, as in classic
-        distillation). Measured on digits (3 seeds, same budgets): ``"teacher"``
-        gives 86% beneficial accuracy and 11% false masks, ``"fresh"`` 70% and 22%;
+        have to be learned) or 'fresh' (a new random init, as in classic
+        distillation). Measured on digits (3 seeds, same budgets): 'teacher'
+        gives 86% beneficial accuracy and 11% false masks, 'fresh' 70% and 22%;
         misses are 0.4% with both.
     """
 
     malicious_target: float = DEFAULT_MALICIOUS_TARGET
-    student_init: str = "teacher"
+    student_init: Literal["teacher", "fresh"] = "teacher"
 
     def __post_init__(self):
         validate_config(self)

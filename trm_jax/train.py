@@ -12,14 +12,14 @@ Written for ONE seed, lifted over seeds with ``jax.vmap``:
 Execution strategy is an option: ``"auto"`` is ``"scan"`` on every backend (one
 dispatch per epoch). ``"step"`` (one jitted call per step) was the CPU default while
 models ran ``lax.conv`` there, whose gradients XLA:CPU runs slower inside a loop;
-since :mod:`trm_jax.models` runs CPU convolutions as ``dot``s, the scan is faster
+since :mod:`trm_jax.models` runs CPU convolutions as ``dot`` products, the scan is faster
 there too (1.4-1.5x, BENCHMARKS.md). Both give the same numbers (tested).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence, get_args
 
 import chex
 import jax
@@ -31,9 +31,12 @@ from trm_jax import compilation, sharding
 
 from trm_jax.typing import Params  # noqa: E402
 Batch = Any  # a pytree of arrays with a common leading batch axis
+#: ``loss_fn(params, batch) -> (scalar loss, {name: metric})``.
 LossFn = Callable[[Params, Batch], tuple[jax.Array, Mapping[str, jax.Array]]]
-STRATEGIES = ("auto", "scan", "step")
-OPTIMIZERS = ("adam", "sgd", "momentum")
+Strategy = Literal["auto", "scan", "step"]
+Optimizer = Literal["adam", "sgd", "momentum"]
+STRATEGIES = get_args(Strategy)
+OPTIMIZERS = get_args(Optimizer)
 
 
 class TrainState(NamedTuple):
@@ -56,22 +59,23 @@ class TrainConfig:
       epochs: passes over the data.
       batch_size: examples per step; the last partial batch of an epoch is dropped.
       learning_rate: optimizer step size (> 0).
-      optimizer: ``"adam"`` (b1, b2=0.999), ``"sgd"`` or ``"momentum"`` (SGD with momentum).
+      optimizer: 'adam' (b1, b2=0.999), 'sgd' or 'momentum' (SGD with momentum).
       b1: Adam's first-moment decay.
-      momentum: for ``"momentum"``.
-      trainable: ``"all"`` or path prefixes such as ``("head",)`` or
-        ``("head", "features/fc2")``; everything else stays bitwise frozen.
-      strategy: ``"scan"``, ``"step"`` or ``"auto"`` (see module docstring).
+      momentum: for 'momentum'.
+      trainable: 'all' or path prefixes such as ("head",) or
+        ("head", "features/fc2"); everything else stays bitwise frozen.
+      strategy: 'scan' (each epoch one lax.scan), 'step' (one jitted step per batch)
+        or 'auto' (scan where it compiles well).
     """
 
     epochs: int = 10
     batch_size: int = 64
     learning_rate: float = 1e-3
-    optimizer: str = "adam"
+    optimizer: Optimizer = "adam"
     b1: float = 0.9
     momentum: float = 0.9
     trainable: str | tuple[str, ...] = "all"
-    strategy: str = "auto"
+    strategy: Strategy = "auto"
 
     def __post_init__(self):
         validate_config(self)

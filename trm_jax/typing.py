@@ -1,12 +1,10 @@
 """Type aliases shared by every module (declared once, like optax's ``_src/base.py``)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 
-if TYPE_CHECKING:
-    from trm_jax.models import Model
 
 #: A pytree of parameters, e.g. ``{"features": {...}, "head": {...}}``; stacked
 #: over seeds it has a leading ``[S]`` axis on every leaf.
@@ -29,7 +27,7 @@ class Protected(NamedTuple):
 
     Attributes:
       method: the method's name (``"reference"``, ``"skd"``, ...).
-      model: the architecture.
+      model: the architecture, a :class:`~trm_jax.models.Model`.
       params: ``[S, ...]`` stack of ``{"features", "head"}`` params.
       keys: ``[S]`` the seed keys it was trained with (the evaluation reuses them).
       metrics: per-seed numbers ``f[S]`` (``beneficial_test_accuracy`` always) and
@@ -39,7 +37,7 @@ class Protected(NamedTuple):
     """
 
     method: str
-    model: "Model"
+    model: Any  # a trm_jax.models.Model (models imports this module)
     params: Params
     keys: PRNGKey
     metrics: dict[str, Any]

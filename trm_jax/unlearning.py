@@ -58,12 +58,12 @@ class NoiseConfig:
     """How the error-maximising noise is learned (defaults: the reference notebook).
 
     Attributes:
-      steps: Adam steps on the noise. Notebook: ``num_epochs=5`` x ``num_steps=8`` = 40.
-      learning_rate: Adam step size. Notebook: ``torch.optim.Adam(..., lr=0.1)``.
-      l2_weight: ``lambda`` of the penalty ``lambda * mean_b ||N_b||^2``. Notebook:
-        ``0.1 * torch.mean(torch.sum(torch.square(inputs), [1, 2, 3]))``.
-      batch_size: noise images per forget class. Notebook: ``Noise(256, 3, 32, 32)``.
-      init_scale: std of the Gaussian initialisation. Notebook: ``torch.randn`` (1.0),
+      steps: Adam steps on the noise. Notebook: num_epochs=5 x num_steps=8 = 40.
+      learning_rate: Adam step size. Notebook: torch.optim.Adam(..., lr=0.1).
+      l2_weight: lambda of the penalty lambda * mean_b ||N_b||^2. Notebook:
+        0.1 * torch.mean(torch.sum(torch.square(inputs), [1, 2, 3])).
+      batch_size: noise images per forget class. Notebook: Noise(256, 3, 32, 32).
+      init_scale: std of the Gaussian initialisation. Notebook: torch.randn (1.0),
         in its mean/std-normalised input space; ours is [-1, 1] (pixel std ~0.5),
         so 1.0 starts relatively larger; the L2 term pulls it in either way.
     """
@@ -87,12 +87,12 @@ class UnsirConfig:
     """Every UNSIR setting after the original model is trained (hashable).
 
     Attributes:
-      noise: see :class:`NoiseConfig`.
+      noise: see NoiseConfig.
       noise_copies: how many times each class's noise batch enters the impair set.
-        Notebook: ``num_batches = 20`` (see the module docstring for its indexing bug).
+        Notebook: num_batches = 20 (see the module docstring for its indexing bug).
       retain_per_class: retain images per retained class, the first ones in data
-        order (``None``: all). Notebook: ``num_samples_per_class = 1000``
-        (``classwise_train[c][:1000]``, 20% of a CIFAR-10 class).
+        order (None: all). Notebook: num_samples_per_class = 1000
+        (classwise_train[c][:1000], 20% of a CIFAR-10 class).
       impair: the impair stage. Notebook: 1 epoch, Adam lr 0.02, batch 256
         (paper: one epoch at a "very high" learning rate).
       repair: the repair stage. Notebook: 1 epoch, Adam lr 0.01, batch 256.

@@ -282,7 +282,13 @@ _SWEEPS_LOCK = threading.Lock()  # sweeps may be built from several threads (sui
 
 def compiled_sweep(model: models.Model, config: specs.AttackConfig, batching: str,
                    return_params: bool = False) -> Callable[..., AttackOutput]:
-    """:func:`_compiled_sweep`, built once per key even when several threads ask at once."""
+    """The jitted sweep of ``(model, config, batching)`` (cached), built once even when several
+    threads ask at once: ``(params[S,...], keys[S], lrs f32[L], data) -> AttackOutput[L, S]``.
+
+    ``batching="vmap"``: ``vmap`` over seeds of ``vmap`` over learning rates; a linear probe's
+    features (seed-dependent only) are computed once per seed. ``"map"``: a ``lax.map`` over
+    the flattened ``L * S`` grid inside the same program.
+    """
     with _SWEEPS_LOCK:
         return _compiled_sweep(model, config, batching, return_params)
 
@@ -290,12 +296,6 @@ def compiled_sweep(model: models.Model, config: specs.AttackConfig, batching: st
 @functools.lru_cache(maxsize=64)
 def _compiled_sweep(model: models.Model, config: specs.AttackConfig, batching: str,
                     return_params: bool = False) -> Callable[..., AttackOutput]:
-    """The jitted sweep ``(params[S,...], keys[S], lrs f32[L], data) -> AttackOutput[L, S]``.
-
-    ``batching="vmap"``: ``vmap`` over seeds of ``vmap`` over learning rates; a linear
-    probe's features (seed-dependent only) are computed once per seed. ``"map"``: a
-    ``lax.map`` over the flattened ``L * S`` grid inside the same program.
-    """
     builders = {"vmap": _vmap_sweep, "map": _map_sweep}
     if batching not in builders:
         raise ConfigError(f"batching must be 'vmap' or 'map' here, got {batching!r}")

@@ -41,10 +41,14 @@ class SweepResult:
       accuracy: ``f64[attack, optimizer, lr, seed, data, epoch]`` malicious test accuracy
         (NaN where the attack did not run at that learning rate).
       finite: ``bool[attack, optimizer, lr, seed, data]``: every parameter stayed finite.
-      attacks, optimizers, learning_rates: the labels of the first three axes.
+      attacks: the labels of the attack axis.
+      optimizers: the labels of the optimizer axis.
+      learning_rates: the labels of the lr axis.
       data: the data budgets' names (``"5"``, ``"20"``, ``"all"``).
-      epochs: the 1x steps budget in epochs; ``steps_multipliers`` the steps budgets.
-      steps_per_epoch, batch_size: optimizer steps per epoch and examples per step.
+      epochs: the 1x steps budget in epochs.
+      steps_multipliers: the steps budgets, multiples of ``epochs``.
+      steps_per_epoch: optimizer steps per epoch.
+      batch_size: examples per step.
       reuse: per attack, whether it keeps the lower half of the network as released.
       wall_seconds: ``f64[attack, optimizer]`` seconds each attack's sweep took.
       scratch: the scratch reference on the same budgets (attacks ``("scratch",)``).

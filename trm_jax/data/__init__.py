@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import shutil
 import time
@@ -206,6 +207,7 @@ def fewshot_classes(images: np.ndarray, labels: np.ndarray, min_examples: int = 
 
 
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
+#: The resize methods :func:`grey_resize` takes.
 RESIZE_METHODS = ("bilinear", "nearest")
 
 
@@ -405,7 +407,10 @@ def prepare_digits(data_dir: str | None = None) -> Any:
         from trm_jax.data.digits import SklearnDigits
 
         builder = SklearnDigits(data_dir=data_dir or default_data_dir(), file_format="array_record")
-        builder.download_and_prepare()
+        # TFDS prints "Downloading and preparing dataset Unknown size ..." (termcolor, to
+        # stdout): nothing is downloaded here, so that line only misleads.
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare()
     return builder
 
 
@@ -546,16 +551,20 @@ def _tfds_source(tfds: Any, dataset: str, split: str, data_dir: str | None,
 def _unavailable(dataset: str, split: str, data_dir: str, reason: str,
                  err: BaseException) -> DatasetUnavailableError:
     info = dataset_info(dataset)
+    names = [name for name, entry in _datasets.DATASETS.items() if entry.offline]
+    offline = " or ".join(f"--dataset {name}" for name in names) + (
+        " runs" if len(names) == 1 else " run")
     return DatasetUnavailableError(
         f"{dataset!r} (TFDS {info.tfds_name!r}, split {split!r}) is not prepared in "
-        f"data_dir={data_dir!r} and {reason}. TFDS said: {type(err).__name__}: "
+        f"data_dir={data_dir!r} and {reason}. With no network, {offline} offline "
+        f"(real data that ships with the installed packages). "
+        f"TFDS said: {type(err).__name__}: "
         f"{str(err)[:500]}\n"
         f"To prepare it, on a machine with internet run\n"
         f"  python -c \"import tensorflow_datasets as tfds; tfds.data_source('{info.tfds_name}', "
         f"data_dir='{data_dir}', builder_kwargs={{'file_format': 'array_record'}})\"\n"
         f"and copy {data_dir}/{info.tfds_name} here (or set TFDS_DATA_DIR / --data-dir; see "
-        f"https://www.tensorflow.org/datasets/overview for manual downloads). "
-        f"The 'digits' dataset works offline.")
+        f"https://www.tensorflow.org/datasets/overview for manual downloads).")
 
 
 def _is_mocked(tfds: Any) -> bool:

@@ -1,15 +1,12 @@
 """The methods as library calls: ``protect(config, protocol, keys, *, hooks) -> Protected``.
 
-========================  ======================================  ===================================
-name                      config                                  what
-========================  ======================================  ===================================
-``"reference"``           :class:`~.reference.ReferenceConfig`    unprotected: plain training
-``"unsir"``               :class:`~.unsir.UnsirMethodConfig`      machine-unlearning baseline (UNSIR)
-``"skd"``                 :class:`~.skd.SKDMethodConfig`          selective knowledge distillation
-``"reverse_maml"``        :class:`~.reverse_maml.ReverseMAMLConfig`  Reverse-MAML, exact meta-gradients
-``"simulated_attack"``    :class:`~.simulated_attack.SimulatedAttackConfig`  meta-training against
-                                                                  the evaluation's attackers
-========================  ======================================  ===================================
+* ``"reference"`` (:class:`~.reference.ReferenceConfig`): unprotected, plain training
+* ``"unsir"`` (:class:`~.unsir.UnsirMethodConfig`): the machine-unlearning baseline (UNSIR)
+* ``"skd"`` (:class:`~.skd.SKDMethodConfig`): selective knowledge distillation
+* ``"reverse_maml"`` (:class:`~.reverse_maml.ReverseMAMLConfig`): Reverse-MAML, exact
+  meta-gradients
+* ``"simulated_attack"`` (:class:`~.simulated_attack.SimulatedAttackConfig`): meta-training
+  against the evaluation's attackers
 
 Every config's defaults are the recommended settings; :func:`config_for` applies a
 dataset's overrides from :mod:`trm_jax.datasets` (the one place for per-dataset
@@ -62,6 +59,12 @@ def config_for(name: str, dataset: str) -> Any:
 
     Raises:
       ConfigError: unknown method or dataset, or an override naming no field.
+
+    Example:
+      >>> import trm_jax
+      >>> config = trm_jax.config_for("reverse_maml", "digits")
+      >>> config.meta.adapt, config.meta.shots, config.meta_steps
+      ('head', 5, 200)
     """
     return dataset_config(method(name), datasets.get(dataset))
 

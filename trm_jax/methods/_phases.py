@@ -43,6 +43,13 @@ def seed_keys(seeds: int | list[int] | tuple[int, ...]) -> PRNGKey:
 
     Raises:
       ConfigError: not a count >= 1 nor a non-empty sequence of integers >= 0.
+
+    Example:
+      >>> import trm_jax
+      >>> trm_jax.seed_keys(3).shape                 # seeds 0, 1, 2: one vmap axis
+      (3,)
+      >>> trm_jax.seed_keys([4, 7]).shape
+      (2,)
     """
     def integer(v: Any) -> bool:
         return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))

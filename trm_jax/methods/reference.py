@@ -24,9 +24,11 @@ NAME = "reference"
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceConfig:
-    """Attributes:
+    """The unprotected reference: plain supervised training on the beneficial classes.
+
+    Attributes:
       train: supervised training on the beneficial pre-training split (Adam;
-        per-dataset epochs / batch / lr in :mod:`trm_jax.datasets`).
+        per-dataset epochs / batch / lr in trm_jax.datasets).
     """
 
     train: train.TrainConfig = train.TrainConfig(epochs=20, batch_size=64, learning_rate=1e-3)

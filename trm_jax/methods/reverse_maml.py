@@ -50,14 +50,16 @@ RECOMMENDED_META = meta.MetaConfig(shots=10, queries=15, inner_lr=0.1, adapt="he
 
 @dataclasses.dataclass(frozen=True)
 class ReverseMAMLConfig:
-    """Attributes:
-      meta: the meta-learning objective and inner loop (:class:`trm_jax.meta.MetaConfig`).
-      meta_steps: outer steps.
+    """Reverse-MAML's settings: the meta-learning objective, the outer loop, the head phase.
+
+    Attributes:
+      meta: the meta-learning objective and inner loop (tasks, inner steps, bad term).
+      meta_steps: outer steps (meta-batches of good and bad tasks).
       outer_lr: outer Adam learning rate (finite, > 0).
       log_every: outer steps between metric records (NaN is checked there too).
-      head: the head-only phase after meta-training (features bitwise frozen); with
-        ``head_init="fresh"`` the meta-learned head is never trained, so this phase
-        gives the beneficial classifier. ``epochs=0`` skips it.
+      head: 'head' training: the head-only phase after meta-training (features bitwise frozen); with
+        head_init="fresh" the meta-learned head is never trained, so this phase
+        gives the beneficial classifier. epochs=0 skips it.
     """
 
     meta: meta.MetaConfig = RECOMMENDED_META

@@ -54,37 +54,43 @@ Start = Literal["reference", "skd"]
 
 @dataclasses.dataclass(frozen=True)
 class SimulatedAttackConfig:
-    """Attributes:
+    """Meta-training against attackers sampled from the evaluation's suite.
+
+    Attributes:
       attacker: the attackers simulated in the inner loop.
-      bad_term: a term of :data:`trm_jax.meta.BAD_TERMS` (``uniform_kl``: the attacked
-        model should know nothing; ``max_entropy``: TAR's, bounded by ``log C``;
-        ``inverse_ce``, ``clipped_ascent``).
-      weighting: the inner steps' weights (:data:`trm_jax.simulated_attack.STEP_WEIGHTINGS`).
+      bad_term: a term of trm_jax.meta.BAD_TERMS (uniform_kl: the attacked
+        model should know nothing; max_entropy: TAR's, bounded by log C;
+        inverse_ce, clipped_ascent).
+      weighting: the inner steps' weights in the bad term: 'uniform' (every step alike),
+        'late' (step k weighs k) or 'final' (the last step only).
       lam: weight of the bad term (>= 0; 0 = fine-tuning with the anchor only).
       anchor: weight of the feature anchor to the starting model (>= 0).
-      meta_grad: ``"exact"`` or ``"first_order"``.
-      remat: ``jax.checkpoint`` each inner step (memory for compute; same numbers).
+      meta_grad: 'exact' or 'first_order'.
+      remat: jax.checkpoint each inner step (memory for compute; same numbers).
       bad_tasks: malicious tasks (one attacker each) per outer step.
-      shots, queries: malicious support / query examples per class of a task (every
-        malicious class is in every task; the attacker uses ``data_per_class`` of the shots).
+      shots: malicious support examples per class of a task (every malicious class
+        is in every task; the attacker trains on attacker.data_per_class of them).
+      queries: malicious query examples per class of a task (the bad term is scored
+        on them after each attacker step).
       batch_size: beneficial examples per outer step.
-      meta_steps: outer steps; outer_lr: the outer Adam's learning rate.
-      alternate_every: every ``n``-th outer step is a plain beneficial step (0: never).
+      meta_steps: outer steps.
+      outer_lr: the outer Adam's learning rate (finite, > 0).
+      alternate_every: every n-th outer step is a plain beneficial step (0: never).
       log_every: outer steps between metric records (NaN is checked there too).
-      start: ``"reference"`` (train the unprotected model first) or ``"skd"`` (start
+      start: 'reference' (train the unprotected model first) or 'skd' (start
         from SKD's masked student: the hybrid).
-      start_train: the reference's training (``start="reference"``).
-      start_skd: SKD's settings (``start="skd"``; :func:`trm_jax.config_for` gives the
+      start_train: the reference's training (start="reference").
+      start_skd: SKD's settings (start="skd"; trm_jax.config_for gives the
         dataset's).
-      task_batching: how bad tasks are batched (:func:`trm_jax.meta.resolve_task_batching`).
+      task_batching: how bad tasks are batched (trm_jax.meta.resolve_task_batching).
     """
 
     attacker: sa.AttackerSpace = sa.AttackerSpace()
-    bad_term: str = "uniform_kl"
-    weighting: str = "late"
+    bad_term: meta.BadTerm = "uniform_kl"
+    weighting: Literal["uniform", "late", "final"] = "late"
     lam: float = 1.0
     anchor: float = 1.0
-    meta_grad: str = "exact"
+    meta_grad: Literal["exact", "first_order"] = "exact"
     remat: bool = False
     bad_tasks: int = 2
     shots: int = 10

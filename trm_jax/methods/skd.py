@@ -30,17 +30,23 @@ from trm_jax.methods._phases import (accuracy_on, beneficial_model, check_batch,
 from trm_jax.typing import Protected, PRNGKey
 
 NAME = "skd"
+#: The per-seed metrics of SKD besides the beneficial test accuracy.
 SUMMARY_KEYS = ("teacher_test_accuracy", "student_test_accuracy", "misses_percent",
                 "false_masks_percent", "malicious_mean_activation", "beneficial_mean_activation")
 
 
 @dataclasses.dataclass(frozen=True)
 class SKDMethodConfig:
-    """Attributes:
-      teacher: the teacher's supervised training (its epochs are the ablation's axis).
-      distill: the student's MSE regression.
-      head: the head-only phase of the masked student (features bitwise frozen).
-      skd: the malicious target and the student's init (:class:`trm_jax.skd.SKDConfig`).
+    """Selective knowledge distillation: teacher, distilled student, masked head.
+
+    Attributes:
+      teacher: the teacher's supervised training on the beneficial classes (its
+        epochs are the ablation's axis).
+      distill: the student's MSE regression onto the teacher's penultimate
+        activations (beneficial images) and the malicious target (malicious images).
+      head: 'head' training: the head-only phase of the masked student (features
+        bitwise frozen).
+      skd: the malicious target and the student's init (trm_jax.skd.SKDConfig).
     """
 
     teacher: train.TrainConfig = train.TrainConfig(epochs=20)

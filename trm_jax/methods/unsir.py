@@ -31,9 +31,11 @@ STAGES = ("original", "impair", "repair")
 
 @dataclasses.dataclass(frozen=True)
 class UnsirMethodConfig:
-    """Attributes:
+    """UNSIR, the machine-unlearning baseline: train on all classes, then unlearn the malicious ones.
+
+    Attributes:
       original: training of the original all-classes model on the whole pre-training split.
-      unsir: noise, impair and repair (:class:`trm_jax.unlearning.UnsirConfig`; the
+      unsir: noise, impair and repair (trm_jax.unlearning.UnsirConfig; the
         authors' notebook values by default, a scaled preset on digits).
     """
 
