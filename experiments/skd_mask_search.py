@@ -10,7 +10,8 @@ is never read), next to the unprotected reference and scratch. One markdown row 
 variant: beneficial validation accuracy, the worst reuse attack (all attacker data, 1x
 steps), the suite's best attack minus scratch at every data budget, and the honesty checks
 (% malicious validation images dead at the mask layer; the full fine-tune gradient's norm
-at conv1 / conv2). Records go to ``--output`` (markdown) and ``<output>.jsonl`` (one per
+at conv1 / conv2). The unprotected reference gives the beneficial bar (its attacks are not
+re-run). Records go to ``--output`` (markdown) and ``<output>.jsonl`` (one per
 variant, appended as each finishes). Thin: library calls only.
 """
 from __future__ import annotations
@@ -27,15 +28,16 @@ from experiments.simulated_attack_search import variant_config
 from trm_jax import config_for, data, evaluation, methods, runs
 from trm_jax.methods import reference
 
-#: The paper's SKD, then one ingredient at a time around a conv2 mask trained end to end.
+#: A conv2 mask trained end to end, then one ingredient at a time around it; the paper's
+#: SKD and the paper's regression moved to conv2 last (the issue measured both on test).
 E2E = "skd.mask_layer='conv2',skd.objective='end_to_end',skd.mask_loss='hinge',skd.malicious_target=-1.0"
-GRID = ("",  # the paper: penultimate mask, regression
-        "skd.mask_layer='conv2',distill.epochs=60",
-        E2E,
+GRID = (E2E,
+        E2E + ",skd.widths=(6, 32, 120, 84)",
         E2E + ",skd.mask_weight=10.0,distill.epochs=40",
         E2E + ",skd.mask_fraction=0.5",
-        E2E + ",skd.widths=(6, 32, 120, 84)",
-        E2E + ",skd.logits_weight=1.0")
+        E2E + ",skd.logits_weight=1.0",
+        "",  # the paper: penultimate mask, regression
+        "skd.mask_layer='conv2',distill.epochs=60")
 
 
 def record(name: str, protected, report, dead_layer: str) -> dict:
@@ -90,11 +92,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     suite = evaluation.COMPARE_SUITE
     out, log = pathlib.Path(args.output), pathlib.Path(args.output + ".jsonl")
     start = time.time()
+    # The unprotected reference's beneficial accuracy is the bar (its attacks reach scratch's
+    # level on mnist5k: the issue's table; not re-measured here, to save CPU).
     ref = methods.protect("reference", config_for("reference", args.dataset), protocol, keys)
     scratch = evaluation.scratch_reference(ref, protocol, suite)
-    rows = [record("unprotected reference", ref, evaluation.evaluate(ref, protocol, suite,
-                                                                     scratch=scratch), "")]
-    unprotected = rows[0]["beneficial"]
+    unprotected = float(np.mean(ref.metrics["beneficial_test_accuracy"]))
+    rows = []
     for name, config in variants:
         protected = methods.protect("skd", config, protocol, keys)
         report = evaluation.evaluate(protected, protocol, suite, scratch=scratch)
@@ -105,8 +108,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f.write(json.dumps(rows[-1]) + "\n")
         out.write_text(f"SKD masking search on {args.dataset} (validation split, {args.seeds} "
                        f"seeds, compare's default suite; advantage = the suite's best attack's "
-                       f"final malicious accuracy minus scratch's, per attacker data budget)\n\n"
-                       + table(rows, unprotected) + "\n")
+                       f"final malicious accuracy minus scratch's, per attacker data budget; "
+                       f"unprotected reference beneficial {unprotected:.3f}; drop = reference "
+                       f"minus variant)\n\n" + table(rows, unprotected) + "\n")
         print(table(rows[-1:], unprotected).splitlines()[-1], flush=True)
     return rows
 

@@ -273,3 +273,19 @@ def test_skd_widths_build_a_wider_teacher_and_student(digits_protocol):
     assert model.spec()["widths"] == (6, 24, 120, 84)
     with pytest.raises(ConfigError, match=r"mask_layer 'fc3' is not a features layer"):
         methods.check("skd", tiny_config(mask_layer="fc3"), digits_protocol)
+
+
+def test_the_search_grid_is_valid_for_mnist5k(mnist5k_data_dir):
+    """Every variant of ``experiments.skd_mask_search`` builds and checks (no compute)."""
+    from experiments import skd_mask_search
+    from experiments.simulated_attack_search import variant_config
+
+    protocol = data.validation_protocol(data.load_protocol(data.preset("mnist5k"),
+                                                           data_dir=mnist5k_data_dir))
+    base = methods.config_for("skd", "mnist5k")
+    configs = [variant_config(base, v) for v in skd_mask_search.GRID]
+    for config in configs:
+        methods.check("skd", config, protocol)
+    assert configs[0].skd.mask_layer == "conv2" and configs[0].skd.objective == "end_to_end"
+    assert configs[1].skd.widths == (6, 32, 120, 84)
+    assert configs[-2] == base  # the paper's SKD

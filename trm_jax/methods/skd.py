@@ -10,6 +10,13 @@
 4. Misses (% malicious test images not switched off) and false masks
    (% beneficial test images switched off) are measured (:mod:`trm_jax.skd`).
 
+Switches (``skd``, :class:`trm_jax.skd.SKDConfig`; defaults = the paper): the mask at
+any features layer (``mask_layer``; the layers above it are then trained with the head,
+everything at and below it stays bitwise frozen), the whole network trained end to end
+on beneficial cross-entropy plus the masking term (``objective="end_to_end"``, with
+``mask_loss``, ``mask_weight``, ``mask_fraction``, ``logits_weight``), a wider LeNet
+(``widths``). ``Protected.metrics`` also hold the honesty checks (:data:`HONESTY_KEYS`).
+
 Defaults: teacher and head use the dataset's training defaults; distillation too,
 except on digits (60 epochs at 3e-3: 400 images need more steps to reach the -100
 targets; measured). Digits, 3 seeds: teacher 0.98, student 0.86, misses 0.4%,
