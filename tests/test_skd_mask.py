@@ -263,8 +263,8 @@ def test_protect_regressing_at_conv2_switches_conv2_off_for_malicious_digits(dig
     metrics = protected.metrics
     dead = metrics["malicious_dead_percent"]["conv2"]
     np.testing.assert_allclose(dead, 100.0 - metrics["misses_percent"], rtol=1e-5)
-    # Measured (seed 0): 100 % of malicious test digits dead at conv2 after 10 epochs.
-    assert float(dead[0]) > 90.0
+    print("malicious test digits dead at conv2 (%):", float(dead[0]))
+    assert float(dead[0]) > 90.0  # -100 targets: (nearly) every malicious digit switched off
 
 
 def test_skd_widths_build_a_wider_teacher_and_student(digits_protocol):
