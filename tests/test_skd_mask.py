@@ -263,8 +263,8 @@ def test_protect_regressing_at_conv2_switches_conv2_off_for_malicious_digits(dig
     metrics = protected.metrics
     dead = metrics["malicious_dead_percent"]["conv2"]
     np.testing.assert_allclose(dead, 100.0 - metrics["misses_percent"], rtol=1e-5)
-    print("malicious test digits dead at conv2 (%):", float(dead[0]))
-    assert float(dead[0]) > 90.0  # -100 targets: (nearly) every malicious digit switched off
+    # Measured (seed 0, 2 CPU cores): 100 % of the malicious test digits dead at conv2.
+    assert float(dead[0]) > 90.0
 
 
 def test_skd_widths_build_a_wider_teacher_and_student(digits_protocol):
