@@ -287,5 +287,5 @@ def test_the_search_grid_is_valid_for_mnist5k(mnist5k_data_dir):
     for config in configs:
         methods.check("skd", config, protocol)
     assert configs[0].skd.mask_layer == "conv2" and configs[0].skd.objective == "end_to_end"
-    assert configs[1].skd.widths == (6, 32, 120, 84)
-    assert configs[-2] == base  # the paper's SKD
+    assert configs[2].skd.widths == (6, 32, 120, 84) and configs[2].distill.epochs == 40
+    assert configs[-1] == base  # the paper's SKD
