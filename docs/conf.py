@@ -48,11 +48,6 @@ nitpick_ignore_regex = [
     (r"py:class", r".*[|\[].*"),  # type expressions written as strings ("str | None")
 ]
 
-# The attack suite is moving from trm_jax/attack.py to trm_jax/attacks/; the docstring fixes
-# for its reST (three inline literals) are made there. Until then its warnings are not errors.
-PENDING_FILES = ()
-
-
 def _attribute_docstring(app, what, name, obj, options, lines):
     """``#: The grid: 9 learning rates`` documents a constant, and napoleon reads the text
     before the first colon as the constant's *type* (``:type: The grid``, a broken
@@ -109,21 +104,6 @@ def _unique_suffix(app, env, node, contnode):
                         objects[found[0]].node_id, contnode, found[0])
 
 
-class _PendingFilter:
-    """Drops the warnings about PENDING_FILES before Sphinx counts them (it counts in the
-    first filter of its warning handler, so this one goes in front)."""
-
-    def filter(self, record) -> bool:
-        location = getattr(record, "location", None)
-        where = " ".join(str(part) for part in (
-            getattr(location, "source", None) or location, record.getMessage()))
-        return not any(path in where for path in PENDING_FILES)
-
-
 def setup(app):
-    import logging as _logging
-
     app.connect("autodoc-process-docstring", _attribute_docstring, priority=600)
     app.connect("missing-reference", _unique_suffix)
-    for handler in _logging.getLogger("sphinx").handlers:
-        handler.filters.insert(0, _PendingFilter())

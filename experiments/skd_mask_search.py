@@ -25,7 +25,7 @@ import numpy as np
 
 from experiments import _cli
 from experiments.simulated_attack_search import variant_config
-from trm_jax import config_for, data, evaluation, methods, runs
+from trm_jax import attacks, config_for, data, evaluation, methods, plots, runs
 
 #: A conv2 mask trained end to end (hinge to -1), its weight raised (with longer training
 #: and a wider conv2), then the paper's SKD: the variants measured for issue 24. The
@@ -41,10 +41,10 @@ GRID = (E2E,
         "")  # the paper: penultimate mask, regression
 
 
-def record(name: str, protected, report, dead_layer: str) -> dict:
+def record(name: str, protected, result: attacks.SweepResult, dead_layer: str) -> dict:
     """One variant's JSON-able row."""
     summary = _cli.summarize(protected.metrics)
-    budgets = report["summary"]["budgets"]
+    budgets = attacks.report.budgets_json(result)
     row = {"variant": name or "(paper SKD)", "beneficial": summary["beneficial_test_accuracy"]["mean"],
            "worst_reuse": budgets["all"]["1x"]["worst_reuse"]["final"]["mean"],
            "worst_reuse_attack": budgets["all"]["1x"]["worst_reuse"]["entry"],
@@ -74,6 +74,62 @@ def table(rows: list[dict], unprotected: float) -> str:
     return "\n".join(lines)
 
 
+def short_name(variant: str) -> str:
+    """``E2E,mask_weight=30.0,epochs=40`` for a grid entry (E2E: :data:`E2E`)."""
+    return (variant.replace(E2E, "E2E").replace("skd.", "").replace("distill.epochs", "epochs")
+            or "(paper SKD)")
+
+
+def tradeoff_figure(rows: list[dict], unprotected: float, path, goal_reuse: float = 0.30,
+                    max_drop: float = 0.02) -> None:
+    """Beneficial accuracy vs the worst reuse attack, one numbered point per configuration,
+    with the goal region (reuse <= ``goal_reuse``, drop <= ``max_drop``) shaded."""
+    plt = plots._pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.fill_between([0, goal_reuse], unprotected - max_drop, 1.02, color="green", alpha=0.12)
+    ax.axhline(unprotected - max_drop, color="green", ls=":", lw=1,
+               label=f"goal: beneficial >= unprotected - {max_drop:g}, reuse <= {goal_reuse:g}")
+    ax.axvline(goal_reuse, color="green", ls=":", lw=1)
+    ax.axhline(unprotected, color="black", ls="--", lw=1, label=f"unprotected ({unprotected:.3f})")
+    for i, r in enumerate(rows, 1):
+        ax.scatter(r["worst_reuse"], r["beneficial"], color="C0")
+        ax.annotate(str(i), (r["worst_reuse"], r["beneficial"]), textcoords="offset points",
+                    xytext=(4, 4 + 8 * (i % 2)), fontsize=8)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("worst reuse attack: mean final malicious accuracy (all data, 1x steps)")
+    ax.set_ylabel("beneficial accuracy (validation)")
+    key = "\n".join(f"{i}: {short_name(r['variant'])}" for i, r in enumerate(rows, 1))
+    ax.text(1.03, 0.5, key, transform=ax.transAxes, fontsize=7, va="center")
+    ax.set_title("SKD masking on mnist5k: beneficial accuracy vs the worst reuse attack "
+                 "(validation, mean over seeds)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def from_records(records: pathlib.Path, unprotected: float, output: pathlib.Path) -> list[dict]:
+    """The table (``output``) and the trade-off figure (``tradeoff.png`` beside it) of the
+    records of earlier searches (``records``: one JSON row per line), without recompute."""
+    rows = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    named = [{**r, "variant": short_name(r["variant"] if r["variant"] != "(paper SKD)" else "")}
+             for r in rows]
+    output.write_text(HEADER.format(unprotected=unprotected) + table(named, unprotected) + "\n")
+    tradeoff_figure(rows, unprotected, output.with_name("tradeoff.png"))
+    return rows
+
+
+HEADER = ("SKD masking search on mnist5k: the validation split (trm_jax.data.validation_protocol), "
+          "3 seeds, compare's default suite (every attack, Adam at 1e-3/1e-2/1e-1, attacker data "
+          "5/20/all per class, 1x steps); unprotected reference beneficial {unprotected:.3f} "
+          "(validation). E2E = mask at conv2, objective end_to_end, hinge to -1; drop = reference "
+          "minus variant; best - scratch = the whole suite's best attack's final malicious accuracy "
+          "minus scratch's at that data budget; dead % at the mask layer on the validation images; "
+          "grad = the norm of the full fine-tune gradient (fresh head, 512 attacker images) at "
+          "conv1 / conv2.\n\n")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m experiments.skd_mask_search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,7 +138,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--grid", nargs="*", default=list(GRID))
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--output", default="skd_mask_search.md")
+    parser.add_argument("--records", default=None,
+                        help="only write the table and the trade-off figure of these records")
+    parser.add_argument("--unprotected", type=float, default=None,
+                        help="with --records: the unprotected reference's beneficial accuracy")
     args = parser.parse_args(argv)
+    if args.records:
+        if args.unprotected is None:
+            parser.error("--records needs --unprotected (the reference's beneficial accuracy)")
+        return from_records(pathlib.Path(args.records), args.unprotected, pathlib.Path(args.output))
     base = config_for("skd", args.dataset)
     variants = [(v, variant_config(base, v)) for v in args.grid]  # every variant checked first
     protocol = data.validation_protocol(
@@ -101,9 +165,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name, config in variants:
         protected = methods.protect("skd", config, protocol, keys)
-        report = evaluation.evaluate(protected, protocol, suite, scratch=scratch)
+        result = evaluation.evaluate(protected, protocol, suite, scratch=scratch)
         layer = config.skd.mask_layer or protected.model.penultimate
-        rows.append(record(name, protected, report, layer))
+        rows.append(record(name, protected, result, layer))
         rows[-1]["wall_seconds"] = round(time.time() - start)
         with log.open("a") as f:
             f.write(json.dumps(rows[-1]) + "\n")

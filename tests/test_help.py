@@ -73,7 +73,7 @@ def test_every_option_is_explained_once_without_markup(name, capsys, monkeypatch
 def test_the_attack_flag_names_every_attack(capsys, monkeypatch):
     import trm_jax
 
-    suite = getattr(trm_jax, "attacks", None) or trm_jax.attack  # the package, once it exists
+    suite = trm_jax.attacks
     help_ = options(help_text("attack", capsys, monkeypatch))["--attack.attacks"]
     missing = [name for name in suite.ATTACKS if name not in help_]
     assert not missing, (missing, help_)

@@ -289,3 +289,18 @@ def test_the_search_grid_is_valid_for_mnist5k(mnist5k_data_dir):
     assert configs[0].skd.mask_layer == "conv2" and configs[0].skd.objective == "end_to_end"
     assert configs[2].skd.widths == (6, 32, 120, 84) and configs[2].distill.epochs == 40
     assert configs[-1] == base  # the paper's SKD
+
+
+def test_the_committed_mnist5k_search_table_and_tradeoff_figure_come_from_its_records(tmp_path):
+    import pathlib
+
+    from experiments import skd_mask_search as search
+
+    folder = pathlib.Path(__file__).resolve().parents[1] / "experiments/results/mnist5k/skd_mask_search"
+    rows = search.from_records(folder / "records.jsonl", 0.982, tmp_path / "results.md")
+    assert (tmp_path / "results.md").read_text() == (folder / "results.md").read_text()
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+    table_rows = [ln for ln in (folder / "results.md").read_text().splitlines()
+                  if ln.startswith("| ") and not ln.startswith("| variant")]
+    assert len(table_rows) == len(rows) >= 6
+    assert search.short_name(search.E2E + ",distill.epochs=40") == "E2E,epochs=40"

@@ -149,10 +149,9 @@ def validate_config(config: SKDConfig) -> None:
 
 def mask_layers(model: models.Model) -> tuple[str, ...]:
     """``model``'s features layers bottom to top: the places a mask can sit (LeNet:
-    ``("conv1", "conv2", "fc1", "fc2")``; the last is the penultimate)."""
-    from trm_jax import attack  # the one table of layer orders
-
-    return tuple(layer[0] for layer in attack.feature_layers(model))
+    ``("conv1", "conv2", "fc1", "fc2")``; the last is the penultimate): the model's own
+    :attr:`~trm_jax.models.Model.feature_layers`."""
+    return tuple(layer[0] for layer in model.feature_layers)
 
 
 def resolve_mask_layer(model: models.Model, layer: str | None) -> str:
