@@ -14,11 +14,11 @@ misses_percent, false_masks_percent, ablation), attack_curves.png,
 ablation.png (with several budgets), checkpoints/. Digits, 3 seeds, 2 CPU cores:
 ~1.5 min; teacher 0.98, student 0.86, misses 0.4%, false masks 11%.
 
-The mask can sit at any features layer and be trained end to end (``--skd.mask-layer conv2
---skd.objective end_to_end``, with ``--skd.mask-fraction``, ``--skd.mask-loss``,
-``--skd.mask-weight``, ``--skd.logits-weight``, ``--skd.widths``: ``trm_jax.skd.SKDConfig``);
-results.json's ``honesty`` holds, per layer, the % of test images whose activations are all
-zero and the full fine-tune gradient's norm (a mask of dead units stops gradients).
+The mask can sit at any features layer and be trained end to end (--skd.mask-layer conv2
+--skd.objective end_to_end, with --skd.mask-fraction, --skd.mask-loss, --skd.mask-weight,
+--skd.logits-weight, --skd.widths: trm_jax.skd.SKDConfig); results.json's "honesty" holds,
+per layer, the % of test images whose activations are all zero and the full fine-tune
+gradient's norm (a mask of dead units stops gradients).
 """
 from __future__ import annotations
 

@@ -120,23 +120,6 @@ def test_results_table_is_the_committed_comparison():
     assert "../experiments/results/digits/results.md" in (ROOT / "docs" / "results.md").read_text()
 
 
-def test_mnist5k_results_table_is_the_committed_comparison():
-    import json
-
-    from experiments import compare
-
-    folder = ROOT / "experiments" / "results" / "mnist5k"
-    results = json.loads((folder / "results.json").read_text())
-    assert results["dataset"] == "mnist5k" and len(results["seeds"]) == 5
-    for row in digits_rows(results):
-        assert row in README, row
-    scratch = results["references"]["scratch"]["budgets"]["all"]["1x"]["final"]
-    assert (f"scratch reaches {scratch['mean']:.3f} ± {scratch['std']:.3f}"
-            in " ".join(README.split()).split("### mnist5k", 1)[1])
-    assert (folder / "results.md").read_text() == compare.markdown(results)
-    assert "../experiments/results/mnist5k/results.md" in (ROOT / "docs" / "results.md").read_text()
-
-
 def test_simulated_attack_tables_are_the_committed_search():
     import json
 

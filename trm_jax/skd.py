@@ -71,20 +71,21 @@ class SKDConfig:
         gives 86% beneficial accuracy and 11% false masks, 'fresh' 70% and 22%;
         misses are 0.4% with both.
       mask_layer: the features layer whose ReLU masks malicious inputs (its pre-activations
-        are driven to ``malicious_target``): a name of :func:`mask_layers` (LeNet:
-        ``conv1, conv2, fc1, fc2``); ``None``: the penultimate (the paper). Below the
-        penultimate, the layers above the mask are trained with the head (everything
-        at and below the mask stays bitwise frozen there).
-      objective: one of :data:`OBJECTIVES`. ``"regress"`` (the paper) trains the layers
-        up to the mask only; ``"end_to_end"`` trains the whole network (from the
-        teacher) on beneficial cross-entropy + ``mask_weight`` x the masking term
-        (+ ``logits_weight`` x the cross-entropy to the teacher's soft labels).
+        are driven to malicious_target): conv1, conv2, fc1 or fc2 for LeNet; None: the
+        penultimate (the paper). Below the penultimate, the layers above the mask are
+        trained with the head (everything at and below the mask stays bitwise frozen).
+      objective: 'regress' (the paper) trains the layers up to the mask only;
+        'end_to_end' trains the whole network (from the teacher) on beneficial
+        cross-entropy + mask_weight x the masking term (+ logits_weight x the
+        cross-entropy to the teacher's soft labels).
       mask_fraction: the share of the mask layer's channels that are masked (the first
-        ``ceil(fraction * C)``); ``"end_to_end"`` only below 1.
-      mask_weight, mask_loss, logits_weight: the ``"end_to_end"`` objective's terms
-        (:data:`MASK_LOSSES`; weights >= 0).
+        ceil(fraction * C)); 'end_to_end' only below 1.
+      mask_weight: the end_to_end objective's weight of the masking term (>= 0).
+      mask_loss: the masking term: 'mse' to malicious_target, or 'hinge' (only
+        pre-activations above the target are penalised).
+      logits_weight: the end_to_end objective's weight of the teacher's soft labels (>= 0).
       widths: LeNet's widths (conv1, conv2, fc1, fc2) for teacher and student, e.g. a
-        wider conv2 under a conv2 mask; ``None``: the dataset's model.
+        wider conv2 under a conv2 mask; None: the dataset's model.
     """
 
     malicious_target: float = DEFAULT_MALICIOUS_TARGET
