@@ -14,6 +14,7 @@ to ONE line on stderr and exit code 2, without a traceback.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import io
@@ -522,3 +523,41 @@ def model_override(dataset: str, name: str | None, protocol: data.ProtocolData,
         return None
     return datasets.model_for(dataset, num_classes or protocol.pretrain.beneficial.num_classes,
                               protocol.image_shape, name)
+
+
+def apply_variant(config: Any, change: str) -> Any:
+    """One ``"field=value"`` change (a dotted path, a Python literal or a bare word).
+
+    Raises:
+      ConfigError: not ``field=value``, an unknown field, or an invalid value.
+    """
+    path, sep, text = change.partition("=")
+    if not sep or not path.strip():
+        raise errors.ConfigError(f"variant change {change!r} is not field=value")
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        value = text.strip()  # a bare word is a string (start=skd)
+    return methods.replace_path(config, path.strip(), value)
+
+
+def _split_variants(variant: str) -> list[str]:
+    """Splits on the commas between changes, not inside tuples: "a=(1, 2),b=3"."""
+    out, depth, cur = [], 0, ""
+    for ch in variant:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [c for c in (*out, cur) if c.strip()]
+
+
+def variant_config(base: Any, variant: str) -> Any:
+    """``base`` with every comma-separated ``field=value`` change of ``variant`` applied."""
+    config = base
+    for change in _split_variants(variant):
+        config = apply_variant(config, change)
+    return config

@@ -19,13 +19,12 @@ accuracy vs worst reuse attack, one point per variant). --resume skips finished 
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 from typing import Annotated, Any
 
 from experiments import _cli
-from trm_jax import attacks, config_for, data, errors, evaluation, methods, plots, runs
+from trm_jax import attacks, config_for, data, evaluation, plots, runs
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods import simulated_attack
 from trm_jax.methods.simulated_attack import SimulatedAttackConfig
@@ -60,41 +59,8 @@ def defaults(dataset: str) -> Config:
     return Config(dataset=dataset, method=config_for(simulated_attack.NAME, dataset))
 
 
-def apply_variant(config: SimulatedAttackConfig, change: str) -> SimulatedAttackConfig:
-    """One ``"field=value"`` change (a dotted path, a Python literal or a bare word).
-
-    Raises:
-      ConfigError: not ``field=value``, an unknown field, or an invalid value.
-    """
-    path, sep, text = change.partition("=")
-    if not sep or not path.strip():
-        raise errors.ConfigError(f"variant change {change!r} is not field=value")
-    try:
-        value = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-        value = text.strip()  # a bare word is a string (start=skd)
-    return methods.replace_path(config, path.strip(), value)
-
-
-def _split_variants(variant: str) -> list[str]:
-    """Splits on the commas between changes, not inside tuples: "a=(1, 2),b=3"."""
-    out, depth, cur = [], 0, ""
-    for ch in variant:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return [c for c in (*out, cur) if c.strip()]
-
-
-def variant_config(base: SimulatedAttackConfig, variant: str) -> SimulatedAttackConfig:
-    config = base
-    for change in _split_variants(variant):
-        config = apply_variant(config, change)
-    return config
+# Variants are "field=value" changes of a config (shared with experiments.skd_mask_search).
+apply_variant, variant_config = _cli.apply_variant, _cli.variant_config
 
 
 def _json(record: dict[str, Any]) -> dict[str, Any]:

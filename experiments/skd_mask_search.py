@@ -24,7 +24,6 @@ import time
 import numpy as np
 
 from experiments import _cli
-from experiments.simulated_attack_search import variant_config
 from trm_jax import attacks, config_for, data, evaluation, methods, plots, runs
 
 #: A conv2 mask trained end to end (hinge to -1), its weight raised (with longer training
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             parser.error("--records needs --unprotected (the reference's beneficial accuracy)")
         return from_records(pathlib.Path(args.records), args.unprotected, pathlib.Path(args.output))
     base = config_for("skd", args.dataset)
-    variants = [(v, variant_config(base, v)) for v in args.grid]  # every variant checked first
+    variants = [(v, _cli.variant_config(base, v)) for v in args.grid]  # every variant checked first
     protocol = data.validation_protocol(
         data.load_protocol(data.preset(args.dataset), data_dir=args.data_dir))
     for _, config in variants:
