@@ -103,6 +103,13 @@ class DistributedError(TrmError, RuntimeError):
     started with different settings, or one of them stopped with an error before compute."""
 
 
+def check_choice(field: str, value, allowed) -> None:
+    """Raises :class:`ConfigError` ``unknown <field> <value>; allowed: <allowed>`` (naming
+    ``field``) unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"unknown {field} {value!r}; allowed: {tuple(allowed)}", field=field)
+
+
 @contextlib.contextmanager
 def about(field: str) -> Iterator[None]:
     """A :class:`ConfigError` raised in the block is about ``field``: its ``field`` becomes

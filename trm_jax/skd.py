@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from trm_jax import compilation, models, streams, train
-from trm_jax.errors import ConfigError
+from trm_jax.errors import ConfigError, check_choice
 from trm_jax.typing import Params
 STUDENT_INITS = ("fresh", "teacher")
 DEFAULT_MALICIOUS_TARGET = -100.0
@@ -115,12 +115,8 @@ def validate_config(config: SKDConfig) -> None:
                          f"{DEFAULT_MALICIOUS_TARGET}), got {config.malicious_target!r}")
     if config.student_init not in STUDENT_INITS:
         raise ConfigError(f"unknown student_init {config.student_init!r}; allowed: {STUDENT_INITS}")
-    if config.objective not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {config.objective!r}; allowed: {OBJECTIVES}",
-                          field="objective")
-    if config.mask_loss not in MASK_LOSSES:
-        raise ConfigError(f"unknown mask_loss {config.mask_loss!r}; allowed: {MASK_LOSSES}",
-                          field="mask_loss")
+    check_choice("objective", config.objective, OBJECTIVES)
+    check_choice("mask_loss", config.mask_loss, MASK_LOSSES)
     if config.mask_layer is not None and not isinstance(config.mask_layer, str):
         raise ConfigError(f"mask_layer must be a layer name or None, got {config.mask_layer!r}",
                           field="mask_layer")

@@ -48,7 +48,7 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 number of optimizer steps taken
 
 
-from trm_jax.errors import ConfigError, NonFiniteError  # noqa: E402,F401  (re-exported)
+from trm_jax.errors import ConfigError, NonFiniteError, check_choice  # noqa: E402,F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +91,8 @@ def validate_config(config: TrainConfig) -> None:
     if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
         raise ConfigError(f"learning_rate must be finite and > 0, got {config.learning_rate}",
                           field="learning_rate")
-    if config.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {config.optimizer!r}; allowed: {OPTIMIZERS}",
-                          field="optimizer")
-    if config.strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {config.strategy!r}; allowed: {STRATEGIES}",
-                          field="strategy")
+    check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    check_choice("strategy", config.strategy, STRATEGIES)
 
 
 def make_optimizer(name: str, learning_rate: float | jax.Array, *, b1: float = 0.9,
