@@ -330,6 +330,10 @@ def search_figure(path, results: dict) -> None:
     ax.axhline(scratch[d][s]["final"]["mean"], color="black", ls="--", label="scratch (random init)")
     ax.axhline(results["chance"], color="grey", lw=0.8, label="chance")
     ax.set_xscale("log")
+    from matplotlib import ticker  # plain numbers on the log axis (1, 2, 5, 10 ...)
+
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if v < 10 else ""))
     ax.set_xlabel("attacker's random trials of (attack, optimizer, learning rate)")
     ax.set_ylabel("expected best mean final malicious accuracy")
     ax.set_title(f"Figure 5: attacker search ({results['dataset']}, data {data_label(d, results)}, "
