@@ -375,3 +375,24 @@ def test_budgets_share_one_program_and_short_budgets_are_prefixes(setup):
     np.testing.assert_array_equal(short.curve, long.curve[..., :2])
     with pytest.raises(ValueError, match="per class"):
         attack.data_budget(data, 0)
+
+
+def test_every_finetuning_attack_runs_in_one_compiled_program(setup):
+    """Stages are inputs: after one fine-tuning attack, the others compile nothing."""
+    model, params, keys, data = setup
+    stages = attack.stage_arrays(model, config("reinit_top2"))
+    assert {n: bool(v["kernel"]) for n, v in stages.reinit.items()} == {
+        "conv1": False, "conv2": False, "fc1": True, "fc2": True}
+    assert {n: bool(v["kernel"]) for n, v in stages.trainable["features"].items()} == {
+        "conv1": False, "conv2": False, "fc1": True, "fc2": True}
+    assert bool(stages.trainable["head"]["dense"]["kernel"]) and int(stages.probe_epochs) == 0
+    probe = attack.stage_arrays(model, attack.AttackConfig("probe_then_finetune", 5, epochs=4))
+    assert int(probe.probe_epochs) == 3 and all(jax.tree.leaves(probe.trainable))
+    lrs = (1e-3, 1e-2)
+    attack.attack_sweep(model, params, keys, lrs, data, config("full_finetune"), batching="map")
+    with compilation.count_compilations() as stats:
+        outs = {name: attack.attack_sweep(model, params, keys, lrs, data, config(name), batching="map")
+                for name in ("reinit_top2", "head_and_penultimate", "reinit_penultimate")}
+    assert stats.total.compilations == 0, stats.total
+    # different stages give different curves from the one program
+    assert not np.array_equal(outs["reinit_top2"].curve, outs["head_and_penultimate"].curve)

@@ -167,13 +167,22 @@ def init_state(key: chex.PRNGKey, params: Params,
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
                optimizer: optax.GradientTransformation,
                mask: Params | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on one batch. Leaves with ``mask`` False keep their exact bits."""
+    """One optimizer step on one batch. Leaves with ``mask`` False keep their exact bits
+    (mask leaves: Python bools, or ``bool[]`` arrays: one program for many masks)."""
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if mask is not None:  # x + 0.0 may flip -0.0: select the old leaf instead
-        params = jax.tree.map(lambda m, new, old: new if m else old, mask, params, state.params)
+        params = jax.tree.map(_keep_frozen, mask, params, state.params)
     return state._replace(params=params, opt_state=opt_state, step=state.step + 1), dict(metrics)
+
+
+def _keep_frozen(trainable: bool | jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """A Python bool picks a leaf while tracing; a ``bool[]`` array (a runtime mask, one
+    program for many masks) selects bitwise."""
+    if isinstance(trainable, (bool, np.bool_)):
+        return new if trainable else old
+    return jnp.where(trainable, new, old)
 
 
 def epoch_batches(key: chex.PRNGKey, num_examples: int, batch_size: int) -> jax.Array:

@@ -25,9 +25,9 @@ Example::
 """
 from trm_jax.attacks.budgets import (AttackData, Budgets, attack_data, budget_indices, budget_key,
                                      data_budget, default_epochs, steps_per_epoch)
-from trm_jax.attacks.program import (AttackOutput, attack_phases, attack_sweep, check_inputs,
-                                     compiled_sweep, make_attack, place, resolve_batching,
-                                     trains_convs)
+from trm_jax.attacks.program import (AttackOutput, Stages, attack_phases, attack_sweep,
+                                     check_inputs, compiled_sweep, make_attack, place,
+                                     resolve_batching, stage_arrays, trains_convs)
 from trm_jax.attacks.report import Report, to_json
 from trm_jax.attacks.result import (AXES, SCRATCH_FRACTION, BudgetRow, Choice, SweepResult,
                                     advantage, at_steps, attacker_choice, best_lr, budget_table,
@@ -45,13 +45,13 @@ from trm_jax.attacks.suite import (Plan, attack_plan, check_all, entry_name, run
 __all__ = ["ATTACKS", "ATTACK_SPECS", "AXES", "AttackConfig", "AttackData", "AttackOutput",
            "AttackSpec", "BATCHINGS", "BudgetRow", "Budgets", "Choice", "FineTune",
            "LEARNING_RATE_GRID", "LinearProbe", "PAPER_LEARNING_RATE", "Plan", "Probe", "Reinit",
-           "Report", "SCRATCH_FRACTION", "SCRATCH_LEARNING_RATES", "SUITE_OPTIMIZERS",
+           "Report", "SCRATCH_FRACTION", "SCRATCH_LEARNING_RATES", "SUITE_OPTIMIZERS", "Stages",
            "SweepResult", "WIDE_LEARNING_RATE_GRID", "WIDE_OPTIMIZERS", "WarmStart", "advantage",
            "at_steps", "attack_data", "attack_phases", "attack_plan", "attack_sweep",
            "attacker_choice", "best_lr", "budget_indices", "budget_key", "budget_table",
            "check_all", "check_inputs", "compiled_sweep", "data_budget", "default_epochs",
            "entry_name", "final_means", "make_attack", "place", "register", "resolve_attacks",
            "resolve_batching", "resolve_parts", "run_plan", "scratch_choice", "scratch_init",
-           "scratch_reference", "search_curve", "steps_per_epoch", "steps_to_fraction",
+           "scratch_reference", "search_curve", "stage_arrays", "steps_per_epoch", "steps_to_fraction",
            "to_json", "trainable_prefixes", "trains_convs", "unregister", "validate_config",
            "validate_learning_rates", "worst_case"]

@@ -5,7 +5,10 @@ for ONE seed and ONE learning rate (purejaxrl style: ``make_attack(model, config
 attack(params, key, lr, data)``); :func:`attack_sweep` lifts it over learning rates
 and seeds into ONE jitted program (epochs as ``lax.scan``, batches as the ``lax.scan``
 of :func:`trm_jax.train.train_epoch`, data resident on the device). The learning rate
-is a traced scalar, so it is vmapped like any other input.
+is a traced scalar, so it is vmapped like any other input; so are a fine-tuning
+attack's stages (:class:`Stages`), so that every attack but a precomputed linear probe
+shares one compiled program per model and optimizer (a suite compiled 10 programs
+before, 5 now; the curves are bitwise the same).
 
 Keys: ``head_key, shuffle_key = split(fold_in(key, streams.ATTACK))``; the fresh head
 comes from ``head_key`` (shared by all learning rates of a seed), re-initialised layers
@@ -22,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from trm_jax import compilation, models, sharding, streams, train
 from trm_jax.attacks import specs
@@ -45,6 +49,43 @@ class AttackOutput(NamedTuple):
     params: Params | None = None
 
 
+class Stages(NamedTuple):
+    """A fine-tuning attack's stages as runtime arrays (a pytree): every attack that is not
+    a precomputed :class:`~trm_jax.attacks.specs.LinearProbe` runs in ONE compiled program
+    per model and optimizer, with its stages as inputs (:func:`stage_arrays`).
+
+    Attributes:
+      trainable: ``bool[]`` per leaf of ``{"features", "head"}``: trained by the
+        :class:`~trm_jax.attacks.specs.FineTune` stage; the others keep their bits.
+      reinit: ``bool[]`` per leaf of the features: replaced by fresh values first
+        (:class:`~trm_jax.attacks.specs.Reinit`).
+      probe_epochs: ``int32[]``: the first epochs train the head alone, then the optimizer
+        state starts afresh (:class:`~trm_jax.attacks.specs.Probe`); 0: no probe.
+    """
+
+    trainable: Params
+    reinit: Params
+    probe_epochs: jax.Array
+
+
+def stage_arrays(model: models.Model, config: specs.AttackConfig) -> Stages:
+    """The :class:`Stages` of ``config``'s attack on ``model`` (cheap; no compute)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    trained = {"features": shapes["features"],
+               "head": jax.eval_shape(lambda k: model.init_head(k, config.num_classes),
+                                      jax.random.key(0))}
+    as_array = lambda tree: jax.tree.map(lambda m: np.asarray(m, bool), tree)
+    reinit = (train.trainable_mask(shapes["features"], _layer_prefixes(model, config.spec.reinit))
+              if config.spec.reinit else jax.tree.map(lambda _: False, shapes["features"]))
+    return Stages(as_array(train.trainable_mask(trained, specs.trainable_prefixes(model, config.attack))),
+                  as_array(reinit), np.asarray(config.spec.probe_epochs, np.int32))
+
+
+def _layer_prefixes(model: models.Model, parts: Sequence[str]) -> tuple[str, ...]:
+    """``Reinit`` parts as prefixes inside the features tree (``features/fc2`` -> ``fc2``)."""
+    return tuple(p.split("/", 1)[1] for p in specs.resolve_parts(model, parts))
+
+
 def trains_convs(model: models.Model, config: specs.AttackConfig) -> bool:
     """True when the attack trains a convolution kernel (a rank-4 parameter)."""
     if config.frozen_features:
@@ -60,22 +101,37 @@ def trains_convs(model: models.Model, config: specs.AttackConfig) -> bool:
 
 def resolve_batching(batching: str, config: specs.AttackConfig,
                      model: models.Model | None = None) -> str:
-    """``"auto"``: ``"map"`` (a sequential ``lax.map`` over the (lr, seed) grid, still one
-    program) for attacks that train conv kernels on CPU; ``"vmap"`` otherwise (GPU/TPU,
-    and every attack whose trained weights are dense layers). Measured on 2 CPU cores,
-    digits, 3 seeds x 3 lrs x 20 epochs, first call (compile + run) / later calls:
-    full_finetune vmap 5.3 / 0.97 s, map 4.7 / 1.30 s; reinit_top2 vmap 4.5 / 0.32, map
-    3.6 / 0.43; head_and_penultimate vmap 3.2 / 0.24, map 4.0 / 0.48."""
+    """``"auto"``: on CPU, ``"map"`` (a sequential ``lax.map`` over the (lr, seed) grid, still
+    one program) for the fine-tuning program of a model with conv kernels (it computes
+    every gradient: :class:`Stages` are runtime masks), ``"vmap"`` for linear probes and
+    on GPU/TPU. Measured on 2 CPU cores, digits, 3 seeds x 3 lrs x 20 epochs, first call
+    (compile + run) / later calls: full_finetune vmap 5.3 / 0.97 s, map 4.7 / 1.30 s (the
+    per-seed convolutions become grouped ones under vmap, which XLA:CPU runs slowly)."""
     if batching not in specs.BATCHINGS:
         raise ConfigError(f"unknown batching {batching!r}; allowed: {specs.BATCHINGS}")
     if batching != "auto":
         return batching
-    if model is not None and jax.default_backend() == "cpu" and trains_convs(model, config):
+    if (model is not None and jax.default_backend() == "cpu" and not config.frozen_features
+            and trains_convs(model, _program_config(config))):
         return "map"
     return "vmap"
 
 
+def _program_config(config: specs.AttackConfig) -> specs.AttackConfig:
+    """The compiled program's key: a fine-tuning attack's name and stages are runtime
+    inputs (:class:`Stages`), so every one of them maps to the same config."""
+    if config.frozen_features:
+        return config
+    return dataclasses.replace(config, attack="full_finetune", precompute_features=True)
+
+
 # ----------------------------------------------------------------------------- stages
+
+
+def _attack_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(head_key, shuffle_key)`` of one seed's attack."""
+    head_key, shuffle_key = jax.random.split(jax.random.fold_in(key, streams.ATTACK))
+    return head_key, shuffle_key
 
 
 def _linear(head: Params, z: jax.Array) -> jax.Array:
@@ -83,43 +139,28 @@ def _linear(head: Params, z: jax.Array) -> jax.Array:
     return z @ head["dense"]["kernel"] + head["dense"]["bias"][None]
 
 
-def _warm_start(model: models.Model, config: specs.AttackConfig, params: Params,
-                optimizer: Any, data: AttackData, key: jax.Array) -> Params:
+def _warm_start(model: models.Model, config: specs.AttackConfig, params: Params, key: jax.Array,
+                learning_rate: jax.Array, data: AttackData) -> Params:
     """:class:`~trm_jax.attacks.specs.WarmStart`: every parameter with the released head on
-    the beneficial fine-tuning data; returns the features."""
+    the beneficial fine-tuning data (the attack's optimizer and learning rate); returns
+    the features."""
     loss_fn = train.classification_loss(model.apply)
+    optimizer = _optimizer(config, learning_rate)
     beneficial = (data.beneficial_images, data.beneficial_labels)
 
     def epoch(state: train.TrainState, _: None) -> tuple[train.TrainState, None]:
         return train.train_epoch(state, beneficial, loss_fn=loss_fn, optimizer=optimizer,
                                  batch_size=config.batch_size)[0], None
 
-    state = train.init_state(key, params, optimizer)
+    shuffle_key = jax.random.fold_in(_attack_keys(key)[1], streams.WARM_START)
+    state = train.init_state(shuffle_key, params, optimizer)
     state, _ = jax.lax.scan(epoch, state, None, length=config.spec.warm_start_epochs)
     return state.params["features"]
 
 
-def _reinit(model: models.Model, features: Params, parts: Sequence[str], key: jax.Array) -> Params:
-    """:class:`~trm_jax.attacks.specs.Reinit`: the layers ``parts`` (``features/<layer>``)
-    replaced by fresh ones."""
-    fresh = model.init(key)["features"]
-    out = dict(features)
-    for part in specs.resolve_parts(model, parts):
-        layer = part.split("/", 1)[1]
-        out[layer] = fresh[layer]
-    return out
-
-
-def _preludes(model: models.Model, config: specs.AttackConfig, params: Params, base: Any,
-              data: AttackData, head_key: jax.Array, shuffle_key: jax.Array) -> Params:
-    """The released features after the spec's preludes (warm start, then re-init)."""
-    spec, features = config.spec, params["features"]
-    if spec.warm_start_epochs:
-        features = _warm_start(model, config, params, base, data,
-                               jax.random.fold_in(shuffle_key, streams.WARM_START))
-    if spec.reinit:  # fresh layers under the fresh head
-        features = _reinit(model, features, spec.reinit, jax.random.fold_in(head_key, streams.REINIT))
-    return features
+def _optimizer(config: specs.AttackConfig, learning_rate: jax.Array) -> Any:
+    return train.make_optimizer(config.optimizer, learning_rate, b1=config.b1,
+                                momentum=config.momentum)
 
 
 def attack_phases(model: models.Model, config: specs.AttackConfig, *, return_params: bool = False
@@ -134,7 +175,17 @@ def attack_phases(model: models.Model, config: specs.AttackConfig, *, return_par
     * ``fit(params, inputs, key, learning_rate, data) -> AttackOutput``.
     """
     specs.validate_config(config)
-    return _prepare(model, config), _fit(model, config, return_params)
+    if config.frozen_features:
+        return _prepare(model, config), _probe_fit(model, config, return_params)
+    tune, stages = _tune_fit(model, config, return_params), stage_arrays(model, config)
+
+    def fit(params: Params, inputs: Any, key: jax.Array, learning_rate: jax.Array,
+            data: AttackData) -> AttackOutput:
+        features = (_warm_start(model, config, params, key, learning_rate, data)
+                    if config.spec.warm_start_epochs else params["features"])
+        return tune(features, key, learning_rate, data, stages)
+
+    return _prepare(model, config), fit
 
 
 def _prepare(model: models.Model, config: specs.AttackConfig
@@ -155,55 +206,82 @@ def _prepare(model: models.Model, config: specs.AttackConfig
     return prepare
 
 
-def _fit(model: models.Model, config: specs.AttackConfig, return_params: bool
-         ) -> Callable[..., AttackOutput]:
-    trainable = specs.trainable_prefixes(model, config.attack)
-    chunk, spec = config.eval_batch_size, config.spec
+def _epochs(state: train.TrainState, length: int, epoch_fn: Callable, accuracy: Callable
+            ) -> tuple[train.TrainState, jax.Array]:
+    """``length`` epochs under ``lax.scan``: ``curve f32[length + 1]`` (before, then after
+    each epoch)."""
+    def body(state: train.TrainState, e: jax.Array) -> tuple[train.TrainState, jax.Array]:
+        state = epoch_fn(state, e)
+        return state, accuracy(state.params)
+
+    first = accuracy(state.params)[None]
+    state, rest = jax.lax.scan(body, state, jnp.arange(length))
+    return state, jnp.concatenate([first, rest]).astype(jnp.float32)
+
+
+def _probe_fit(model: models.Model, config: specs.AttackConfig, return_params: bool
+               ) -> Callable[..., AttackOutput]:
+    """A linear probe on features computed once: ``fit(params, (train_f, test_f), key, lr, data)``."""
+    apply_fn = _linear if config.spec.standardize else model.head
+    loss_fn = train.classification_loss(apply_fn)
 
     def fit(params: Params, inputs: tuple[jax.Array, jax.Array], key: jax.Array,
             learning_rate: jax.Array, data: AttackData) -> AttackOutput:
-        train_x, test_x = inputs
-        head_key, shuffle_key = jax.random.split(jax.random.fold_in(key, streams.ATTACK))
-        head = model.init_head(head_key, config.num_classes)
-        base = train.make_optimizer(config.optimizer, learning_rate, b1=config.b1,
-                                    momentum=config.momentum)
-        optimizer, mask = base, None
-        if config.frozen_features:
-            apply_fn, trained = (_linear if spec.standardize else model.head), head
-        else:
-            apply_fn = model.apply
-            features = _preludes(model, config, params, base, data, head_key, shuffle_key)
-            trained = {"features": features, "head": head}
-            if trainable != "all":
-                mask = train.trainable_mask(trained, trainable)
-                optimizer = train.masked_optimizer(base, mask)
-        loss_fn = train.classification_loss(apply_fn)
+        train_f, test_f = inputs
+        head_key, shuffle_key = _attack_keys(key)
+        optimizer = _optimizer(config, learning_rate)
 
-        def accuracy(p: Params) -> jax.Array:
-            return train.evaluate(apply_fn, p, test_x, data.test_labels, chunk)["accuracy"]
+        def epoch(state: train.TrainState, _: jax.Array) -> train.TrainState:
+            return train.train_epoch(state, (train_f, data.finetune_labels), loss_fn=loss_fn,
+                                     optimizer=optimizer, batch_size=config.batch_size)[0]
 
-        def run(state: train.TrainState, opt: Any, opt_mask: Any, length: int):
-            def epoch(state: train.TrainState, _: None) -> tuple[train.TrainState, jax.Array]:
-                state, _ = train.train_epoch(state, (train_x, data.finetune_labels), loss_fn=loss_fn,
-                                             optimizer=opt, batch_size=config.batch_size,
-                                             mask=opt_mask)
-                return state, accuracy(state.params)
-            return jax.lax.scan(epoch, state, None, length=length)
-
-        accs = [accuracy(trained)[None]]
-        state = train.init_state(shuffle_key, trained, optimizer)
-        if spec.probe_epochs:  # Probe: the head only; FineTune then gets a fresh optimizer state
-            probe_mask = train.trainable_mask(trained, ("head",))
-            probe_opt = train.masked_optimizer(base, probe_mask)
-            probe, probe_accs = run(train.init_state(shuffle_key, trained, probe_opt), probe_opt,
-                                    probe_mask, spec.probe_epochs)
-            accs.append(probe_accs)
-            state = train.init_state(probe.key, probe.params, optimizer)
-        state, rest = run(state, optimizer, mask, config.epochs - spec.probe_epochs)
-        curve = jnp.concatenate([*accs, rest]).astype(jnp.float32)
-        final = ({"features": params["features"], "head": state.params}
-                 if config.frozen_features else state.params)
+        accuracy = lambda p: train.evaluate(apply_fn, p, test_f, data.test_labels,
+                                            config.eval_batch_size)["accuracy"]
+        state = train.init_state(shuffle_key, model.init_head(head_key, config.num_classes), optimizer)
+        state, curve = _epochs(state, config.epochs, epoch, accuracy)
+        final = {"features": params["features"], "head": state.params}
         return AttackOutput(curve, train.all_finite(state.params), final if return_params else None)
+
+    return fit
+
+
+def _tune_fit(model: models.Model, config: specs.AttackConfig, return_params: bool
+              ) -> Callable[..., AttackOutput]:
+    """Every fine-tuning attack: ``fit(features, key, lr, data, stages) -> AttackOutput``.
+
+    A fresh head; the :class:`Stages`' ``reinit`` leaves replaced by a fresh init
+    (``fold_in(head_key, streams.REINIT)``); ``probe_epochs`` of the head alone; then the
+    ``trainable`` leaves, with a fresh optimizer state after a probe. Masks are selects,
+    so frozen leaves keep their bits and one program serves every attack.
+    """
+    loss_fn = train.classification_loss(model.apply)
+
+    def fit(features: Params, key: jax.Array, learning_rate: jax.Array, data: AttackData,
+            stages: Stages) -> AttackOutput:
+        head_key, shuffle_key = _attack_keys(key)
+        fresh = model.init(jax.random.fold_in(head_key, streams.REINIT))["features"]
+        features = jax.tree.map(jnp.where, stages.reinit, fresh, features)
+        trained = {"features": features, "head": model.init_head(head_key, config.num_classes)}
+        head_only = {"features": jax.tree.map(lambda _: False, features),
+                     "head": jax.tree.map(lambda _: True, trained["head"])}
+        optimizer = _optimizer(config, learning_rate)
+
+        def epoch(state: train.TrainState, e: jax.Array) -> train.TrainState:
+            probing = e < stages.probe_epochs
+            mask = jax.tree.map(lambda h, t: jnp.where(probing, h, t), head_only, stages.trainable)
+            restart = (e == stages.probe_epochs) & (stages.probe_epochs > 0)
+            opt_state = jax.tree.map(lambda new, old: jnp.where(restart, new, old),
+                                     optimizer.init(state.params), state.opt_state)
+            return train.train_epoch(state._replace(opt_state=opt_state),
+                                     (data.finetune_images, data.finetune_labels), loss_fn=loss_fn,
+                                     optimizer=optimizer, batch_size=config.batch_size, mask=mask)[0]
+
+        accuracy = lambda p: train.evaluate(model.apply, p, data.test_images, data.test_labels,
+                                            config.eval_batch_size)["accuracy"]
+        state = train.init_state(shuffle_key, trained, optimizer)
+        state, curve = _epochs(state, config.epochs, epoch, accuracy)
+        return AttackOutput(curve, train.all_finite(state.params),
+                            state.params if return_params else None)
 
     return fit
 
@@ -236,43 +314,49 @@ def make_attack(model: models.Model, config: specs.AttackConfig, *, return_param
 
 
 # ----------------------------------------------------------------------------- sweeps
+# A sweep maps a per-(seed, lr) function over seeds x lrs in one program: ``vmap`` of
+# ``vmap``, or one ``lax.map`` over the flattened grid (lr-major). Outputs are ``[L, S, ...]``.
 
 
-def _vmap_sweep(model: models.Model, config: specs.AttackConfig, return_params: bool):
-    prepare, fit = attack_phases(model, config, return_params=return_params)
-    over_lrs = jax.vmap(fit, in_axes=(None, None, None, 0, None))
-    over_seeds = jax.vmap(over_lrs, in_axes=(0, 0, 0, None, None))
-    shared_inputs = jax.vmap(over_lrs, in_axes=(0, None, 0, None, None))
-    # Per-seed conv weights under vmap become grouped convolutions, which XLA:CPU runs
-    # ~25% slower than a loop of plain ones: on CPU, prepare seed by seed.
-    map_prepare = config.frozen_features and jax.default_backend() == "cpu"
+def _grid(fn: Callable, batching: str, per_lr: bool) -> Callable:
+    """``fn(arg, key, lr, *shared)`` over ``arg[S, ...]`` (``[S, L, ...]`` if ``per_lr``),
+    ``keys[S]``, ``lrs[L]``; ``shared`` arguments are the same for every grid point."""
+    if batching == "vmap":
+        def swept(arg, keys, lrs, *shared):
+            rest = (None,) * len(shared)
+            over_lrs = jax.vmap(fn, in_axes=(0 if per_lr else None, None, 0, *rest))
+            over_seeds = jax.vmap(over_lrs, in_axes=(0, 0, None, *rest))
+            return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), over_seeds(arg, keys, lrs, *shared))
+        return swept
 
-    def sweep(params, keys, lrs, data):
-        if not config.frozen_features:  # the images: the same for every seed
-            out = shared_inputs(params, prepare(None, data), keys, lrs, data)
-        else:
-            inputs = (jax.lax.map(lambda p: prepare(p, data), params) if map_prepare
-                      else jax.vmap(prepare, in_axes=(0, None))(params, data))
-            out = over_seeds(params, inputs, keys, lrs, data)  # [S, L, ...]
-        return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
-
-    return sweep
-
-
-def _map_sweep(model: models.Model, config: specs.AttackConfig, return_params: bool):
-    one = make_attack(model, config, return_params=return_params)
-
-    def sweep(params, keys, lrs, data):
+    def mapped(arg, keys, lrs, *shared):
         num_seeds, num_lrs = keys.shape[0], lrs.shape[0]
-        seed_idx = jnp.tile(jnp.arange(num_seeds), num_lrs)  # lr-major: [L * S]
-        lr_idx = jnp.repeat(jnp.arange(num_lrs), num_seeds)
 
-        def body(idx):
+        def body(idx: tuple[jax.Array, jax.Array]) -> Any:
             s, l = idx
-            return one(jax.tree.map(lambda x: x[s], params), keys[s], lrs[l], data)
+            one = jax.tree.map(lambda x: x[s, l] if per_lr else x[s], arg)
+            return fn(one, keys[s], lrs[l], *shared)
 
-        out = jax.lax.map(body, (seed_idx, lr_idx))
+        out = jax.lax.map(body, (jnp.tile(jnp.arange(num_seeds), num_lrs),
+                                 jnp.repeat(jnp.arange(num_lrs), num_seeds)))
         return jax.tree.map(lambda x: x.reshape(num_lrs, num_seeds, *x.shape[1:]), out)
+    return mapped
+
+
+def _probe_sweep(model: models.Model, config: specs.AttackConfig, batching: str,
+                 return_params: bool) -> Callable[..., AttackOutput]:
+    """``(params[S], keys[S], lrs[L], data) -> AttackOutput[L, S]``; under ``vmap`` the
+    features are computed once per seed, seed by seed on CPU (per-seed conv weights under
+    vmap become grouped convolutions, which XLA:CPU runs ~25% slower)."""
+    prepare, fit = _prepare(model, config), _probe_fit(model, config, return_params)
+    if batching == "map":
+        return _grid(lambda p, key, lr, data: fit(p, prepare(p, data), key, lr, data), "map", False)
+    over_grid = _grid(lambda pi, key, lr, data: fit(pi[0], pi[1], key, lr, data), "vmap", False)
+
+    def sweep(params, keys, lrs, data):
+        inputs = (jax.lax.map(lambda p: prepare(p, data), params) if jax.default_backend() == "cpu"
+                  else jax.vmap(prepare, in_axes=(0, None))(params, data))
+        return over_grid((params, inputs), keys, lrs, data)
 
     return sweep
 
@@ -282,30 +366,50 @@ _SWEEPS_LOCK = threading.Lock()  # sweeps may be built from several threads (sui
 
 def compiled_sweep(model: models.Model, config: specs.AttackConfig, batching: str,
                    return_params: bool = False) -> Callable[..., AttackOutput]:
-    """The jitted sweep of ``(model, config, batching)`` (cached), built once even when several
-    threads ask at once: ``(params[S,...], keys[S], lrs f32[L], data) -> AttackOutput[L, S]``.
+    """The jitted sweep of ``(model, config, batching)`` (cached; built once even when several
+    threads ask at once), ``batching`` ``"vmap"`` or ``"map"``:
 
-    ``batching="vmap"``: ``vmap`` over seeds of ``vmap`` over learning rates; a linear probe's
-    features (seed-dependent only) are computed once per seed. ``"map"``: a ``lax.map`` over
-    the flattened ``L * S`` grid inside the same program.
+    * a precomputed linear probe: ``(params[S, ...], keys[S], lrs f32[L], data) ->
+      AttackOutput[L, S]``;
+    * every other attack: ``(features[S, L, ...], keys[S], lrs f32[L], data, stages) ->
+      AttackOutput[L, S]``, ONE program for all of them (:class:`Stages` are inputs);
+      ``features`` are the released ones repeated over lrs, or a warm start's.
     """
     with _SWEEPS_LOCK:
-        return _compiled_sweep(model, config, batching, return_params)
+        return _compiled_sweep(model, _program_config(config), batching, return_params)
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_sweep(model: models.Model, config: specs.AttackConfig, batching: str,
                     return_params: bool = False) -> Callable[..., AttackOutput]:
-    builders = {"vmap": _vmap_sweep, "map": _map_sweep}
-    if batching not in builders:
+    if batching not in ("vmap", "map"):
         raise ConfigError(f"batching must be 'vmap' or 'map' here, got {batching!r}")
-    return compilation.jit(builders[batching](model, config, return_params))
+    if config.frozen_features:
+        return compilation.jit(_probe_sweep(model, config, batching, return_params))
+    return compilation.jit(_grid(_tune_fit(model, config, return_params), batching, True))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_warm_start(model: models.Model, config: specs.AttackConfig, batching: str
+                         ) -> Callable[..., Params]:
+    """``(params[S], keys[S], lrs[L], data) -> features[S, L, ...]`` after the warm start."""
+    warm = _grid(lambda p, key, lr, data: _warm_start(model, config, p, key, lr, data),
+                 batching, False)
+    return compilation.jit(lambda *args: jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), warm(*args)))
+
+
+@functools.partial(compilation.jit, static_argnums=1)
+def _repeat_over_lrs(features: Params, num_lrs: int) -> Params:
+    """``[S, ...] -> [S, L, ...]``: every learning rate starts from the released features."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], num_lrs, *x.shape[1:])),
+                        features)
 
 
 def attack_sweep(model: models.Model, params: Params, keys: jax.Array,
                  learning_rates: Sequence[float], data: AttackData, config: specs.AttackConfig, *,
                  batching: str = "auto", return_params: bool = False) -> AttackOutput:
-    """Runs one attack for every (learning rate, seed) in ONE compiled program.
+    """Runs one attack for every (learning rate, seed) in ONE compiled program, which every
+    fine-tuning attack of the suite shares (:func:`compiled_sweep`).
 
     Args:
       model: the architecture.
@@ -326,16 +430,24 @@ def attack_sweep(model: models.Model, params: Params, keys: jax.Array,
     lrs = specs.validate_learning_rates(learning_rates)
     check_inputs(model, params, keys, data, config)
     batching = resolve_batching(batching, config, model)
-    # The attack drops the model's head for a fresh ``config.num_classes`` one: models (and
-    # params) that differ only in their head (UNSIR's 10-way model) share one compiled sweep.
-    # A warm start first trains the released model, its own head included: it keeps it.
-    if not config.spec.warm_start_epochs:
-        model = dataclasses.replace(model, num_classes=config.num_classes)
-        params = {"features": params["features"]}
     params, keys, data = place(params, keys, data)
-    fn = compiled_sweep(model, config, batching, return_params)
+    lrs = jnp.asarray(lrs, jnp.float32)
+    if config.frozen_features:
+        # The attack drops the model's head for a fresh ``config.num_classes`` one: models
+        # that differ only in their head (UNSIR's 10-way model) share one compiled sweep.
+        model = dataclasses.replace(model, num_classes=config.num_classes)
+        out = compiled_sweep(model, config, batching, return_params)(
+            {"features": params["features"]}, keys, lrs, data)
+        return sharding.gather(out)
+    if config.spec.warm_start_epochs:  # trains the released model, its own head included
+        features = _compiled_warm_start(model, config, batching)(params, keys, lrs, data)
+    else:
+        features = _repeat_over_lrs(params["features"], int(lrs.shape[0]))
+    model = dataclasses.replace(model, num_classes=config.num_classes)
+    out = compiled_sweep(model, config, batching, return_params)(
+        features, keys, lrs, data, stage_arrays(model, config))
     # Several processes: every process gets the whole [L, S] output (one process: as is).
-    return sharding.gather(fn(params, keys, jnp.asarray(lrs, jnp.float32), data))
+    return sharding.gather(out)
 
 
 def check_inputs(model: models.Model, params: Params, keys: jax.Array, data: AttackData,
