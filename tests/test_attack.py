@@ -378,7 +378,8 @@ def test_budgets_share_one_program_and_short_budgets_are_prefixes(setup):
 
 
 def test_every_finetuning_attack_runs_in_one_compiled_program(setup):
-    """Stages are inputs: after one fine-tuning attack, the others compile nothing."""
+    """Stages are inputs: after full_finetune and reinit_top2 (the program of attacks that
+    keep the lower half frozen), the other fine-tuning attacks compile nothing."""
     model, params, keys, data = setup
     stages = attack.stage_arrays(model, config("reinit_top2"))
     assert {n: bool(v["kernel"]) for n, v in stages.reinit.items()} == {
@@ -388,11 +389,19 @@ def test_every_finetuning_attack_runs_in_one_compiled_program(setup):
     assert bool(stages.trainable["head"]["dense"]["kernel"]) and int(stages.probe_epochs) == 0
     probe = attack.stage_arrays(model, attack.AttackConfig("probe_then_finetune", 5, epochs=4))
     assert int(probe.probe_epochs) == 3 and all(jax.tree.leaves(probe.trainable))
+    lower = ("conv1", "conv2")
+    assert {n: attack.frozen_lower_half(model, attack.AttackConfig(n, 5, epochs=4))
+            for n in attack.ATTACKS} == {
+        "linear_probe": (), "standardized_probe": (), "head_and_penultimate": lower,
+        "reinit_penultimate": lower, "reinit_top2": lower, "reinit_top3": (), "full_finetune": (),
+        "warm_start": (), "probe_then_finetune": ()}
+    assert attack.frozen_lower_half(model, config("linear_probe", precompute_features=False)) == lower
     lrs = (1e-3, 1e-2)
     attack.attack_sweep(model, params, keys, lrs, data, config("full_finetune"), batching="map")
+    attack.attack_sweep(model, params, keys, lrs, data, config("reinit_top2"), batching="map")
     with compilation.count_compilations() as stats:
         outs = {name: attack.attack_sweep(model, params, keys, lrs, data, config(name), batching="map")
-                for name in ("reinit_top2", "head_and_penultimate", "reinit_penultimate")}
+                for name in ("reinit_top3", "head_and_penultimate", "reinit_penultimate")}
     assert stats.total.compilations == 0, stats.total
-    # different stages give different curves from the one program
-    assert not np.array_equal(outs["reinit_top2"].curve, outs["head_and_penultimate"].curve)
+    # different stages give different curves from one program
+    assert not np.array_equal(outs["reinit_penultimate"].curve, outs["head_and_penultimate"].curve)

@@ -26,8 +26,8 @@ Example::
 from trm_jax.attacks.budgets import (AttackData, Budgets, attack_data, budget_indices, budget_key,
                                      data_budget, default_epochs, steps_per_epoch)
 from trm_jax.attacks.program import (AttackOutput, Stages, attack_phases, attack_sweep,
-                                     check_inputs, compiled_sweep, make_attack, place,
-                                     resolve_batching, stage_arrays, trains_convs)
+                                     check_inputs, compiled_sweep, frozen_lower_half, make_attack,
+                                     place, resolve_batching, stage_arrays, trains_convs)
 from trm_jax.attacks.report import Report, to_json
 from trm_jax.attacks.result import (AXES, SCRATCH_FRACTION, BudgetRow, Choice, SweepResult,
                                     advantage, at_steps, attacker_choice, best_lr, budget_table,
@@ -50,6 +50,7 @@ __all__ = ["ATTACKS", "ATTACK_SPECS", "AXES", "AttackConfig", "AttackData", "Att
            "at_steps", "attack_data", "attack_phases", "attack_plan", "attack_sweep",
            "attacker_choice", "best_lr", "budget_indices", "budget_key", "budget_table",
            "check_all", "check_inputs", "compiled_sweep", "data_budget", "default_epochs",
+           "frozen_lower_half",
            "entry_name", "final_means", "make_attack", "place", "register", "resolve_attacks",
            "resolve_batching", "resolve_parts", "run_plan", "scratch_choice", "scratch_init",
            "scratch_reference", "search_curve", "stage_arrays", "steps_per_epoch", "steps_to_fraction",

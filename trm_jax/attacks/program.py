@@ -7,8 +7,9 @@ and seeds into ONE jitted program (epochs as ``lax.scan``, batches as the ``lax.
 of :func:`trm_jax.train.train_epoch`, data resident on the device). The learning rate
 is a traced scalar, so it is vmapped like any other input; so are a fine-tuning
 attack's stages (:class:`Stages`), so that every attack but a precomputed linear probe
-shares one compiled program per model and optimizer (a suite compiled 10 programs
-before, 5 now; the curves are bitwise the same).
+shares one compiled program per model and optimizer, or one of two when the attack keeps
+the lower half frozen (no backward pass there; :func:`frozen_lower_half`); a digits
+suite compiled 10 sweeps before, 6 now, with the same curves.
 
 Keys: ``head_key, shuffle_key = split(fold_in(key, streams.ATTACK))``; the fresh head
 comes from ``head_key`` (shared by all learning rates of a seed), re-initialised layers
@@ -102,19 +103,43 @@ def trains_convs(model: models.Model, config: specs.AttackConfig) -> bool:
 def resolve_batching(batching: str, config: specs.AttackConfig,
                      model: models.Model | None = None) -> str:
     """``"auto"``: on CPU, ``"map"`` (a sequential ``lax.map`` over the (lr, seed) grid, still
-    one program) for the fine-tuning program of a model with conv kernels (it computes
-    every gradient: :class:`Stages` are runtime masks), ``"vmap"`` for linear probes and
-    on GPU/TPU. Measured on 2 CPU cores, digits, 3 seeds x 3 lrs x 20 epochs, first call
-    (compile + run) / later calls: full_finetune vmap 5.3 / 0.97 s, map 4.7 / 1.30 s (the
-    per-seed convolutions become grouped ones under vmap, which XLA:CPU runs slowly)."""
+    one program) when the attack's program computes a conv kernel's gradient (the shared
+    fine-tuning program does, unless the attack keeps the lower half frozen:
+    :func:`frozen_lower_half`); ``"vmap"`` otherwise and on GPU/TPU. Measured on 2 CPU
+    cores, digits, 3 seeds x 3 lrs x 20 epochs, first call (compile + run) / later calls:
+    full_finetune vmap 5.3 / 0.97 s, map 4.7 / 1.30 s; reinit_top2 vmap 4.5 / 0.32, map
+    3.6 / 0.43; head_and_penultimate vmap 3.2 / 0.24, map 4.0 / 0.48."""
     if batching not in specs.BATCHINGS:
         raise ConfigError(f"unknown batching {batching!r}; allowed: {specs.BATCHINGS}")
     if batching != "auto":
         return batching
     if (model is not None and jax.default_backend() == "cpu" and not config.frozen_features
-            and trains_convs(model, _program_config(config))):
+            and _conv_outside(model, frozen_lower_half(model, config))):
         return "map"
     return "vmap"
+
+
+def frozen_lower_half(model: models.Model, config: specs.AttackConfig) -> tuple[str, ...]:
+    """The lower half of ``model``'s features layers (param names) when the attack neither
+    trains nor re-initialises any of them, else ``()``. Such attacks (most reuse attacks)
+    share a second fine-tuning program that computes no gradient below the upper half."""
+    if config.frozen_features:
+        return ()
+    layers = model.feature_layers
+    lower = tuple(n for layer in layers[:len(layers) // 2] for n in layer)
+    trainable = specs.trainable_prefixes(model, config.attack)
+    touched = () if trainable == "all" else trainable
+    touched += specs.resolve_parts(model, config.spec.reinit)
+    if trainable == "all" or any(p == f"features/{n}" for p in touched for n in lower):
+        return ()
+    return lower
+
+
+def _conv_outside(model: models.Model, frozen: tuple[str, ...]) -> bool:
+    """Whether a conv kernel (a rank-4 parameter) lies outside the ``frozen`` layers."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0))["features"]
+    return any(leaf.ndim == 4 for name, layer in shapes.items() if name not in frozen
+               for leaf in jax.tree.leaves(layer))
 
 
 def _program_config(config: specs.AttackConfig) -> specs.AttackConfig:
@@ -177,7 +202,8 @@ def attack_phases(model: models.Model, config: specs.AttackConfig, *, return_par
     specs.validate_config(config)
     if config.frozen_features:
         return _prepare(model, config), _probe_fit(model, config, return_params)
-    tune, stages = _tune_fit(model, config, return_params), stage_arrays(model, config)
+    tune = _tune_fit(model, config, return_params, frozen_lower_half(model, config))
+    stages = stage_arrays(model, config)
 
     def fit(params: Params, inputs: Any, key: jax.Array, learning_rate: jax.Array,
             data: AttackData) -> AttackOutput:
@@ -245,16 +271,23 @@ def _probe_fit(model: models.Model, config: specs.AttackConfig, return_params: b
     return fit
 
 
-def _tune_fit(model: models.Model, config: specs.AttackConfig, return_params: bool
-              ) -> Callable[..., AttackOutput]:
+def _tune_fit(model: models.Model, config: specs.AttackConfig, return_params: bool,
+              frozen: tuple[str, ...] = ()) -> Callable[..., AttackOutput]:
     """Every fine-tuning attack: ``fit(features, key, lr, data, stages) -> AttackOutput``.
 
     A fresh head; the :class:`Stages`' ``reinit`` leaves replaced by a fresh init
     (``fold_in(head_key, streams.REINIT)``); ``probe_epochs`` of the head alone; then the
     ``trainable`` leaves, with a fresh optimizer state after a probe. Masks are selects,
-    so frozen leaves keep their bits and one program serves every attack.
+    so frozen leaves keep their bits and one program serves every attack. ``frozen``
+    layers (the stages must freeze them too) get no gradient at all: XLA drops the
+    backward pass below the lowest trained layer.
     """
-    loss_fn = train.classification_loss(model.apply)
+    classify = train.classification_loss(model.apply)
+
+    def loss_fn(params: Params, batch: Any) -> Any:
+        features = {n: jax.lax.stop_gradient(v) if n in frozen else v
+                    for n, v in params["features"].items()}
+        return classify({**params, "features": features}, batch)
 
     def fit(features: Params, key: jax.Array, learning_rate: jax.Array, data: AttackData,
             stages: Stages) -> AttackOutput:
@@ -372,21 +405,24 @@ def compiled_sweep(model: models.Model, config: specs.AttackConfig, batching: st
     * a precomputed linear probe: ``(params[S, ...], keys[S], lrs f32[L], data) ->
       AttackOutput[L, S]``;
     * every other attack: ``(features[S, L, ...], keys[S], lrs f32[L], data, stages) ->
-      AttackOutput[L, S]``, ONE program for all of them (:class:`Stages` are inputs);
+      AttackOutput[L, S]``, one program for all of them (:class:`Stages` are inputs), and
+      a second one for those that keep the lower half frozen (:func:`frozen_lower_half`);
       ``features`` are the released ones repeated over lrs, or a warm start's.
     """
     with _SWEEPS_LOCK:
-        return _compiled_sweep(model, _program_config(config), batching, return_params)
+        return _compiled_sweep(model, _program_config(config), batching, return_params,
+                               frozen_lower_half(model, config))
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_sweep(model: models.Model, config: specs.AttackConfig, batching: str,
-                    return_params: bool = False) -> Callable[..., AttackOutput]:
+                    return_params: bool = False, frozen: tuple[str, ...] = ()
+                    ) -> Callable[..., AttackOutput]:
     if batching not in ("vmap", "map"):
         raise ConfigError(f"batching must be 'vmap' or 'map' here, got {batching!r}")
     if config.frozen_features:
         return compilation.jit(_probe_sweep(model, config, batching, return_params))
-    return compilation.jit(_grid(_tune_fit(model, config, return_params), batching, True))
+    return compilation.jit(_grid(_tune_fit(model, config, return_params, frozen), batching, True))
 
 
 @functools.lru_cache(maxsize=16)
