@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 
 import chex
@@ -256,3 +257,14 @@ def test_conv_impl_enters_the_spec_only_when_set():
     model = models.lenet(10, conv_impl="im2col")
     assert models.from_spec(model.spec()).spec() == model.spec()
     assert model.spec()["conv_impl"] == "im2col"
+
+
+def test_param_shapes_and_feature_dim_are_traced_once_per_model():
+    model = models.lenet(num_classes=5, input_shape=(8, 8, 1), padding="SAME")
+    shapes = model.param_shapes()
+    want = jax.eval_shape(model.init, jax.random.key(0))
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(
+        lambda s: (s.shape, s.dtype), want)
+    # an equal model (e.g. dataclasses.replace'd back) reuses the cached trace
+    assert dataclasses.replace(model, num_classes=5).param_shapes() is shapes
+    assert model.feature_dim == want["head"]["dense"]["kernel"].shape[0] == 84

@@ -377,10 +377,14 @@ class Model:
 
     @property
     def feature_dim(self) -> int:
-        x = jax.ShapeDtypeStruct((1, *self.input_shape), self.param_dtype)
-        out = jax.eval_shape(lambda k, x: self.features_module.init_with_output(k, x)[0],
-                             jax.random.key(0), x)
-        return int(out.shape[-1])
+        """``D``, the width of the features (cached: tracing an init costs ~0.1 s, and every
+        fresh head needs it)."""
+        return _feature_dim(self.features_module, tuple(self.input_shape), self.param_dtype)
+
+    def param_shapes(self) -> Params:
+        """``jax.eval_shape(self.init, key)``: ``{"features", "head"}`` of
+        ``jax.ShapeDtypeStruct`` (cached per model; do not mutate)."""
+        return _param_shapes(self)
 
     def init(self, key: chex.PRNGKey) -> Params:
         """Returns ``{"features": ..., "head": ...}`` for one seed (vmap over keys for many)."""
@@ -431,6 +435,19 @@ class Model:
     def apply(self, params: Params, images: chex.Array) -> chex.Array:
         """Full model: ``images[B, H, W, C] -> logits[B, K]``."""
         return self.head(params["head"], self.features(params["features"], images))
+
+
+@functools.lru_cache(maxsize=64)
+def _feature_dim(features_module: nn.Module, input_shape: tuple[int, ...], dtype: Any) -> int:
+    x = jax.ShapeDtypeStruct((1, *input_shape), dtype)
+    out = jax.eval_shape(lambda k, x: features_module.init_with_output(k, x)[0],
+                         jax.random.key(0), x)
+    return int(out.shape[-1])
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes(model: Model) -> Params:
+    return jax.eval_shape(model.init, jax.random.key(0))
 
 
 @functools.partial(compilation.jit, static_argnums=0)

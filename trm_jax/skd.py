@@ -170,7 +170,7 @@ def layers_above(model: models.Model, layer: str) -> tuple[str, ...]:
 
 def _activation_module(model: models.Model, layer: str) -> str:
     """The submodule whose output the ReLU after ``layer`` reads (its norm, where it has one)."""
-    names = jax.eval_shape(model.init, jax.random.key(0))["features"]
+    names = model.param_shapes()["features"]
     norm = f"norm{layer[4:]}" if layer.startswith("conv") else None
     return norm if norm in names else layer
 

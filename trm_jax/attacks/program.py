@@ -69,9 +69,11 @@ class Stages(NamedTuple):
     probe_epochs: jax.Array
 
 
+@functools.lru_cache(maxsize=256)
 def stage_arrays(model: models.Model, config: specs.AttackConfig) -> Stages:
-    """The :class:`Stages` of ``config``'s attack on ``model`` (cheap; no compute)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    """The :class:`Stages` of ``config``'s attack on ``model`` (no compute; cached, do not
+    mutate)."""
+    shapes = model.param_shapes()
     trained = {"features": shapes["features"],
                "head": jax.eval_shape(lambda k: model.init_head(k, config.num_classes),
                                       jax.random.key(0))}
@@ -92,7 +94,7 @@ def trains_convs(model: models.Model, config: specs.AttackConfig) -> bool:
     if config.frozen_features:
         return False
     trainable = specs.trainable_prefixes(model, config.attack)
-    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    shapes = model.param_shapes()
     for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         if leaf.ndim == 4 and (trainable == "all" or any(name.startswith(p) for p in trainable)):
@@ -137,7 +139,7 @@ def frozen_lower_half(model: models.Model, config: specs.AttackConfig) -> tuple[
 
 def _conv_outside(model: models.Model, frozen: tuple[str, ...]) -> bool:
     """Whether a conv kernel (a rank-4 parameter) lies outside the ``frozen`` layers."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0))["features"]
+    shapes = model.param_shapes()["features"]
     return any(leaf.ndim == 4 for name, layer in shapes.items() if name not in frozen
                for leaf in jax.tree.leaves(layer))
 
