@@ -123,9 +123,10 @@ def resolve_batching(batching: str, config: specs.AttackConfig,
 
 def frozen_lower_half(model: models.Model, config: specs.AttackConfig) -> tuple[str, ...]:
     """The lower half of ``model``'s features layers (param names) when the attack neither
-    trains nor re-initialises any of them, else ``()``. Such attacks (most reuse attacks)
-    share a second fine-tuning program that computes no gradient below the upper half."""
-    if config.frozen_features:
+    trains, re-initialises nor warm-starts any of them, else ``()``. Such attacks (most
+    reuse attacks) share a second fine-tuning program that computes no gradient below the
+    upper half, and (under ``vmap``) runs the frozen layers once per seed, not per lr."""
+    if config.frozen_features or config.spec.warm_start_epochs:
         return ()
     layers = model.feature_layers
     lower = tuple(n for layer in layers[:len(layers) // 2] for n in layer)
@@ -304,6 +305,10 @@ def _tune_fit(model: models.Model, config: specs.AttackConfig, return_params: bo
         def epoch(state: train.TrainState, e: jax.Array) -> train.TrainState:
             probing = e < stages.probe_epochs
             mask = jax.tree.map(lambda h, t: jnp.where(probing, h, t), head_only, stages.trainable)
+            # Statically frozen layers: a Python False keeps the very input (not a select
+            # whose result vmap would batch over lrs), so they run once per seed.
+            mask["features"] = {n: jax.tree.map(lambda _: False, v) if n in frozen else v
+                                for n, v in mask["features"].items()}
             restart = (e == stages.probe_epochs) & (stages.probe_epochs > 0)
             opt_state = jax.tree.map(lambda new, old: jnp.where(restart, new, old),
                                      optimizer.init(state.params), state.opt_state)
@@ -407,9 +412,10 @@ def compiled_sweep(model: models.Model, config: specs.AttackConfig, batching: st
     * a precomputed linear probe: ``(params[S, ...], keys[S], lrs f32[L], data) ->
       AttackOutput[L, S]``;
     * every other attack: ``(features[S, L, ...], keys[S], lrs f32[L], data, stages) ->
-      AttackOutput[L, S]``, one program for all of them (:class:`Stages` are inputs), and
-      a second one for those that keep the lower half frozen (:func:`frozen_lower_half`);
-      ``features`` are the released ones repeated over lrs, or a warm start's.
+      AttackOutput[L, S]``, one program for all of them (:class:`Stages` are inputs);
+      ``features`` are the released ones repeated over lrs, or a warm start's; and a
+      second one, ``features[S, ...]``, for those that keep the lower half frozen
+      (:func:`frozen_lower_half`).
     """
     with _SWEEPS_LOCK:
         return _compiled_sweep(model, _program_config(config), batching, return_params,
@@ -424,7 +430,10 @@ def _compiled_sweep(model: models.Model, config: specs.AttackConfig, batching: s
         raise ConfigError(f"batching must be 'vmap' or 'map' here, got {batching!r}")
     if config.frozen_features:
         return compilation.jit(_probe_sweep(model, config, batching, return_params))
-    return compilation.jit(_grid(_tune_fit(model, config, return_params, frozen), batching, True))
+    # Features [S, L, ...] (a warm start's differ per lr), or [S, ...] when the lower half
+    # stays frozen: vmap then computes it once per seed for every lr.
+    fit = _tune_fit(model, config, return_params, frozen)
+    return compilation.jit(_grid(fit, batching, per_lr=not frozen))
 
 
 @functools.lru_cache(maxsize=16)
@@ -479,6 +488,8 @@ def attack_sweep(model: models.Model, params: Params, keys: jax.Array,
         return sharding.gather(out)
     if config.spec.warm_start_epochs:  # trains the released model, its own head included
         features = _compiled_warm_start(model, config, batching)(params, keys, lrs, data)
+    elif frozen_lower_half(model, config):
+        features = params["features"]
     else:
         features = _repeat_over_lrs(params["features"], int(lrs.shape[0]))
     model = dataclasses.replace(model, num_classes=config.num_classes)
