@@ -396,6 +396,18 @@ def test_every_finetuning_attack_runs_in_one_compiled_program(setup):
         "reinit_penultimate": lower, "reinit_top2": lower, "reinit_top3": (), "full_finetune": (),
         "warm_start": (), "probe_then_finetune": ()}
     assert attack.frozen_lower_half(model, config("linear_probe", precompute_features=False)) == lower
+    # a part below the upper half, however it is spelled, takes the attack out of the class
+    for parts in (("head", "features/conv2/kernel"), ("features/conv1",)):
+        spec = attack.register(attack.AttackSpec("tmp_lower", (attack.FineTune(parts),)))
+        try:
+            assert attack.frozen_lower_half(model, config("tmp_lower")) == (), parts
+        finally:
+            attack.unregister(spec.name)
+    spec = attack.register(attack.AttackSpec("tmp_upper", (attack.FineTune(("head", "features/fc1/bias")),)))
+    try:
+        assert attack.frozen_lower_half(model, config("tmp_upper")) == lower
+    finally:
+        attack.unregister(spec.name)
     lrs = (1e-3, 1e-2)
     attack.attack_sweep(model, params, keys, lrs, data, config("full_finetune"), batching="map")
     attack.attack_sweep(model, params, keys, lrs, data, config("reinit_top2"), batching="map")
@@ -405,3 +417,23 @@ def test_every_finetuning_attack_runs_in_one_compiled_program(setup):
     assert stats.total.compilations == 0, stats.total
     # different stages give different curves from one program
     assert not np.array_equal(outs["reinit_penultimate"].curve, outs["head_and_penultimate"].curve)
+
+
+def test_the_frozen_lower_half_program_equals_the_general_one(setup):
+    """The lower-half program (stop_gradient below, features once per seed) trains what the
+    general program trains, on the same stages."""
+    import dataclasses
+
+    model, params, keys, data = setup
+    cfg = config("reinit_top2")
+    lrs = jnp.asarray((1e-2,), jnp.float32)
+    fast = attack.attack_sweep(model, params, keys, (1e-2,), data, cfg, batching="map",
+                               return_params=True)
+    general = program._compiled_sweep(dataclasses.replace(model, num_classes=5),
+                                      program._program_config(cfg), "map", True, ())
+    features = jax.tree.map(lambda x: x[:, None], params["features"])  # [S, L=1, ...]
+    slow = general(features, keys, lrs, data, attack.stage_arrays(model, cfg))
+    one_image = 1 / data.test_labels.shape[0]
+    np.testing.assert_allclose(fast.curve, slow.curve, rtol=0, atol=one_image + 1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+                 fast.params, slow.params)

@@ -131,11 +131,17 @@ def frozen_lower_half(model: models.Model, config: specs.AttackConfig) -> tuple[
     layers = model.feature_layers
     lower = tuple(n for layer in layers[:len(layers) // 2] for n in layer)
     trainable = specs.trainable_prefixes(model, config.attack)
-    touched = () if trainable == "all" else trainable
-    touched += specs.resolve_parts(model, config.spec.reinit)
-    if trainable == "all" or any(p == f"features/{n}" for p in touched for n in lower):
+    if trainable == "all":
+        return ()
+    touched = (*trainable, *specs.resolve_parts(model, config.spec.reinit))
+    if any(_overlaps(p, f"features/{n}") for p in touched for n in lower):
         return ()
     return lower
+
+
+def _overlaps(prefix: str, path: str) -> bool:
+    """Whether the param-path ``prefix`` selects anything under ``path`` (or above it)."""
+    return prefix in ("all", path) or path.startswith(prefix + "/") or prefix.startswith(path + "/")
 
 
 def _conv_outside(model: models.Model, frozen: tuple[str, ...]) -> bool:
