@@ -22,7 +22,7 @@ def test_every_routines_key_for_one_seed_is_distinct():
     routines = {
         # the seed key itself: model init (split inside init) and training shuffles
         "training": seed,
-        "attack": fold(seed, streams.ATTACK),            # attacks/program.py: fit's first line
+        "attack": fold(seed, streams.ATTACK),            # attacks/fit.py: _attack_keys
         "meta": fold(seed, streams.META),                # _phases.outer_loop
         "skd head": fold(seed, streams.SKD_HEAD),        # methods/skd.py
         "skd student": fold(seed, streams.SKD_STUDENT),  # checked against init_student below

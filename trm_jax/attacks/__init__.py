@@ -10,7 +10,8 @@ module                 concept
 :mod:`.specs`          what an attack is: composable stages, :class:`AttackSpec`, the suite,
                        the learning-rate grids, :class:`AttackConfig`
 :mod:`.budgets`        the attacker's data on the device and its data / steps budgets
-:mod:`.program`        one attack for one (seed, lr) and the compiled sweep over lrs x seeds
+:mod:`.fit`            one attack for one (seed, lr): the stages' interpreter, :class:`Stages`
+:mod:`.program`        the compiled sweep over lrs x seeds, batching, placement
 :mod:`.suite`          the plan of a suite and the sweeps that fill a :class:`SweepResult`
 :mod:`.result`         :class:`SweepResult` (named axes) and the pure functions over it
 :mod:`.report`         the edge: a result as the ``results.json`` report
@@ -25,9 +26,10 @@ Example::
 """
 from trm_jax.attacks.budgets import (AttackData, Budgets, attack_data, budget_indices, budget_key,
                                      data_budget, default_epochs, steps_per_epoch)
-from trm_jax.attacks.program import (AttackOutput, Stages, attack_phases, attack_sweep,
-                                     check_inputs, compiled_sweep, frozen_lower_half, make_attack,
-                                     place, resolve_batching, stage_arrays, trains_convs)
+from trm_jax.attacks.fit import (AttackOutput, Stages, attack_phases, frozen_lower_half,
+                                 make_attack, stage_arrays, trains_convs)
+from trm_jax.attacks.program import (attack_sweep, check_inputs, compiled_sweep, place,
+                                     resolve_batching)
 from trm_jax.attacks.report import Report, to_json
 from trm_jax.attacks.result import (AXES, SCRATCH_FRACTION, BudgetRow, Choice, SweepResult,
                                     advantage, at_steps, attacker_choice, best_lr, budget_table,
