@@ -187,9 +187,11 @@ register(DatasetEntry(
 # the paper's attack, lr 0.1, on the validation malicious half; unprotected probe 0.869):
 # Reverse-MAML exact, 10-shot: 100 meta-steps 0.982 / probe 0.584, 200 steps 0.982 / 0.457
 # (5-shot at 200: 0.980 / 0.583); 2,000 steps (the default) take ~18 min of compare's 20 on
-# 2 CPU cores. SKD distillation: 20 epochs 0.617 (38% false masks), 60 epochs 0.736 (22%;
-# also at lr 3e-3), 120 epochs 0.748 at twice the time; the probe stays at chance (0.20) in
-# all. UNSIR: the notebook's sizes collapse (0.28 +- 0.40), see unlearning.MNIST5K_CONFIG.
+# 2 CPU cores; first-order at 200: 0.746 +- 0.343 / 0.349 (one seed of 3 dead, 0.261).
+# SKD distillation: 20 epochs 0.617 (38% false masks), 60 epochs 0.736 (22%; also at lr
+# 3e-3), 120 epochs 0.748 at twice the time; the probe stays at chance (0.20) in all (the
+# committed skd_mask_search ran before, at 20). UNSIR: the notebook's sizes collapse
+# (0.28 +- 0.40); the preset gives 0.981 (unlearning.MNIST5K_CONFIG).
 register(DatasetEntry(
     "mnist5k", "mnist5k", (28, 28, 1), 10, pretrain_size=2000, offline=True,
     epochs=20, batch_size=64, learning_rate=1e-3, attack_epochs=10,
