@@ -5,6 +5,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 import trm_jax
 
@@ -92,8 +93,8 @@ def test_a_newcomer_meets_no_commit_hash_or_internal_name_before_the_quick_start
     assert len(README.encode()) < 12_000, len(README.encode())
 
 
-def digits_rows(results: dict) -> list[str]:
-    """The README's digits table: one row per method at all the attacker's data and 1x steps."""
+def table_rows(results: dict) -> list[str]:
+    """A README results table: one row per method at all the attacker's data and 1x steps."""
     pm = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
     rows = []
     for row in results["table"]:
@@ -105,19 +106,31 @@ def digits_rows(results: dict) -> list[str]:
     return rows
 
 
-def test_results_table_is_the_committed_comparison():
+def readme_section(heading: str) -> str:
+    return README.split(f"### {heading}", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize("dataset, heading", [("digits", "Digits"), ("mnist5k", "mnist5k")])
+def test_results_table_is_the_committed_comparison(dataset, heading):
     import json
 
     from experiments import compare
 
-    results = json.loads((RESULTS / "results.json").read_text())
-    for row in digits_rows(results):
-        assert row in README, row
+    folder = ROOT / "experiments" / "results" / dataset
+    results = json.loads((folder / "results.json").read_text())
+    assert results["dataset"] == dataset and len(results["seeds"]) == 5 and not results["failed"]
+    section = readme_section(heading)
+    for row in table_rows(results):
+        assert row in section, row
     scratch = results["references"]["scratch"]["budgets"]["all"]["1x"]["final"]
-    assert f"scratch reaches {scratch['mean']:.3f} ± {scratch['std']:.3f}" in " ".join(README.split())
+    assert f"scratch reaches {scratch['mean']:.3f} ± {scratch['std']:.3f}" in " ".join(section.split())
     # The full tables: results.md is what compare writes from results.json, and docs show it.
-    assert (RESULTS / "results.md").read_text() == compare.markdown(results)
-    assert "../experiments/results/digits/results.md" in (ROOT / "docs" / "results.md").read_text()
+    assert (folder / "results.md").read_text() == compare.markdown(results)
+    docs = (ROOT / "docs" / "results.md").read_text()
+    assert f"../experiments/results/{dataset}/results.md" in docs
+    for figure in ("fig1_beneficial_accuracy", "fig2_attack_curves", "fig3_accuracy_vs_attacker_data"):
+        assert (folder / f"{figure}.png").stat().st_size > 0
+        assert f"../experiments/results/{dataset}/{figure}.png" in docs, figure
 
 
 def test_simulated_attack_tables_are_the_committed_search():
