@@ -386,8 +386,9 @@ def data_figure(path, results: dict) -> None:
     worst = lambda r, case: [r["budgets"][k][steps][case] for k in keys]
     shared = {"scratch (random init)": [scratch[k][steps]["final"] for k in keys]}
     panels = {}
+    alone = all(r["method"] == "reference" for r in results["table"])  # --methods reference
     for r in results["table"]:
-        if r["method"] == "reference":
+        if r["method"] == "reference" and not alone:
             shared["unprotected: worst attack"] = [w["final"] for w in worst(r, "worst")]
             continue
         panels[r["label"]] = {"worst attack (whole suite)": [w["final"] for w in worst(r, "worst")]}

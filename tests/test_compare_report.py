@@ -55,3 +55,16 @@ def test_markdown_search_curves_and_figures_per_budget(tmp_path):
     for name in ("fig3_accuracy_vs_attacker_data.png", "fig4_attacks_skd.png",
                  "fig4_attacks_reference.png", "fig2_attack_curves.png", "fig5_attacker_search.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name
+
+
+def test_figures_of_a_comparison_of_the_reference_alone(tmp_path):
+    """``--methods reference``: the unprotected model gets its own panel in figure 3."""
+    scratch = dataclasses.replace(_sweep(0.8, ("scratch",), seed=99), reuse=(False,))
+    sweep = _sweep(0.9, scratch=scratch)
+    report = attacks.to_json(sweep)
+    results = {"dataset": "digits", "seeds": [0, 1], "chance": 0.2,
+               "table": [compare.row("reference", {"mean": 0.95, "std": 0.01}, report, sweep)],
+               "attacks": {f"reference/{n}": e for n, e in report["attacks"].items()},
+               "references": {"scratch": attacks.report.scratch_entry(scratch)}}
+    compare.figures(lambda name: tmp_path / name, results)
+    assert (tmp_path / "fig3_accuracy_vs_attacker_data.png").stat().st_size > 10_000
