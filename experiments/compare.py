@@ -330,10 +330,14 @@ def search_figure(path, results: dict) -> None:
     ax.axhline(scratch[d][s]["final"]["mean"], color="black", ls="--", label="scratch (random init)")
     ax.axhline(results["chance"], color="grey", lw=0.8, label="chance")
     ax.set_xscale("log")
-    from matplotlib import ticker  # plain numbers on the log axis (1, 2, 5, 10 ...)
+    from matplotlib import ticker  # plain trial counts on the log axis: 1 2 5 10 20 ... N
 
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if v < 10 else ""))
+    n = max(len(r["search_curves"][d][s]) for r in results["table"])
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if t < 0.8 * n] + [n]
+    ax.set_xlim(0.9, n * 1.1)
+    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter([str(t) for t in ticks]))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.set_xlabel("attacker's random trials of (attack, optimizer, learning rate)")
     ax.set_ylabel("expected best mean final malicious accuracy")
     ax.set_title(f"Figure 5: attacker search ({results['dataset']}, data {data_label(d, results)}, "
