@@ -28,6 +28,7 @@ from trm_jax.attacks import specs
 from trm_jax.attacks.budgets import AttackData
 from trm_jax.typing import Params
 
+
 class AttackOutput(NamedTuple):
     """What an attack returns; a sweep adds leading ``[L, S]`` axes to every field.
 
@@ -255,7 +256,9 @@ def tune_fit(model: models.Model, config: specs.AttackConfig, return_params: boo
     ``trainable`` leaves, with a fresh optimizer state after a probe. Masks are selects,
     so frozen leaves keep their bits and one program serves every attack. ``frozen``
     layers (the stages must freeze them too) get no gradient at all: XLA drops the
-    backward pass below the lowest trained layer.
+    backward pass below the lowest trained layer. In the general program (no ``frozen``
+    layers), the probe epochs are a ``lax.cond`` branch with no backward pass below the
+    head: LP-FT's sweep on mnist5k 12.4 -> 9.8 s, for ~1 s more compilation.
     """
     classify = train.classification_loss(model.apply)
 
@@ -263,6 +266,9 @@ def tune_fit(model: models.Model, config: specs.AttackConfig, return_params: boo
         features = {n: jax.lax.stop_gradient(v) if n in frozen else v
                     for n, v in params["features"].items()}
         return classify({**params, "features": features}, batch)
+
+    def head_loss(params: Params, batch: Any) -> Any:
+        return classify({**params, "features": jax.lax.stop_gradient(params["features"])}, batch)
 
     def fit(features: Params, key: jax.Array, learning_rate: jax.Array, data: AttackData,
             stages: Stages) -> AttackOutput:
@@ -288,6 +294,17 @@ def tune_fit(model: models.Model, config: specs.AttackConfig, return_params: boo
                                      (data.finetune_images, data.finetune_labels), loss_fn=loss_fn,
                                      optimizer=optimizer, batch_size=config.batch_size, mask=mask)[0]
 
+        def probe_epoch(state: train.TrainState, e: jax.Array) -> train.TrainState:
+            return train.train_epoch(state, (data.finetune_images, data.finetune_labels),
+                                     loss_fn=head_loss, optimizer=optimizer,
+                                     batch_size=config.batch_size, mask=head_only)[0]
+
+        if not frozen:
+            # The general program: the probe epochs skip the backward pass below the head
+            # (the predicate is the same for every lr and seed: only one branch runs).
+            tune_epoch = epoch
+            epoch = lambda state, e: jax.lax.cond(e < stages.probe_epochs, probe_epoch,
+                                                  tune_epoch, state, e)
         accuracy = lambda p: train.evaluate(model.apply, p, data.test_images, data.test_labels,
                                             config.eval_batch_size)["accuracy"]
         state = train.init_state(shuffle_key, trained, optimizer)
