@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import pathlib
 import re
@@ -89,6 +90,10 @@ class RunOptions:
     """epochs between checkpoints of supervised phases"""
     meta_checkpoint_every: int = 100
     """outer steps between meta-training checkpoints"""
+    checkpoint_seconds: float = 30.0
+    """besides a phase's last step, at most one checkpoint per this many seconds of the phase
+    (an interrupted run redoes at most that much; a save costs ~0.1-0.3 s); 0: every
+    --checkpoint-every / --meta-checkpoint-every steps. Multi-process runs save every time"""
     data_dir: Annotated[str | None, default_is("$TFDS_DATA_DIR or ~/tensorflow_datasets")] = None
     """the TFDS data folder (prepared datasets are read from, and prepared into, it)"""
     download: bool = True
@@ -107,6 +112,9 @@ class RunOptions:
             if getattr(self, name) < 1:
                 raise errors.ConfigError(f"--{name.replace('_', '-')} must be >= 1, "
                                          f"got {getattr(self, name)}")
+        if not (math.isfinite(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
+            raise errors.ConfigError(f"--checkpoint-seconds must be finite and >= 0, "
+                                     f"got {self.checkpoint_seconds}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,7 +446,8 @@ class Run:
         self.hooks = RunFolderHooks(self.dir, resume=options.resume,
                                     checkpoint_every=options.checkpoint_every,
                                     progress=options.progress,
-                                    checkpoint_every_phase={"meta": options.meta_checkpoint_every})
+                                    checkpoint_every_phase={"meta": options.meta_checkpoint_every},
+                                    checkpoint_seconds=options.checkpoint_seconds)
         self.resume = options.resume
         self.writer = self.dir.writer  # False: another process writes the run folder
         print(f"run folder: {self.dir.path}" + ("" if self.writer else " (written by process 0)"),

@@ -100,7 +100,8 @@ def run_entry(entry: str, config: Config, protocol, keys, seeds, parent: _cli.Ru
                                            "method": config.method_config(entry), "run": config.run}))
         hooks = RunFolderHooks(run, resume=resume,
                                checkpoint_every=config.run.checkpoint_every, progress=config.run.progress,
-                               checkpoint_every_phase={"meta": config.run.meta_checkpoint_every})
+                               checkpoint_every_phase={"meta": config.run.meta_checkpoint_every},
+                               checkpoint_seconds=config.run.checkpoint_seconds)
         start = time.perf_counter()
         try:
             budgets = (config.skd_teacher_epochs or (config.skd.teacher.epochs,)) if entry == "skd" \

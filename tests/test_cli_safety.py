@@ -174,6 +174,7 @@ def test_a_run_folder_is_removed_when_opening_it_fails_after_it_was_made(tmp_pat
     (reverse_maml, ["--attack.learning-rates", "0.1", "inf"],
      "--attack.learning-rates: learning rates must be finite and > 0"),
     (train_reference, ["--dataset", "cifar10"], "--dataset given 2 times (['digits', 'cifar10'])"),
+    (compare, ["--checkpoint-seconds", "-1"], "--checkpoint-seconds must be finite and >= 0, got -1.0"),
 ])
 def test_bad_settings_fail_before_compute_naming_the_flag(module, args, message, digits_data_dir,
                                                           tmp_path, capsys, no_compute):

@@ -120,7 +120,8 @@ def test_reference_resumes_to_the_same_numbers(golden_runs, digits_data_dir, tmp
     """Interrupted after epoch 2 of 3, with what a kill mid-write leaves (a cut-off metrics
     line) and a corrupt latest checkpoint: the resume falls back to epoch 1 and still ends
     with the uninterrupted run's numbers."""
-    args = argv("train_reference", tmp_path / "cut", digits_data_dir, "--checkpoint-every", "1")
+    args = argv("train_reference", tmp_path / "cut", digits_data_dir, "--checkpoint-every", "1",
+                "--checkpoint-seconds", "0")  # every epoch, however fast
     with interrupt_at("epoch", 3), pytest.raises(KeyboardInterrupt):
         train_reference.main(args)
     assert not (tmp_path / "cut" / "results.json").exists()
@@ -191,7 +192,7 @@ def test_reverse_maml_resumes_to_the_same_numbers(golden_runs, digits_data_dir, 
     the resumed run equals the uninterrupted one, meta metrics included, every logged step
     appears once, and the run's time counts both processes."""
     args = argv("reverse_maml", tmp_path / "cut", digits_data_dir, "--log-every", "2",
-                "--meta-checkpoint-every", every)
+                "--meta-checkpoint-every", every, "--checkpoint-seconds", "0")
     with interrupt_at(key, value), pytest.raises(KeyboardInterrupt):
         reverse_maml.main(args)
     results = reverse_maml.main(args + ["--resume"])

@@ -66,3 +66,35 @@ def test_nan_stops_the_loop_and_keeps_the_last_good_checkpoint(tmp_path):
         resumed.close()
     assert meta["step"] == 2
     np.testing.assert_array_equal(params["w"], [2.0, -3.0])
+
+
+def test_checkpoint_seconds_throttles_saves_but_never_the_last_step(tmp_path, monkeypatch):
+    """At most one save per ``checkpoint_seconds`` of a phase (a clock we move by hand), on
+    ``checkpoint_every`` steps only; the phase's last step always; 0 and several processes:
+    every ``checkpoint_every`` steps."""
+    from trm_jax import hooks as hooks_lib
+
+    clock = [100.0]
+    monkeypatch.setattr(hooks_lib.time, "monotonic", lambda: clock[0])
+    with runs.RunDir.create(tmp_path / "run") as run:
+        hooks = RunFolderHooks(run, checkpoint_every=2, progress=False, checkpoint_seconds=10)
+        saved = []
+        for step, now in zip(range(1, 11), (100, 101, 104, 111, 112, 113, 114, 121, 122, 123)):
+            clock[0] = float(now)
+            if hooks.should_save("p", step, last=10):
+                hooks.save("p", step, {"w": jnp.zeros(2)}, {})
+                saved.append(step)
+        hooks.close()
+        # the phase's clock starts at its first checkpoint_every step (2, t=101); 4 is 10 s
+        # later (save), 6 only 2 s after that, 8 10 s after 4 (save); 10 is the last step
+        assert saved == [4, 8, 10]
+        other = RunFolderHooks(run, checkpoint_every=2, progress=False, checkpoint_seconds=10)
+        assert other.should_save("q", 3, last=3) and not other.should_save("q", 1, last=3)
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        assert other.should_save("q", 2, last=3)  # every process must save together
+        zero = RunFolderHooks(run, checkpoint_every=2, progress=False, checkpoint_seconds=0)
+        monkeypatch.setattr(jax, "process_count", lambda: 1)
+        assert [s for s in range(1, 6) if zero.should_save("r", s, last=5)] == [2, 4, 5]
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(errors.ConfigError, match="checkpoint_seconds must be finite"):
+            RunFolderHooks(run, checkpoint_seconds=bad)

@@ -20,8 +20,11 @@ its last checkpoint, so an interrupted run resumes to the same numbers.
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Any, Callable
 
+from trm_jax.errors import ConfigError
 from trm_jax.typing import PyTree
 
 
@@ -65,16 +68,27 @@ class RunFolderHooks(Hooks):
       checkpoint_every: save every this many epochs / outer steps, and at the end.
       progress: show progress bars.
       checkpoint_every_phase: per-phase overrides, e.g. ``{"meta": 100}``.
+      checkpoint_seconds: besides a phase's last step, save at most once per this many
+        seconds of the phase (an interrupted run redoes at most that much). 0: every
+        ``checkpoint_every`` steps. A save costs ~0.1-0.3 s (orbax), while a digits
+        epoch takes milliseconds. Ignored with several processes, which must all save
+        together.
     """
 
     def __init__(self, run: Any, *, resume: bool = False, checkpoint_every: int = 5,
-                 progress: bool = True, checkpoint_every_phase: dict[str, int] | None = None):
+                 progress: bool = True, checkpoint_every_phase: dict[str, int] | None = None,
+                 checkpoint_seconds: float = 0.0):
+        if not (math.isfinite(checkpoint_seconds) and checkpoint_seconds >= 0):
+            raise ConfigError(f"checkpoint_seconds must be finite and >= 0, got "
+                              f"{checkpoint_seconds!r}", field="checkpoint_seconds")
         self.run = run
         self.resume = resume
         self.checkpoint_every = checkpoint_every
         self.every = dict(checkpoint_every_phase or {})
         self.progress = progress
+        self.checkpoint_seconds = checkpoint_seconds
         self._checkpointers: dict[str, Any] = {}
+        self._saved_at: dict[str, float] = {}  # phase -> when it last saved (or first asked)
 
     def _ckpt(self, phase: str):
         from trm_jax import checkpoint
@@ -88,10 +102,20 @@ class RunFolderHooks(Hooks):
 
     def should_save(self, phase: str, step: int, last: int) -> bool:
         every = self.every.get(phase.split("-")[0], self.checkpoint_every)
-        return step % every == 0 or step == last
+        if step == last:
+            return True
+        if step % every:
+            return False
+        import jax
+
+        if not self.checkpoint_seconds or jax.process_count() > 1:
+            return True
+        now = time.monotonic()
+        return now - self._saved_at.setdefault(phase, now) >= self.checkpoint_seconds
 
     def save(self, phase: str, step: int, state: PyTree, metadata: dict[str, Any]) -> None:
         self._ckpt(phase).save(step, state, {**metadata, "phase": phase, "step": step})
+        self._saved_at[phase] = time.monotonic()
 
     def restore(self, phase: str, make_like: Callable[[], PyTree]
                 ) -> tuple[PyTree, dict[str, Any]] | None:
