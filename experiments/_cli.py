@@ -93,7 +93,8 @@ class RunOptions:
     checkpoint_seconds: float = 30.0
     """besides a phase's last step, at most one checkpoint per this many seconds of the phase
     (an interrupted run redoes at most that much; a save costs ~0.1-0.3 s); 0: every
-    --checkpoint-every / --meta-checkpoint-every steps. Multi-process runs save every time"""
+    --checkpoint-every / --meta-checkpoint-every steps (as multi-process runs always do: every
+    process must save together)"""
     data_dir: Annotated[str | None, default_is("$TFDS_DATA_DIR or ~/tensorflow_datasets")] = None
     """the TFDS data folder (prepared datasets are read from, and prepared into, it)"""
     download: bool = True

@@ -258,7 +258,7 @@ def tune_fit(model: models.Model, config: specs.AttackConfig, return_params: boo
     layers (the stages must freeze them too) get no gradient at all: XLA drops the
     backward pass below the lowest trained layer. In the general program (no ``frozen``
     layers), the probe epochs are a ``lax.cond`` branch with no backward pass below the
-    head: LP-FT's sweep on mnist5k 12.4 -> 9.8 s, for ~1 s more compilation.
+    head: LP-FT's sweep on mnist5k 12.4 -> 9.8 s, for ~0.4 s more compilation.
     """
     classify = train.classification_loss(model.apply)
 
