@@ -133,12 +133,13 @@ def test_results_table_is_the_committed_comparison(dataset, heading):
         assert f"../experiments/results/{dataset}/{figure}.png" in docs, figure
 
 
-def test_simulated_attack_tables_are_the_committed_search():
+@pytest.mark.parametrize("dataset", ["digits", "mnist5k"])
+def test_simulated_attack_tables_are_the_committed_search(dataset):
     import json
 
     from experiments import simulated_attack_search as search
 
-    folder = RESULTS / "simulated_attack_search"
+    folder = RESULTS.parent / dataset / "simulated_attack_search"
     results = json.loads((folder / "results.json").read_text())
     tables = (folder / "results.md").read_text()
     rows = [ln for ln in search.markdown(results).splitlines() if ln.startswith("| ")]
@@ -147,7 +148,7 @@ def test_simulated_attack_tables_are_the_committed_search():
         assert row in tables, row
     assert f"Pick: `{results['pick']}`" in tables
     docs = (ROOT / "docs" / "results.md").read_text()
-    assert "../experiments/results/digits/simulated_attack_search/results.md" in docs
+    assert f"../experiments/results/{dataset}/simulated_attack_search/results.md" in docs
 
 
 def test_the_attack_suite_table_names_every_attack():

@@ -234,6 +234,15 @@ def test_sample_attacker_stays_in_the_space():
     assert 0.15 < np.asarray(a.reinit).mean() < 0.35  # 400 draws: 5 standard deviations
 
 
+def test_sample_attacker_takes_integer_probabilities():
+    """reinit_probability=1 or 0 as ints (a search variant's literal) are certainties."""
+    keys = jax.random.split(jax.random.key(0), 50)
+    for p, expected in ((1, True), (0, False)):
+        space = sa.AttackerSpace(top_layers=(2, 3), reinit_probability=p)
+        a = jax.jit(jax.vmap(lambda k: sa.sample_attacker(k, space)))(keys)
+        assert np.asarray(a.reinit).tolist() == [expected] * 50
+
+
 def test_step_weights_and_trajectory_resistance():
     np.testing.assert_allclose(sa.step_weights("uniform", 4), [0.25] * 4)
     np.testing.assert_allclose(sa.step_weights("late", 3), [1 / 6, 2 / 6, 3 / 6])

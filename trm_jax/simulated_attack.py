@@ -170,7 +170,9 @@ def sample_attacker(key: chex.PRNGKey, space: AttackerSpace) -> Attacker:
         optimizer=jax.random.randint(k_opt, (), 0, len(space.optimizers)),
         learning_rate=jnp.exp(jax.random.uniform(k_lr, (), minval=low, maxval=high)),
         top_layers=choice(k_top, space.top_layers),
-        reinit=jax.random.bernoulli(k_reinit, space.reinit_probability),
+        # float: a variant's literal "reinit_probability=1" arrives as an int, which
+        # bernoulli rejects
+        reinit=jax.random.bernoulli(k_reinit, jnp.float32(space.reinit_probability)),
         data_per_class=choice(k_data, space.data_per_class))
 
 
