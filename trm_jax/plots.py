@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
+import textwrap
 from typing import Any, Mapping
 
 import numpy as np
@@ -243,7 +245,10 @@ def plot_tradeoff(points: list[tuple[str, float, float, str, str]], path: str | 
         stacks[anchor] = stacks.get(anchor, 0) + 1
         ax.annotate(str(number), anchor, fontsize=7, xytext=(6, 11 - 9 * stacks[anchor]),
                     textcoords="offset points")
-        key.append(f"{number:>2}  " + (group if group.startswith(label) else f"{label} ({group})"))
+        entry = f"{number:>2}  " + (group if group.startswith(label) else f"{label} ({group})")
+        # the key's column holds ~70 monospace characters: long variant names wrap at commas
+        key += textwrap.wrap(re.sub(r",(?![ )])", ", ", entry), 62, subsequent_indent="      ",
+                             break_on_hyphens=False)
     ax.set_xlabel("worst-case malicious accuracy after the reuse attacks (lower is better)")
     ax.set_ylabel("beneficial test accuracy (higher is better)")
     ax.set_title(title, fontsize=9)
