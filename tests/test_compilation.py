@@ -107,6 +107,39 @@ def test_counts_compilations_from_other_threads(x):
     assert stats.total.compilations == 1
 
 
+def test_phases_in_parallel_threads_count_apart(x):
+    # Two threads, each in its own phase at the same time (compare trains methods in
+    # parallel): each phase gets its own program; a pool worker started through
+    # in_current_context counts for the phase that started it; a bare thread for none.
+    f, g = fresh_functions(2.75)
+    h, k = jax.jit(lambda x: x * 4.25), jax.jit(lambda x: x - 4.25)
+    both_open = threading.Barrier(2)
+
+    with compilation.count_compilations() as stats:
+        def method(name, fn, worker_fn):
+            with stats.phase(name):
+                both_open.wait()  # the two phases are open together
+                fn(x).block_until_ready()
+                worker = threading.Thread(target=compilation.in_current_context(
+                    lambda: worker_fn(x).block_until_ready()))
+                worker.start()
+                worker.join()
+
+        threads = [threading.Thread(target=compilation.in_current_context(method), args=a)
+                   for a in (("a", f, h), ("b", g, k))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with stats.phase("c"):
+            bare = threading.Thread(target=lambda: jax.jit(lambda x: x / 4.25)(x).block_until_ready())
+            bare.start()
+            bare.join()
+    counts = {name: s.compilations for name, s in stats.phases.items()}
+    assert counts == {"a": 2, "b": 2, "c": 0}
+    assert stats.total.compilations == 5
+
+
 @pytest.fixture
 def cache_config(monkeypatch, tmp_path):
     """Restores jax's cache flags; clears the env vars that would configure them."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import os
@@ -50,7 +51,7 @@ except ImportError:  # older jax: a tracer among the arguments is the sign
 
 __all__ = ["CACHE_DIR_ENV", "CPU_COMPILER_OPTIONS", "NO_CACHE_ENV", "CompileStats", "PhaseStats",
            "compiler_options", "count_compilations", "default_cache_dir", "enable_persistent_cache",
-           "jit", "persistent_cache_wanted"]
+           "in_current_context", "jit", "persistent_cache_wanted"]
 
 CACHE_DIR_ENV = "TRM_JAX_CACHE_DIR"
 """Environment variable naming the persistent cache folder (default ``~/.cache/trm_jax/jax``)."""
@@ -291,7 +292,12 @@ class CompileStats:
         self.total = PhaseStats()
         self.phases: dict[str, PhaseStats] = {}
         self.programs: collections.Counter[str] = collections.Counter()
-        self._stack: list[str] = []
+        # The open phases, per thread (a context variable): methods trained in parallel
+        # threads each count their own compilations; a worker thread started with
+        # ``contextvars.copy_context().run`` (:func:`in_current_context`) counts for the
+        # phase that started it.
+        self._stack: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+            f"trm_jax_phases_{id(self)}", default=())
         self._lock = threading.Lock()
         self._start: float | None = None
 
@@ -307,20 +313,21 @@ class CompileStats:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[PhaseStats]:
         """Attributes what compiles inside the block to phase ``name`` (nested: ``outer/name``)."""
+        stack = self._stack.get()
+        path = f"{stack[-1]}/{name}" if stack else name
         with self._lock:
-            path = f"{self._stack[-1]}/{name}" if self._stack else name
-            self._stack.append(path)
             stats = self.phases.setdefault(path, PhaseStats())
+        token = self._stack.set((*stack, path))
         start = time.perf_counter()
         try:
             yield stats
         finally:
-            with self._lock:
+            with self._lock:  # the same phase open in two threads: their times add up
                 stats.wall_seconds += time.perf_counter() - start
-                self._stack.pop()
+            self._stack.reset(token)
 
     def _targets(self) -> list[PhaseStats]:
-        return [self.total, *(self.phases[p] for p in self._stack)]
+        return [self.total, *(self.phases[p] for p in self._stack.get())]
 
     def _on_event(self, event: str) -> None:
         field = {CACHE_HIT_EVENT: "cache_hits", CACHE_WRITE_EVENT: "cache_writes"}.get(event)
@@ -350,6 +357,13 @@ class CompileStats:
     def as_dict(self) -> dict[str, Any]:
         """``{"compilations", "compile_seconds", "cache_hits", ..., "phases": {name: {...}}}``."""
         return {**self.total.as_dict(), "phases": {n: s.as_dict() for n, s in self.phases.items()}}
+
+
+def in_current_context(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` to run in another thread (a pool's worker) as if in this one: what it
+    compiles counts for the phases open here (:meth:`CompileStats.phase`)."""
+    context = contextvars.copy_context()
+    return lambda *args, **kwargs: context.copy().run(fn, *args, **kwargs)
 
 
 def count_compilations() -> CompileStats:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from trm_jax import data as data_lib
-from trm_jax import models, streams, train
+from trm_jax import compilation, models, streams, train
 from trm_jax.attacks import specs
 from trm_jax.attacks.budgets import (AttackData, Budgets, attack_data, data_budget, default_epochs,
                                      steps_per_epoch)
@@ -106,7 +106,8 @@ def run_plan(model: models.Model, params: Params, keys: jax.Array, plan: Plan,
     # order: the first jobs compile different programs, later ones reuse them.
     jobs = [(name, d) for d in range(len(datas)) for name in plan]
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        for name, d, out, took in pool.map(one, jobs):
+        # Each job in this thread's context: its compilations count for the caller's phase.
+        for name, d, out, took in pool.map(compilation.in_current_context(one), jobs):
             config, entry_lrs = plan[name]
             a, o = attacks.index(config.attack), optimizers.index(config.optimizer)
             cols = [lrs.index(lr) for lr in entry_lrs]
