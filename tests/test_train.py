@@ -154,3 +154,55 @@ def test_batch_larger_than_data_is_rejected_before_compiling():
 def test_auto_strategy_is_the_epoch_as_one_scan():
     assert train.resolve_strategy("auto") == "scan"
     assert train.resolve_strategy("step") == "step"
+
+
+def test_equal_pieces_give_the_same_programs_and_a_second_fit_compiles_nothing():
+    """SKD's teacher ablation calls fit 15 times with 3 settings: equal models, settings
+    and masks give the same loss, optimizer and epoch program, so later fits neither
+    trace nor compile (they did both before: 128 -> 69 programs for 5 budgets)."""
+    from trm_jax import compilation
+
+    a, b = (models.lenet(3, (8, 8, 1), padding="SAME") for _ in range(2))
+    assert a is not b and a == b and a.apply != b.apply  # Python: bound methods by identity
+    assert train.classification_loss(a.apply) is train.classification_loss(b.apply)
+    assert train.make_optimizer("adam", 1e-3) is train.make_optimizer("adam", np.float64(1e-3))
+    assert train.make_optimizer("adam", 1e-3) is not train.make_optimizer("adam", 2e-3)
+    mask = train.trainable_mask(MODEL.init(jax.random.key(0)), ("head",))
+    base = train.make_optimizer("sgd", 0.1)
+    assert train.masked_optimizer(base, mask) is train.masked_optimizer(base, dict(mask))
+    key = train.static_key(mask)
+    assert train.from_static_key(key) == mask and train.static_key(None) == (None, ())
+    assert train.static_key({"w": jnp.ones(2)}) is None  # an array is no static key
+
+    images, labels = tiny_problem(48, seed=3)
+    config = train.TrainConfig(epochs=2, batch_size=16, trainable=("head",))
+
+    def fit(model):
+        keys = jax.vmap(jax.random.key)(jnp.arange(2))
+        return train.fit_classifier(keys, model.init_seeds(keys), model.apply, images, labels,
+                                    config, eval_data=(images, labels), progress=False)
+
+    first, _ = fit(a)
+    with compilation.count_compilations() as stats:
+        second, _ = fit(b)
+    assert stats.total.compilations == 0 and stats.total.trace_seconds == 0
+    for x, y in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_a_callable_without_hash_still_trains():
+    """An unhashable apply_fn (a callable object with __eq__ only) is built afresh each
+    time instead of failing in the cache."""
+    class Apply:
+        __hash__ = None
+
+        def __call__(self, params, images):
+            return MODEL.apply(params, images)
+
+        def __eq__(self, other):
+            return isinstance(other, Apply)
+
+    loss = train.classification_loss(Apply())
+    params = MODEL.init(jax.random.key(0))
+    value, metrics = loss(params, tiny_problem(16))
+    assert np.isfinite(float(value)) and set(metrics) == {"loss", "accuracy"}

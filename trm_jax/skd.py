@@ -313,8 +313,14 @@ def distillation_loss(model: models.Model, layer: str | None = None) -> train.Lo
 
     Returns:
       ``loss_fn(student_params, batch) -> (loss, {"loss": loss})``, a
-      :data:`train.LossFn` for :func:`train.fit` / :func:`train.train_step`.
+      :data:`train.LossFn` for :func:`train.fit` / :func:`train.train_step` (the same
+      object for the same arguments: a teacher ablation's fits share their programs).
     """
+    return train.cached(_distillation_loss, model, layer)
+
+
+@functools.lru_cache(maxsize=32)
+def _distillation_loss(model: models.Model, layer: str | None) -> train.LossFn:
     low = layer is not None and layer != model.penultimate
 
     def loss_fn(params: Params, batch: tuple[jax.Array, jax.Array]):
@@ -405,7 +411,13 @@ def end_to_end_loss(model: models.Model, layer: str, config: SKDConfig) -> train
 
     (means over the batch's beneficial, resp. malicious, images); ``params`` are full
     model params. Metrics: ``loss``, ``cross_entropy``, ``mask``, ``accuracy`` (beneficial).
+    The same object for the same arguments.
     """
+    return train.cached(_end_to_end_loss, model, layer, config)
+
+
+@functools.lru_cache(maxsize=32)
+def _end_to_end_loss(model: models.Model, layer: str, config: SKDConfig) -> train.LossFn:
     def loss_fn(params: Params, batch: tuple[jax.Array, dict[str, jax.Array]]):
         images, targets = batch
         labels = targets["label"]

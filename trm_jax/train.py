@@ -18,6 +18,8 @@ there too (1.4-1.5x, BENCHMARKS.md). Both give the same numbers (tested).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence, get_args
 
@@ -102,9 +104,19 @@ def make_optimizer(name: str, learning_rate: float | jax.Array, *, b1: float = 0
     ``learning_rate`` may be a traced scalar (e.g. vmapped over a learning-rate
     grid, as :mod:`trm_jax.attacks` does); only Python/NumPy numbers are
     validated here, traced values are validated by the caller before tracing.
+    For a number, the same settings return the same object, so :func:`fit` reuses the
+    programs it compiled for them (:func:`cached`).
     """
     if not isinstance(learning_rate, jax.Array) and not learning_rate > 0:
         raise ConfigError(f"learning_rate must be > 0, got {learning_rate}")
+    if isinstance(learning_rate, (int, float, np.number)):
+        return _make_optimizer(name, float(learning_rate), float(b1), float(momentum))
+    return _make_optimizer.__wrapped__(name, learning_rate, b1, momentum)
+
+
+@functools.lru_cache(maxsize=256)
+def _make_optimizer(name: str, learning_rate: float | jax.Array, b1: float,
+                    momentum: float) -> optax.GradientTransformation:
     if name == "adam":
         return optax.adam(learning_rate, b1=b1)
     if name == "sgd":
@@ -138,17 +150,92 @@ def masked_optimizer(optimizer: optax.GradientTransformation,
                      mask: Params) -> optax.GradientTransformation:
     """Applies ``optimizer`` to the leaves where ``mask`` is True, zero updates elsewhere.
 
-    Frozen leaves carry no optimizer state (``optax.set_to_zero``).
+    Frozen leaves carry no optimizer state (``optax.set_to_zero``). The same optimizer and
+    mask (Python bools) return the same object (:func:`cached`).
     """
+    key = static_key(mask)
+    if key is None:
+        return _build_masked_optimizer(optimizer, mask)
+    return cached(_masked_optimizer, optimizer, key)
+
+
+@functools.lru_cache(maxsize=256)
+def _masked_optimizer(optimizer: optax.GradientTransformation, mask_key: Any
+                      ) -> optax.GradientTransformation:
+    return _build_masked_optimizer(optimizer, from_static_key(mask_key))
+
+
+def _build_masked_optimizer(optimizer: optax.GradientTransformation, mask: Params
+                            ) -> optax.GradientTransformation:
     labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
     return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
+
+
+def static_key(tree: Any) -> tuple[Any, tuple[Any, ...]] | None:
+    """A hashable stand-in for a pytree of Python scalars and ``None`` (a mask of bools,
+    vmap axes): ``(treedef, leaves)``; ``None`` if a leaf is anything else (an array)."""
+    if tree is None:
+        return None, ()
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=lambda x: x is None)
+    if not all(x is None or isinstance(x, (bool, int, float, str, np.bool_)) for x in leaves):
+        return None
+    return treedef, tuple(leaves)
+
+
+def from_static_key(key: tuple[Any, tuple[Any, ...]]) -> Any:
+    """The pytree of :func:`static_key`."""
+    treedef, leaves = key
+    return None if treedef is None else jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+class _SameMethod:
+    """A bound method that equals (and hashes as) the same method of an EQUAL object:
+    Python compares a bound method's ``__self__`` by identity, so ``model.apply`` of two
+    equal models would otherwise be two cache keys."""
+
+    def __init__(self, method: Any):
+        self.method = method
+        self.key = (method.__func__, method.__self__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.method(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _SameMethod) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def _as_key(fn: Any) -> Any:
+    return _SameMethod(fn) if inspect.ismethod(fn) else fn
+
+
+def cached(builder: Callable[..., Any], *args: Any) -> Any:
+    """``builder(*args)`` from its ``functools.lru_cache``, or built afresh when an argument
+    is unhashable (a callable object without ``__hash__``): programs and losses built from
+    the same pieces are the same objects, so jax reuses what it traced and compiled for
+    them (SKD's teacher ablation calls :func:`fit` 15 times with 3 settings)."""
+    args = tuple(map(_as_key, args))
+    try:
+        return builder(*args)
+    except TypeError as err:
+        if "unhashable" not in str(err):
+            raise
+        return builder.__wrapped__(*args)
 
 
 def classification_loss(apply_fn: Callable[[Params, jax.Array], jax.Array]) -> LossFn:
     """Softmax cross-entropy over ``batch = (images[B, ...], labels int32[B])``.
 
-    Returns ``loss_fn(params, batch) -> (mean loss, {"loss", "accuracy"})``.
+    Returns ``loss_fn(params, batch) -> (mean loss, {"loss", "accuracy"})``; the same
+    object for the same ``apply_fn`` (:func:`cached`).
     """
+    return cached(_classification_loss, apply_fn)
+
+
+@functools.lru_cache(maxsize=128)
+def _classification_loss(apply_fn: Callable[[Params, jax.Array], jax.Array]) -> LossFn:
     def loss_fn(params: Params, batch: Batch):
         images, labels = batch
         logits = apply_fn(params, images)
@@ -309,7 +396,8 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
         epoch_fn = _compiled_epoch(loss_fn, optimizer, batch_size, mask, data_axis)
     else:
         step_fn = _compiled_step(loss_fn, optimizer, mask, data_axis)
-    evaluate_all = compilation.jit(jax.vmap(eval_fn)) if eval_fn is not None else None
+    evaluate_all = (None if eval_fn is None else eval_fn.all_seeds if isinstance(eval_fn, EvalOn)
+                    else compilation.jit(jax.vmap(eval_fn)))
 
     history = []
     epochs_iter = range(start_epoch + 1, epochs + 1)
@@ -338,6 +426,21 @@ def fit(state: TrainState, data: Batch, *, loss_fn: LossFn,
 
 
 def _compiled_epoch(loss_fn, optimizer, batch_size, mask, data_axis=None):
+    """The jitted epoch of these pieces: the same one for the same pieces (:func:`cached`),
+    so a later :func:`fit` with them traces and compiles nothing."""
+    keys = static_key(mask), static_key(data_axis)
+    if None in keys:  # a runtime (array) mask: a program of its own
+        return _build_epoch(loss_fn, optimizer, batch_size, mask, data_axis)
+    return cached(_epoch_program, loss_fn, optimizer, batch_size, *keys)
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_program(loss_fn, optimizer, batch_size, mask_key, axis_key):
+    return _build_epoch(loss_fn, optimizer, batch_size, from_static_key(mask_key),
+                        from_static_key(axis_key))
+
+
+def _build_epoch(loss_fn, optimizer, batch_size, mask, data_axis):
     def one_seed(state, data):
         return train_epoch(state, data, loss_fn=loss_fn, optimizer=optimizer,
                            batch_size=batch_size, mask=mask)
@@ -345,9 +448,45 @@ def _compiled_epoch(loss_fn, optimizer, batch_size, mask, data_axis=None):
 
 
 def _compiled_step(loss_fn, optimizer, mask, data_axis=None):
+    """The jitted step of these pieces (cached as :func:`_compiled_epoch`)."""
+    keys = static_key(mask), static_key(data_axis)
+    if None in keys:
+        return _build_step(loss_fn, optimizer, mask, data_axis)
+    return cached(_step_program, loss_fn, optimizer, *keys)
+
+
+@functools.lru_cache(maxsize=64)
+def _step_program(loss_fn, optimizer, mask_key, axis_key):
+    return _build_step(loss_fn, optimizer, from_static_key(mask_key), from_static_key(axis_key))
+
+
+def _build_step(loss_fn, optimizer, mask, data_axis):
     def one_seed(state, data, idx):
         return train_step(state, _gather(data, idx), loss_fn=loss_fn, optimizer=optimizer, mask=mask)
     return compilation.jit(jax.vmap(one_seed, in_axes=(0, data_axis, 0)))
+
+
+class EvalOn:
+    """``eval_fn`` for :func:`fit`: ``evaluate(apply_fn, params, images, labels)`` of one
+    seed, with every seed's evaluation one program per ``apply_fn`` that takes the data as
+    an argument (a closure over the arrays would be a new program for every call)."""
+
+    def __init__(self, apply_fn: Callable[[Params, jax.Array], jax.Array], images: jax.Array,
+                 labels: jax.Array):
+        self.apply_fn, self.images, self.labels = apply_fn, images, labels
+
+    def __call__(self, params: Params) -> dict[str, jax.Array]:
+        return evaluate(self.apply_fn, params, self.images, self.labels)
+
+    def all_seeds(self, params: Params) -> dict[str, jax.Array]:
+        """``params[S, ...]`` -> ``{"accuracy": f32[S], "loss": f32[S]}``."""
+        return cached(_evaluate_seeds, self.apply_fn)(params, self.images, self.labels)
+
+
+@functools.lru_cache(maxsize=64)
+def _evaluate_seeds(apply_fn):
+    return compilation.jit(jax.vmap(lambda p, x, y: evaluate(apply_fn, p, x, y),
+                                    in_axes=(0, None, None)))
 
 
 def _epoch_by_steps(step_fn, state, data, n, batch_size):
@@ -420,10 +559,7 @@ def fit_classifier(keys: jax.Array, params: Params, apply_fn: Callable[[Params, 
     optimizer = base if config.trainable == "all" else masked_optimizer(base, mask)
     if state is None:
         state = jax.vmap(init_state, in_axes=(0, 0, None))(keys, params, optimizer)
-    eval_fn = None
-    if eval_data is not None:
-        eval_images, eval_labels = eval_data
-        eval_fn = lambda p: evaluate(apply_fn, p, eval_images, eval_labels)
+    eval_fn = None if eval_data is None else EvalOn(apply_fn, *eval_data)
     return fit(state, (images, labels), loss_fn=loss_fn or classification_loss(apply_fn),
                optimizer=optimizer, epochs=config.epochs, batch_size=config.batch_size,
                mask=None if config.trainable == "all" else mask, strategy=config.strategy,

@@ -109,7 +109,7 @@ def beneficial_model(protocol: data.ProtocolData, model: models.Model | None = N
 
 def accuracy_on(model: models.Model, params: Params, subset: tuple[jax.Array, jax.Array]) -> np.ndarray:
     """Per-seed accuracy ``f[S]`` of a params stack on ``(images, labels)``."""
-    out = jax.vmap(lambda p: train.evaluate(model.apply, p, *subset))(params)
+    out = train.EvalOn(model.apply, *subset).all_seeds(params)  # one program per model
     from trm_jax import sharding
 
     return sharding.to_host(out["accuracy"])

@@ -25,6 +25,7 @@ false masks 11%.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -134,19 +135,16 @@ def protect(config: SKDMethodConfig, protocol: data.ProtocolData, keys: PRNGKey,
         distill_data = skd.distillation_data(model, teacher.params["features"],
                                              pre.beneficial.images, pre.malicious.images,
                                              opts.malicious_target, low)
-        student = compilation.jit(jax.vmap(lambda k, f: skd.init_student(model, k, f, opts.student_init)))(
-            keys, teacher.params["features"])
+        student = _init_students(model, opts.student_init)(keys, teacher.params["features"])
         student = train_phase(hooks, f"distill-{tag}", keys, student, None, distill_data,
                               config.distill, loss_fn=skd.distillation_loss(model, low),
                               per_seed_data=(False, True)).params
         head_keys = jax.vmap(lambda k: jax.random.fold_in(k, streams.SKD_HEAD))(keys)
-        params = compilation.jit(jax.vmap(lambda k, f: skd.attach_head(model, k, f, low)))(
-            head_keys, student)
+        params = _attach_heads(model, low)(head_keys, student)
     else:  # end to end: the whole teacher (or a fresh net) on CE + the masking term
         e2e_data = skd.end_to_end_data(model, teacher.params, pre.beneficial.images,
                                        pre.beneficial.labels, pre.malicious.images)
-        start = teacher.params if opts.student_init == "teacher" else compilation.jit(jax.vmap(
-            lambda k: model.init(jax.random.fold_in(k, streams.SKD_STUDENT))))(keys)
+        start = teacher.params if opts.student_init == "teacher" else _fresh_students(model)(keys)
         params = train_phase(hooks, f"distill-{tag}", keys, jax.tree.map(jnp.array, start), None,
                              e2e_data, config.distill, loss_fn=skd.end_to_end_loss(model, layer, opts),
                              per_seed_data=skd.END_TO_END_PER_SEED).params
@@ -155,6 +153,8 @@ def protect(config: SKDMethodConfig, protocol: data.ProtocolData, keys: PRNGKey,
     params = train_phase(hooks, f"head-{tag}", keys, params, model.apply,
                          device_subset(pre.beneficial), head, eval_data=test_data).params
     accuracy = accuracy_on(model, params, test_data)
+    # The test images as constants of the program (as arguments, XLA sums the mean
+    # activations in another order: float32 rounding in the last digits).
     masks = compilation.jit(jax.vmap(lambda f: skd.mask_report(
         model, f, test.beneficial.images, test.malicious.images, low, opts.mask_fraction)))(
         params["features"])
@@ -170,16 +170,37 @@ def honesty_checks(model: models.Model, params, keys: PRNGKey,
                    protocol: data.ProtocolData) -> dict[str, dict[str, np.ndarray]]:
     """:data:`HONESTY_KEYS` of a params stack ``[S, ...]`` (per seed, per layer)."""
     test, attacker = protocol.test, protocol.finetune.malicious
-    images = attacker.images[:PROBE_IMAGES]
-    labels = attacker.labels[:PROBE_IMAGES]
-    num_classes = attacker.num_classes
-
-    def one(key, p):
-        probe = skd.probe_head(model, key, p, num_classes)
-        return (skd.dead_percent(model, p["features"], test.malicious.images),
-                skd.dead_percent(model, p["features"], test.beneficial.images),
-                skd.finetune_gradient_norms(model, probe, images, labels))
-
-    out = sharding.to_host(compilation.jit(jax.vmap(one))(keys, params))
+    out = sharding.to_host(_honesty_programs(model, attacker.num_classes)(
+        keys, params, test.malicious.images, test.beneficial.images,
+        attacker.images[:PROBE_IMAGES], attacker.labels[:PROBE_IMAGES]))
     return {name: {layer: np.asarray(v) for layer, v in values.items()}
             for name, values in zip(HONESTY_KEYS, out)}
+
+
+# Every seed's small programs, one per (model, setting) and data as arguments: the
+# teacher ablation's budgets reuse them (closures over arrays would each be new programs).
+
+
+@functools.lru_cache(maxsize=16)
+def _init_students(model: models.Model, student_init: str):
+    return compilation.jit(jax.vmap(lambda k, f: skd.init_student(model, k, f, student_init)))
+
+
+@functools.lru_cache(maxsize=16)
+def _fresh_students(model: models.Model):
+    return compilation.jit(jax.vmap(lambda k: model.init(jax.random.fold_in(k, streams.SKD_STUDENT))))
+
+
+@functools.lru_cache(maxsize=16)
+def _attach_heads(model: models.Model, low: str | None):
+    return compilation.jit(jax.vmap(lambda k, f: skd.attach_head(model, k, f, low)))
+
+
+@functools.lru_cache(maxsize=16)
+def _honesty_programs(model: models.Model, num_classes: int):
+    def one(key, p, malicious, beneficial, images, labels):
+        probe = skd.probe_head(model, key, p, num_classes)
+        return (skd.dead_percent(model, p["features"], malicious),
+                skd.dead_percent(model, p["features"], beneficial),
+                skd.finetune_gradient_norms(model, probe, images, labels))
+    return compilation.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None)))
