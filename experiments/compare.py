@@ -13,6 +13,7 @@ fig1_beneficial_accuracy.png, fig2_attack_curves.png and the SKD ablation figure
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import pathlib
@@ -21,7 +22,8 @@ import time
 from typing import Any, Callable
 
 from experiments import _cli
-from trm_jax import attacks, checkpoint, config_for, errors, evaluation, methods, plots, runs
+from trm_jax import (attacks, checkpoint, compilation, config_for, datasets, errors, evaluation,
+                     methods, plots, runs)
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.hooks import RunFolderHooks
 from trm_jax.methods.reference import ReferenceConfig
@@ -57,12 +59,18 @@ class Config(_cli.Experiment):
     1e-5..1e-1, data 5/20/50/all per class, 1x/4x/16x steps (trm_jax.evaluation.FULL_SUITE; a GPU run)"""
     force: bool = False
     """redo methods whose run folder already finished"""
+    workers: int = 0
+    """methods trained at once (threads; 0: 2 in a single-process run, else 1). One method's
+    compiling leaves a core idle that another's training uses; the numbers do not depend on it"""
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in ENTRIES]
         if bad or not self.methods:
             raise errors.ConfigError(f"--methods {list(self.methods)}: unknown {bad}; "
                                      f"allowed: {list(ENTRIES)}")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
+            raise errors.ConfigError(f"--workers must be an integer >= 0 (0: automatic), got "
+                                     f"{self.workers!r}", field="workers")
 
     def method_config(self, entry: str) -> Any:
         if entry == "reverse_maml_fo":
@@ -146,26 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
         _cli.check_method(entry.removesuffix("_fo"), ENTRIES[entry][0], config.method_config(entry),
                           protocol)
     with _cli.Run(NAME, config, config.run) as run:
-        protected, summaries, failed = {}, {}, {}
-        for entry in config.methods:
-            try:
-                with run.phase(entry):
-                    protected[entry], summaries[entry] = run_entry(entry, config, protocol, keys,
-                                                                   seeds, run)
-            except Exception as err:  # noqa: BLE001 -- one failing method must not end the comparison
-                failed[entry] = {"error": type(err).__name__, "message": " ".join(str(err).split())}
-                print(f"[compare] {entry} FAILED: {failed[entry]['error']}: "
-                      f"{failed[entry]['message']}", file=sys.stderr, flush=True)
-
-        table, entries, beneficial, scratch = [], {}, {}, None
-        for entry, prot in protected.items():
-            with run.phase("attack"):
-                if scratch is None:
-                    print("[compare] scratch reference", flush=True)
-                    scratch = evaluation.scratch_reference(prot, protocol, suite)
-                print(f"[compare] attack suite on {entry}", flush=True)
-                sweep = evaluation.evaluate(prot, protocol, suite, scratch=scratch,
-                                            verbose=config.run.progress)
+        sweeps, summaries, failed, scratch = run_all(config, protocol, keys, seeds, run, suite)
+        table, entries, beneficial = [], {}, {}
+        for entry, sweep in sweeps.items():
             report = attacks.to_json(sweep)
             entries.update({f"{entry}/{name}": e for name, e in report["attacks"].items()})
             beneficial[entry] = summaries[entry]["beneficial_test_accuracy"]
@@ -189,6 +180,84 @@ def main(argv: list[str] | None = None) -> dict:
                 figures(run.file, results)
         print(markdown(results))
         return results
+
+
+def workers_for(config: Config) -> int:
+    """``--workers``, or 2 in a single-process run and 1 with several processes (they must
+    start the same programs in the same order: their collectives pair up)."""
+    import jax
+
+    if jax.process_count() > 1:
+        return 1
+    return config.workers or 2
+
+
+def run_all(config: Config, protocol, keys, seeds, run: _cli.Run, suite: SuiteConfig
+            ) -> tuple[dict, dict, dict, Any]:
+    """Every method of ``config``, each then attacked with ``suite``, and the scratch
+    reference: :func:`workers_for` jobs at a time (a method's attack evaluation runs as soon
+    as it is protected, beside the training of the next ones).
+
+    Returns ``(sweeps, summaries, failed, scratch)``: the first three keyed by entry in
+    ``config.methods`` order (a method that failed is in ``failed`` only: the others go on);
+    ``scratch`` is ``None`` when every method failed. Each job counts its compilations for
+    its own phase (a method's name, ``attack`` for its evaluation and the scratch reference).
+
+    Raises:
+      Whatever an attack evaluation raised (a bug, not a method's failure).
+    """
+    workers = workers_for(config)
+
+    def scratch_job():
+        model = (_cli.model_override(config.dataset, config.model, protocol)
+                 or datasets.model_for(config.dataset, protocol.pretrain.beneficial.num_classes,
+                                       protocol.image_shape))
+        with run.phase("attack"):
+            print("[compare] scratch reference", flush=True)
+            return evaluation.scratch_reference(methods.Protected("scratch", model, None, keys, {}),
+                                                protocol, suite)
+
+    def method_job(entry: str, scratch: concurrent.futures.Future):
+        try:
+            with run.phase(entry):
+                protected, summary = run_entry(entry, config, protocol, keys, seeds, run)
+        except Exception as err:  # noqa: BLE001 -- one failing method must not end the comparison
+            failure = {"error": type(err).__name__, "message": " ".join(str(err).split())}
+            print(f"[compare] {entry} FAILED: {failure['error']}: {failure['message']}",
+                  file=sys.stderr, flush=True)
+            return None, None, failure
+        with run.phase("attack"):
+            print(f"[compare] attack suite on {entry}", flush=True)
+            sweep = evaluation.evaluate(protected, protocol, suite, scratch=scratch.result(),
+                                        verbose=config.run.progress)
+        return sweep, summary, None
+
+    order = list(config.methods)
+    if workers > 1 and "skd" in order and len(config.skd_teacher_epochs) > 1:
+        order.insert(0, order.pop(order.index("skd")))  # the longest job (one SKD per budget) first
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        # The scratch reference is submitted first, so it has started (on a worker of its own)
+        # before any method's evaluation waits for it: no job waits on a queued one.
+        scratch = pool.submit(compilation.in_current_context(scratch_job))
+        futures = {entry: pool.submit(compilation.in_current_context(method_job), entry, scratch)
+                   for entry in order}
+        try:
+            concurrent.futures.wait([scratch, *futures.values()])
+        except BaseException:  # Ctrl-C: start nothing more; running jobs stop at their end
+            for future in futures.values():
+                future.cancel()
+            raise
+    sweeps, summaries, failed = {}, {}, {}
+    for entry in config.methods:
+        sweep, summary, failure = futures[entry].result()
+        if failure is None:
+            sweeps[entry], summaries[entry] = sweep, summary
+        else:
+            failed[entry] = failure
+    return sweeps, summaries, failed, scratch.result() if sweeps else None
+
+
+SCRATCH = "scratch reference"
 
 
 def probe_name(report: dict) -> str:

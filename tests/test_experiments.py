@@ -248,6 +248,37 @@ def test_compare_keeps_going_when_a_method_fails(digits_data_dir, tmp_path, monk
     assert "failed: ['reverse_maml']" in capsys.readouterr().err
 
 
+def test_compare_with_parallel_workers_gives_the_numbers_of_one(digits_data_dir, tmp_path):
+    """Methods trained two at a time (each attacked when done, beside the next one's
+    training) give exactly the numbers of one at a time, with every phase recorded."""
+    def run(workers: int) -> dict:
+        args = ["--dataset", "digits", "--seeds", "2", "--no-progress", "--data-dir",
+                digits_data_dir, "--workdir", str(tmp_path / f"w{workers}"), "--workers",
+                str(workers), "--methods", "reference", "skd", "--reference.train.epochs", "2",
+                "--skd.teacher.epochs", "2", "--skd-teacher-epochs", "1", "2",
+                "--skd.distill.epochs", "2", "--skd.head.epochs", "1",
+                "--attack.attacks", "linear_probe", "reinit_top2", "--attack.optimizers", "adam",
+                "--attack.learning-rates", "0.01", "--attack.epochs", "1"]
+        assert _cli.main(compare.main, args) == 0
+        return json.loads((tmp_path / f"w{workers}" / "results.json").read_text())
+
+    def numbers(tree):  # everything but the timings
+        if isinstance(tree, dict):
+            return {k: numbers(v) for k, v in tree.items() if "seconds" not in k}
+        return [numbers(v) for v in tree] if isinstance(tree, list) else tree
+
+    one, two = run(1), run(2)
+    for key in ("beneficial_test_accuracy", "attacks", "references", "table", "failed"):
+        assert numbers(one[key]) == numbers(two[key]), key
+    assert ([m["teacher_epochs"] for m in two["methods"]["skd"]["ablation"]]
+            == [m["teacher_epochs"] for m in one["methods"]["skd"]["ablation"]] == [1, 2])
+    for results in (one, two):  # (what compiles where: tests/test_compilation.py; here the
+        # programs may be in memory already, from the first run or another test)
+        phases = results["compilation"]["phases"]
+        assert set(phases) == {"reference", "skd", "attack"}
+        assert all(p["wall_seconds"] > 0 for p in phases.values())
+
+
 def test_a_dataset_registered_in_the_one_table_works_in_every_experiment(tmp_path):
     """A new dataset is ONE entry (here an in-memory loader over scikit-learn's digits)."""
     from sklearn.datasets import load_digits
