@@ -6,7 +6,8 @@
 Protects with every method (library calls, trm_jax.protect), each into its own
 run folder WORKDIR/methods/<method> (reused when finished; --force redoes
 it; --resume continues an interrupted one), then attacks every method with
-the same suite against ONE from-scratch reference (same seeds, same budget). A
+the same suite against ONE from-scratch reference (same seeds, same budget); two
+methods train at once (--workers), each attacked as soon as it is protected. A
 method that fails (e.g. NaN) is recorded with its error and the others go on;
 the exit code is then 1. Writes results.json, results.md (the table),
 fig1_beneficial_accuracy.png, fig2_attack_curves.png and the SKD ablation figure.
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
                         for e, s in summaries.items()},
             "failed": failed, "table": table, "suite": runs.to_jsonable(suite),
             "evaluation": run.stats.phases["attack"].as_dict() if "attack" in run.stats.phases else {},
+            "workers": workers_for(config),
             "chance": 1.0 / protocol.test.malicious.num_classes,
             "data_provenance": f"{config.dataset}: real data through TFDS", "command": command})
         if run.writer:  # process 0 of a multi-process run writes the table and figures
@@ -355,7 +357,10 @@ def markdown(results: dict) -> str:
     lines += ["", f"Command: `{results['command']}`; wall time {results['wall_seconds'] / 60:.1f} min "
               f"(methods reused from an earlier run are not timed again)."
               + ("" if not evaluation_stats else
-                 f" Attack evaluation (scratch + every method): {evaluation_stats['wall_seconds'] / 60:.1f} "
+                 f" Attack evaluation (scratch + every method"
+                 + (f", summed over the {results['workers']} threads that ran it beside the "
+                    "methods' training" if results.get("workers", 1) > 1 else "")
+                 + f"): {evaluation_stats['wall_seconds'] / 60:.1f} "
                  f"min, {evaluation_stats['xla_compilations']} XLA compilations "
                  f"({evaluation_stats['compile_seconds']:.0f} s)."),
               f"Data: {results['data_provenance']}."]
