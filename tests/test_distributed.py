@@ -44,8 +44,8 @@ SMALL = {
                 "--attack.data-per-class", "None", "--attack.steps-multipliers", "1"],
 }
 # Not the same from run to run by nature (at any depth of results.json): times, compile
-# counts, how many processes wrote, the command line.
-UNTIMED = ("wall_seconds", "compilation", "processes", "evaluation", "command")
+# counts, how many processes (and method threads: compare --workers) wrote, the command line.
+UNTIMED = ("wall_seconds", "compilation", "processes", "workers", "evaluation", "command")
 
 
 # ----------------------------------------------------------------------------- in-process
@@ -285,10 +285,20 @@ def comparable(results):
     return results
 
 
-def metric_records(path: pathlib.Path) -> dict[str, list[dict]]:
-    """Every metrics.jsonl under a run folder (compare: one per method): path -> records."""
-    return {str(f.relative_to(path)): [json.loads(ln) for ln in f.read_text().splitlines()]
-            for f in sorted(path.rglob(runs.METRICS_FILE))}
+def metric_records(path: pathlib.Path, *, while_running: bool = False) -> dict[str, list[dict]]:
+    """Every metrics.jsonl of a run folder (compare: one per method): path -> records.
+
+    Only where they live (the folder, ``methods/*/``): a walk of the whole tree would race
+    orbax renaming its temporary checkpoint folders under a running job. ``while_running``:
+    a last line still being written is not counted."""
+    files = [path / runs.METRICS_FILE, *path.glob(f"methods/*/{runs.METRICS_FILE}")]
+    out = {}
+    for f in sorted(f for f in files if f.is_file()):
+        lines = f.read_text().splitlines()
+        if while_running and lines and not lines[-1].endswith("}"):
+            lines = lines[:-1]
+        out[str(f.relative_to(path))] = [json.loads(ln) for ln in lines]
+    return out
 
 
 def one_process(module: str, workdir: pathlib.Path, data_dir: str, tmp_path: pathlib.Path) -> dict:
@@ -306,7 +316,7 @@ def kill_when(procs: list[subprocess.Popen], workdir: pathlib.Path, records: int
     """Kills process ``victim`` (SIGKILL) once process 0 has logged ``records`` metric records."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if sum(map(len, metric_records(workdir).values())) >= records:
+        if sum(map(len, metric_records(workdir, while_running=True).values())) >= records:
             procs[victim].send_signal(signal.SIGKILL)
             return
         if procs[victim].poll() is not None:
