@@ -70,7 +70,7 @@ class Config(_cli.Experiment):
             raise errors.ConfigError(f"--methods {list(self.methods)}: unknown {bad}; "
                                      f"allowed: {list(ENTRIES)}")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
-            raise errors.ConfigError(f"--workers must be an integer >= 0 (0: automatic), got "
+            raise errors.ConfigError(f"workers must be an integer >= 0 (0: automatic), got "
                                      f"{self.workers!r}", field="workers")
 
     def method_config(self, entry: str) -> Any:

@@ -338,6 +338,7 @@ def run_cli(module, args, capsys) -> tuple[int, str]:
     (skd, ["--skd.malicious-target", "1"], errors.ConfigError, "malicious_target"),
     (unlearning, ["--unsir.impair.learning-rate", "0"], errors.ConfigError, "--unsir.impair.learning-rate must be finite and > 0"),
     (compare, ["--methods", "magic"], errors.ConfigError, "allowed"),
+    (compare, ["--workers", "-1"], errors.ConfigError, "integer >= 0"),
     (attack, ["--run", "/nonexistent/run"], errors.RunFolderError, "/nonexistent/run"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2_before_any_compute(module, args, error, message,
