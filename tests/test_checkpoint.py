@@ -185,3 +185,32 @@ def test_a_corrupt_model_json_names_the_file(tmp_path, text, what):
     with pytest.raises(checkpoint.CheckpointError) as err:
         checkpoint.load_model(tmp_path)
     assert f"{tmp_path / 'model.json'} is corrupt" in str(err.value) and what in str(err.value)
+
+
+def test_checkpoints_saved_from_several_threads_at_once_are_all_written(tmp_path):
+    """orbax's save threads share one global operation id: two checkpoints written at
+    once (``compare --workers 2``) mixed their temporary folders up (FileExistsError) or
+    hung, until saves queued."""
+    import threading
+    import time
+
+    start, results = threading.Barrier(4), {}
+
+    def job(i: int) -> None:
+        with checkpoint.Checkpointer(tmp_path / f"ckpt{i}", max_to_keep=3) as ckpt:
+            start.wait()  # every thread saves at the same moment
+            for step in range(6):
+                ckpt.save(step, make_state((i, step)), {"thread": i, "step": step})
+            results[i] = ckpt.all_steps(), ckpt.restore(make_state())
+
+    threads = [threading.Thread(target=job, args=(i,), daemon=True) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60  # a few seconds when saves queue; unqueued they can hang
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert sorted(results) == [0, 1, 2, 3], "a thread's saves failed or hung"
+    for i, (steps, (state, meta)) in results.items():
+        assert steps == [3, 4, 5]
+        assert (meta["thread"], meta["step"], meta["restored_step"]) == (i, 5, 5)
+        assert_trees_equal(state, make_state((i, 5)))

@@ -261,3 +261,25 @@ def test_wall_seconds_add_up_every_process_of_a_run(tmp_path, monkeypatch):
     with runs.RunDir.create(tmp_path / "run", resume=True) as run:  # the resume
         now[0] = 203.25
         assert run.wall_seconds() == (7.5 + 3.25, 2)
+
+
+def test_files_listed_from_several_threads_at_once_are_all_in_the_marker(tmp_path):
+    """``compare --workers`` lists each method's folder from its own thread: the marker's
+    read-modify-write must not lose one thread's name to another's."""
+    import threading
+
+    with runs.RunDir.create(tmp_path / "run") as run:
+        start = threading.Barrier(8)
+
+        def job(i: int) -> None:
+            start.wait()
+            for j in range(20):
+                run.file(f"t{i}_{j}")
+
+        threads = [threading.Thread(target=job, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        listed = set(json.loads((run.path / runs.MARKER_FILE).read_text())["files"])
+    assert {f"t{i}_{j}" for i in range(8) for j in range(20)} <= listed

@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import shutil
+import threading
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -58,6 +59,10 @@ _DEFAULT_HINT = ("restore it, or delete it and rerun the experiment (with --resu
 # One process may open its own folder twice (e.g. a run and its resume in one
 # test session); only other processes are refused.
 _HELD: dict[pathlib.Path, list[int]] = {}
+# Threads of one process share run folders (``compare --workers`` lists each method's
+# folder in the parent's marker from its own thread): the marker's read-modify-write
+# and ``_HELD`` are done under this lock, so no listing is lost.
+_THREADS = threading.RLock()
 
 
 def default_workdir(name: str, root: str = "runs") -> pathlib.Path:
@@ -337,6 +342,10 @@ class RunDir:
         return cls(path)
 
     def _write_marker(self, files: list[str] | None = None) -> dict[str, Any]:
+        with _THREADS:
+            return self._write_marker_unlocked(files)
+
+    def _write_marker_unlocked(self, files: list[str] | None) -> dict[str, Any]:
         marker = _read_marker(self.path) or {"format": RUN_FORMAT, "files": [], "seconds": []}
         if not self._writer:
             return marker
@@ -366,13 +375,18 @@ class RunDir:
         :func:`foreign_entries` can tell it from the user's."""
         top = pathlib.PurePath(name).parts[0]
         if top not in self._listed and self._writer:
-            marker = _read_marker(self.path)
-            if marker is not None and top not in marker["files"]:
-                self._write_marker(sorted({*marker["files"], top}))
-            self._listed.add(top)
+            with _THREADS:
+                marker = _read_marker(self.path)
+                if marker is not None and top not in marker["files"]:
+                    self._write_marker(sorted({*marker["files"], top}))
+                self._listed.add(top)
         return self.path / name
 
     def _lock(self) -> None:
+        with _THREADS:
+            self._lock_unlocked()
+
+    def _lock_unlocked(self) -> None:
         key = self.path.resolve()
         if key in _HELD:
             _HELD[key][1] += 1
@@ -402,13 +416,14 @@ class RunDir:
             return
         self._locked = False
         key = self.path.resolve()
-        held = _HELD.get(key)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] == 0:
-            del _HELD[key]
-            os.close(held[0])  # closing the last descriptor drops the flock
+        with _THREADS:
+            held = _HELD.get(key)
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                os.close(held[0])  # closing the last descriptor drops the flock
 
     def __enter__(self) -> "RunDir":
         return self
