@@ -343,22 +343,19 @@ class RunDir:
 
     def _write_marker(self, files: list[str] | None = None) -> dict[str, Any]:
         with _THREADS:
-            return self._write_marker_unlocked(files)
-
-    def _write_marker_unlocked(self, files: list[str] | None) -> dict[str, Any]:
-        marker = _read_marker(self.path) or {"format": RUN_FORMAT, "files": [], "seconds": []}
-        if not self._writer:
+            marker = _read_marker(self.path) or {"format": RUN_FORMAT, "files": [], "seconds": []}
+            if not self._writer:
+                return marker
+            if files is not None:
+                marker["files"] = files
+            seconds = list(marker.get("seconds", []))
+            if self._started is not None:  # this process's time so far (a writer's)
+                seconds[self._process:] = [round(time.perf_counter() - self._started, 3)]
+            marker["seconds"] = seconds
+            tmp = self.path / (MARKER_FILE + ".tmp")
+            tmp.write_text(json.dumps(marker) + "\n")
+            os.replace(tmp, self.path / MARKER_FILE)
             return marker
-        if files is not None:
-            marker["files"] = files
-        seconds = list(marker.get("seconds", []))
-        if self._started is not None:  # this process's time so far (a writer's)
-            seconds[self._process:] = [round(time.perf_counter() - self._started, 3)]
-        marker["seconds"] = seconds
-        tmp = self.path / (MARKER_FILE + ".tmp")
-        tmp.write_text(json.dumps(marker) + "\n")
-        os.replace(tmp, self.path / MARKER_FILE)
-        return marker
 
     def wall_seconds(self) -> tuple[float, int]:
         """``(seconds, processes)``: the time every process that wrote this run spent on it
@@ -384,31 +381,29 @@ class RunDir:
 
     def _lock(self) -> None:
         with _THREADS:
-            self._lock_unlocked()
-
-    def _lock_unlocked(self) -> None:
-        key = self.path.resolve()
-        if key in _HELD:
-            _HELD[key][1] += 1
-        else:
-            try:
-                fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as err:
-                raise RunFolderError(f"cannot write run folder {self.path} ({err.strerror or err}); "
-                                     "choose a writable --workdir") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = _read_pid(fd)
-                os.close(fd)
-                raise RunFolderError(
-                    f"run folder {self.path} is being written by another process"
-                    f"{f' (pid {pid})' if pid else ''}; two writers would mix their records. "
-                    "Wait for it to finish or stop it, or choose another --workdir") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-            _HELD[key] = [fd, 1]
-        self._locked = True
+            key = self.path.resolve()
+            if key in _HELD:
+                _HELD[key][1] += 1
+            else:
+                try:
+                    fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+                except OSError as err:
+                    raise RunFolderError(f"cannot write run folder {self.path} "
+                                         f"({err.strerror or err}); choose a writable --workdir"
+                                         ) from None
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pid = _read_pid(fd)
+                    os.close(fd)
+                    raise RunFolderError(
+                        f"run folder {self.path} is being written by another process"
+                        f"{f' (pid {pid})' if pid else ''}; two writers would mix their records. "
+                        "Wait for it to finish or stop it, or choose another --workdir") from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                _HELD[key] = [fd, 1]
+            self._locked = True
 
     def close(self) -> None:
         """Releases the writer lock (if this object holds it); safe to call twice."""
