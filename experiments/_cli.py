@@ -23,7 +23,6 @@ import math
 import os
 import pathlib
 import re
-import shutil
 import sys
 import time
 import typing
@@ -330,7 +329,8 @@ def writable_folder(path: str | os.PathLike, what: str, *, must_write: bool = Tr
 
 
 def main(run: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Runs an experiment's ``main``; typed errors -> one line on stderr, exit code 2.
+    """Runs an experiment's ``main``; typed errors -> one line on stderr, exit code 2; so is
+    a storage failure anywhere (a full disk, a quota, an I/O error: the run stays resumable).
 
     Several processes (``--distributed.*``): an error before compute is also posted to the
     others (they stop with one line naming this process), and every process leaves the run
@@ -348,7 +348,14 @@ def main(run: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
         print("interrupted: continue with the same command plus --resume", file=sys.stderr)
         _leave("interrupted", 130)
         return 130
-    except Exception as err:  # a bug: its traceback follows; the other processes stop too
+    except Exception as err:
+        storage = errors.as_storage_error(err)  # a full disk, however deep in a library
+        if storage is not None:
+            message = " ".join(str(storage).split())
+            print(f"error: {message}", file=sys.stderr)
+            _leave(message, 2)
+            return 2
+        # A bug: its traceback follows; the other processes stop too.
         distributed.report_failure(f"{type(err).__name__}: {' '.join(str(err).split())}")
         raise
     _leave(None, 0)
@@ -439,9 +446,8 @@ class Run:
             self.cache_dir = compilation.enable_persistent_cache() if options.compile_cache else None
         except BaseException:
             self.dir.close()
-            if fresh and self.dir.writer:  # made a moment ago by this process: nothing of
-                # anyone else's is in it
-                shutil.rmtree(workdir, ignore_errors=True)
+            if fresh and self.dir.writer:  # made a moment ago by this process
+                runs.discard(workdir)
             raise
         self.stats = compilation.count_compilations().__enter__()
         self.hooks = RunFolderHooks(self.dir, resume=options.resume,

@@ -11,6 +11,13 @@ Robustness: a state with NaN/Inf is never written (``save`` raises
 and moves the corrupt newer steps aside (``<step>.corrupt``) so that training
 can save those steps again.
 
+Ownership: nothing the project did not write is ever deleted, at any depth. Each
+checkpoint folder keeps a manifest (``.trm_jax_files.jsonl``, one JSON line per event:
+a step claimed before orbax writes it, every path of the step once it is written, a
+step moved aside) that :func:`foreign_files` reads to tell orbax's files from a user's;
+old steps are removed here (not by orbax's ``max_to_keep``) and only when nothing
+foreign is inside them.
+
 Threads: orbax keys the signals between a save's background threads by one global
 operation id, so two checkpoints written at once (``compare --workers 2`` trains two
 methods in two threads) mix each other's temporary folders up (``FileExistsError``,
@@ -20,8 +27,12 @@ several threads queue (each takes ~0.1-0.3 s on digits) and training goes on bes
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
+import pathlib
 import shutil
+import sys
 import threading
 import warnings
 from typing import Any
@@ -31,10 +42,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from trm_jax import errors
 from trm_jax.errors import CheckpointError, NonFiniteError  # noqa: F401  (re-exported)
 from trm_jax.sharding import is_key as _is_key
 
 CORRUPT_SUFFIX = ".corrupt"
+#: The per-folder record of what this project (through orbax) wrote there.
+MANIFEST = ".trm_jax_files.jsonl"
+#: orbax writes a step into ``<step><TMP_SUFFIX>...`` and renames it when complete.
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+#: Extra bytes a checkpoint takes beyond its arrays (metadata, OCDBT manifests), for the
+#: free-space check before a save.
+_OVERHEAD_BYTES = 1 << 20
 
 # Reentrant: ``save`` and ``restore`` call ``all_steps``. Process-wide, so it serialises
 # threads only; several processes write their shards of one checkpoint together (orbax).
@@ -81,8 +100,29 @@ class Checkpointer:
     @_serialized
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
         self.directory = os.path.abspath(os.fspath(directory))
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        self.max_to_keep = max_to_keep
+        # orbax keeps every step: old ones are removed by `_prune`, which checks ownership.
+        with errors.storage_errors(self.directory):
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+            self._adopt()
+
+    def _adopt(self) -> None:
+        """Starts the manifest of a folder that has none: a new one, or one written before
+        manifests existed, whose orbax-shaped step folders are taken as orbax's."""
+        if not _is_writer() or os.path.exists(os.path.join(self.directory, MANIFEST)):
+            return
+        self._note({"format": 1})
+        for name in sorted(os.listdir(self.directory)):
+            if name.split(".", 1)[0].isdigit() and not foreign_files(self.directory, only=name):
+                self._note({"wrote": name, "files": _listing(os.path.join(self.directory, name))})
+
+    def _note(self, event: dict[str, Any]) -> None:
+        """Appends one event to the folder's manifest (process 0 only: one writer)."""
+        if not _is_writer():
+            return
+        with open(os.path.join(self.directory, MANIFEST), "a") as f:  # one line, one write: a kill cuts at most the last line
+            f.write(json.dumps(event) + "\n")
 
     @_serialized
     def latest_step(self) -> int | None:
@@ -115,15 +155,53 @@ class Checkpointer:
             raise NonFiniteError(
                 f"refusing to checkpoint step {step}: the state holds NaN/Inf; the last good "
                 f"checkpoint is {self.describe_latest()}", None, step)
-        if step in self._manager.all_steps():
+        with errors.storage_errors(self.directory):
+            self._check_space(state)
+            if step in self._manager.all_steps():
+                self._refuse_if_foreign(step, "replace")
+                self._manager.delete(step)
+            self._note({"writing": str(step)})  # before orbax: a kill mid-save leaves it ours
+            saved = self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_to_storable(state)),
+                metadata=ocp.args.JsonSave(metadata or {})))
+            self._manager.wait_until_finished()
+            if not saved:
+                raise CheckpointError(f"orbax declined to save step {step} in {self.directory} "
+                                      f"(steps present: {self.all_steps()})")
+            self._note({"wrote": str(step), "files": _listing(os.path.join(self.directory,
+                                                                            str(step)))})
+            self._prune()
+
+    def _check_space(self, state: Any) -> None:
+        """Refuses a save the disk cannot hold, before orbax starts writing (a full disk
+        mid-save leaves a temporary folder and a long traceback)."""
+        need = _OVERHEAD_BYTES + sum(int(np.prod(np.shape(x))) * jnp.result_type(x).itemsize
+                                     for x in jax.tree_util.tree_leaves(_to_storable(state)))
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise errors.StorageError(
+                f"no space for a checkpoint in {self.directory}: it needs ~{_mib(need)} and "
+                f"{_mib(free)} are free; free some space, then continue with --resume (the last "
+                f"checkpoint, {self.describe_latest()}, is intact)")
+
+    def _refuse_if_foreign(self, step: int, verb: str) -> None:
+        foreign = foreign_files(self.directory, only=str(step))
+        if foreign:
+            raise CheckpointError(f"cannot {verb} checkpoint step {step} in {self.directory}: "
+                                  f"it holds {foreign[0]}, which trm_jax did not write; move it "
+                                  "away and continue with --resume")
+
+    def _prune(self) -> None:
+        """Removes the steps beyond the newest ``max_to_keep``, each only when every file in
+        it is orbax's (one holding a user's file stays, with a warning)."""
+        steps = self.all_steps()
+        for step in steps[:-self.max_to_keep] if self.max_to_keep else []:
+            foreign = foreign_files(self.directory, only=str(step))
+            if foreign:
+                warnings.warn(f"kept old checkpoint step {step} in {self.directory}: it holds "
+                              f"{foreign[0]}, which trm_jax did not write", stacklevel=3)
+                continue
             self._manager.delete(step)
-        saved = self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_to_storable(state)),
-            metadata=ocp.args.JsonSave(metadata or {})))
-        self._manager.wait_until_finished()
-        if not saved:
-            raise CheckpointError(f"orbax declined to save step {step} in {self.directory} "
-                                  f"(steps present: {self.all_steps()})")
 
     @_serialized
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
@@ -153,7 +231,7 @@ class Checkpointer:
             except CheckpointError as err:
                 cause = err.__cause__
                 failures.append(f"step {candidate} is corrupt or does not match "
-                                f"({type(cause).__name__}: {str(cause)[:300]})")
+                                f"({type(cause).__name__}: {_first_words(cause)})")
                 continue
             if failures:
                 bad = steps[steps.index(candidate) + 1:]
@@ -188,7 +266,14 @@ class Checkpointer:
         for step in steps:
             source = os.path.join(self.directory, str(step))
             target = source + CORRUPT_SUFFIX
-            shutil.rmtree(target, ignore_errors=True)  # an older corrupt copy of this step
+            if os.path.lexists(target):  # an older corrupt copy of this step: ours?
+                foreign = foreign_files(self.directory, only=os.path.basename(target))
+                if foreign:
+                    raise CheckpointError(f"cannot move corrupt step {step} aside: {target} "
+                                          f"holds {foreign[0]}, which trm_jax did not write; "
+                                          "move it away and continue with --resume")
+                shutil.rmtree(target)
+            self._note({"moved": str(step), "to": os.path.basename(target)})
             os.replace(source, target)
         self._manager.reload()
 
@@ -203,13 +288,144 @@ class Checkpointer:
         self.close()
 
 
+def _first_words(err: BaseException, limit: int = 200) -> str:
+    """The gist of a (tensorstore) error: its first line, without the spec it appends."""
+    text = str(err).split(" [tensorstore_spec", 1)[0].split("\n", 1)[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _QuietOrbaxTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" / "Event loop is closed" reports
+    of orbax's reading tasks: a corrupt step's failed reads are left behind by orbax, and
+    :meth:`Checkpointer.restore` already says in one line which step failed and why.
+    ``TRM_JAX_VERBOSE=1`` keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("TRM_JAX_VERBOSE"):
+            return True
+        text = record.getMessage()
+        if "never retrieved" in text or "Event loop is closed" in text:
+            return "orbax" not in text and "tensorstore" not in text and not _orbax_exc(record)
+        return True
+
+
+def _orbax_exc(record: logging.LogRecord) -> bool:
+    info = record.exc_info
+    if not info or info[1] is None:
+        return False
+    import traceback
+
+    return any("orbax" in frame.filename for frame in traceback.extract_tb(info[2]))
+
+
+logging.getLogger("asyncio").addFilter(_QuietOrbaxTasks())
+
+
+def _quiet_closed_loop(hook):
+    """``sys.unraisablehook`` without the "Event loop is closed" reports of tensorstore's
+    late callbacks into orbax's finished event loop (one per array of a corrupt step)."""
+    def unraisable(info) -> None:
+        if (not os.environ.get("TRM_JAX_VERBOSE") and isinstance(info.exc_value, RuntimeError)
+                and str(info.exc_value) == "Event loop is closed"):
+            return
+        hook(info)
+    unraisable.trm_jax_quiet = True
+    return unraisable
+
+
+if not getattr(sys.unraisablehook, "trm_jax_quiet", False):
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+
+
+def _is_writer() -> bool:
+    from trm_jax import distributed
+
+    return distributed.is_writer()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _listing(folder: str) -> list[str]:
+    """Every path under ``folder`` (files, folders, links), relative to it, sorted."""
+    out = []
+    for top, dirs, files in os.walk(folder):
+        rel = os.path.relpath(top, folder)
+        out += [name if rel == "." else os.path.join(rel, name) for name in dirs + files]
+    return sorted(out)
+
+
+def _read_manifest(directory: str) -> tuple[dict[str, set[str] | None], set[str]] | None:
+    """``(entries, claimed)`` from a folder's manifest, or ``None`` when it has none.
+
+    ``entries``: step folder name -> the paths orbax wrote in it (``None``: claimed and
+    not finished, i.e. a save was cut off: all of it is orbax's); ``claimed``: every step
+    a save was started for (its temporary folders are orbax's)."""
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return None
+    entries: dict[str, set[str] | None] = {}
+    claimed: set[str] = set()
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:  # an empty or cut-off line
+            continue
+        if "writing" in event:
+            claimed.add(event["writing"])
+            entries[event["writing"]] = None
+        elif "wrote" in event:
+            entries[event["wrote"]] = set(event.get("files", []))
+        elif "moved" in event:
+            entries[event["to"]] = entries.pop(event["moved"], set())
+    return entries, claimed
+
+
+def foreign_files(directory: str | os.PathLike, *, only: str | None = None) -> list[pathlib.Path]:
+    """What in checkpoint folder ``directory`` trm_jax did not write (``[]``: all ours).
+
+    Ours: the manifest, every step folder with exactly the paths the manifest lists for
+    it, a step moved aside (``<step>.corrupt``), and (a save cut off by a kill) a claimed
+    step's folder and orbax's temporary folders for it, whole. A folder from before the
+    manifest (``legacy``) is judged by orbax's names down to the step folders. ``only``:
+    check that one top-level entry.
+    """
+    root = pathlib.Path(directory)
+    if not root.is_dir() or root.is_symlink():
+        return [root] if root.exists() or root.is_symlink() else []
+    manifest = _read_manifest(str(root))
+    children = sorted(root.iterdir()) if only is None else [root / only]
+    foreign = []
+    for child in children:
+        name = child.name
+        if name in (MANIFEST, MANIFEST + ".tmp") or not (child.exists() or child.is_symlink()):
+            continue
+        step = name.split(".", 1)[0]
+        temporary = name.startswith(step + TMP_SUFFIX)
+        shaped = step.isdigit() and (name in (step, step + CORRUPT_SUFFIX) or temporary)
+        if not shaped or child.is_symlink() or not child.is_dir():
+            foreign.append(child)
+        elif manifest is None:
+            continue  # legacy: orbax-shaped step folders are orbax's
+        elif temporary:
+            if step not in manifest[1]:
+                foreign.append(child)
+        elif name not in manifest[0]:
+            foreign.append(child)
+        elif manifest[0][name] is not None:
+            listed = manifest[0][name]
+            foreign += [child / p for p in _listing(str(child)) if p not in listed
+                        and os.path.dirname(p) in listed | {""}]  # the topmost unlisted only
+    return foreign
+
+
 def save_model(run_dir: str | os.PathLike, model: Any, params: Any, seeds: list[int]) -> None:
     """Stores a params stack ``[S, ...]`` in ``<run_dir>/checkpoints/model`` and the
     architecture in ``<run_dir>/model.json`` (what :func:`load_model` reads). Several
     processes: each saves its seeds' shards (orbax), process 0 writes ``model.json``."""
-    import json
-    import pathlib
-
     from trm_jax import distributed
 
     run_dir = pathlib.Path(run_dir)
@@ -228,11 +444,6 @@ def load_model(run_dir: str | os.PathLike) -> tuple[Any, Any, list[int]]:
     Raises:
       CheckpointError: no saved model (the run did not finish) or an unreadable one.
     """
-    import json
-    import pathlib
-
-    import jax.numpy as jnp
-
     from trm_jax import models
 
     run_dir = pathlib.Path(run_dir)

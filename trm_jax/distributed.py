@@ -22,8 +22,9 @@ adds what a run needs around it:
   checkpoint shards (orbax).
 
 A process that dies later (killed, out of memory) is noticed by the others within
-``heartbeat_timeout`` seconds: JAX then ends them too (its own message), and the run
-continues with ``--resume`` from the last checkpoint.
+``heartbeat_timeout`` seconds: a watch thread (:func:`_watch`) ends each of them with one
+line and exit code 2 a little before JAX's own check would abort it with a C++ stack dump,
+and the run continues with ``--resume`` from the last checkpoint.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from trm_jax.errors import ConfigError, DistributedError
 #: Seconds between our own give-up and JAX's (its connect aborts the process at its timeout).
 _GRACE = 15
 _KEY = "trm_jax/ready/"
+_ALIVE = "trm_jax/alive/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +99,7 @@ def _split_address(address: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-_STATE: dict[str, Any] = {"stuck": False, "posted": False, "config": None}
+_STATE: dict[str, Any] = {"stuck": False, "posted": False, "config": None, "leaving": False}
 
 
 def is_initialized() -> bool:
@@ -151,6 +153,9 @@ def initialize(config: DistributedConfig) -> None:
     if config.coordinator != "auto":
         kwargs.update(coordinator_address=config.coordinator,
                       num_processes=config.num_processes, process_id=config.process_id)
+    from trm_jax import native_stderr
+
+    native_stderr.install(config.process_id)  # JAX's C++ abort when a peer dies: one line
     outcome: dict[str, BaseException] = {}
 
     def connect() -> None:
@@ -175,6 +180,7 @@ def initialize(config: DistributedConfig) -> None:
         raise DistributedError(f"{who}: jax.distributed.initialize failed: "
                                f"{type(err).__name__}: {' '.join(str(err).split())}") from None
     _STATE["config"] = config
+    _start_watch(config)
 
 
 def _reachability(coordinator: str | None) -> str:
@@ -262,12 +268,66 @@ def report_failure(message: str) -> None:
         pass
 
 
+def _watch(me: int, count: int, heartbeat_timeout: int) -> None:
+    """Runs in a daemon thread of every process of a multi-process run: posts a counter to
+    the coordination service every ``period`` s and reads every other process's. A process
+    whose counter has not moved for ``limit`` s (or a coordination service that stopped
+    answering: process 0 died) ends this one with ONE line and exit code 2, before JAX's
+    own heartbeat check would abort it with a C++ stack dump (at ``heartbeat_timeout``)."""
+    import os
+    import sys
+    import time
+
+    limit = max(heartbeat_timeout / 2, heartbeat_timeout - _GRACE)
+    period = max(0.2, min(2.0, limit / 5))
+    client, beat = _client(), 0
+    seen = {other: (None, time.monotonic()) for other in range(count) if other != me}
+    service_ok = time.monotonic()
+    while not _STATE["leaving"]:
+        now = time.monotonic()
+        try:
+            beat += 1
+            client.key_value_set(f"{_ALIVE}{me}", str(beat), allow_overwrite=True)
+            for other, (value, since) in seen.items():
+                new = client.key_value_try_get(f"{_ALIVE}{other}")
+                if new != value or new == "done":
+                    seen[other] = (new, now)
+            service_ok = now
+        except Exception:  # noqa: BLE001 -- a missing key, or the service is gone
+            pass
+        dead = [o for o, (v, since) in seen.items() if now - since > limit and v != "done"]
+        if now - service_ok > limit:
+            dead = [0]
+        if dead and not _STATE["leaving"]:
+            print(f"error: process {me}: process {dead[0]} stopped answering for {limit:.0f} s "
+                  "(killed, or out of memory?), so this one stops too; start every process "
+                  "again with the same command plus --resume", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
+        time.sleep(period)
+
+
+def _start_watch(config: DistributedConfig) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        threading.Thread(target=_watch, args=(jax.process_index(), jax.process_count(),
+                                              config.heartbeat_timeout),
+                         name="trm_jax-peer-watch", daemon=True).start()
+
+
 def shutdown() -> None:
     """Leaves the run (``jax.distributed.shutdown``: waits, up to the timeout, for every
     process to leave, so process 0's coordinator outlives the others)."""
     import jax
 
     if is_initialized() and not stuck():
+        _STATE["leaving"] = True
+        try:  # a process that has finished is not a dead one
+            _client().key_value_set(f"{_ALIVE}{jax.process_index()}", "done",
+                                    allow_overwrite=True)
+        except Exception:  # noqa: BLE001
+            pass
         try:
             jax.distributed.shutdown()
         except Exception:  # noqa: BLE001 -- a peer died; nothing is left to do together

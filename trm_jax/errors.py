@@ -10,10 +10,15 @@ message and exit code 2. Messages name the bad value and what is allowed.
 * :class:`NonFiniteError` -- training produced NaN/Inf; carries the last good state.
 * :class:`CheckpointError` -- a checkpoint is missing, corrupt or does not match.
 * :class:`RunFolderError` -- a run folder cannot be created, opened, resumed or locked.
+* :class:`StorageError` -- a write failed: the disk is full, a quota is reached, or an
+  I/O error; the run stays resumable once the cause is fixed.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import shutil
 from typing import Any, Iterator
 
 
@@ -98,6 +103,82 @@ class RunNotFoundError(RunFolderError, FileNotFoundError):
     """The run folder (or a file a run needs in it) does not exist, or holds no run."""
 
 
+class StorageError(TrmError, OSError):
+    """A write failed for lack of space (``ENOSPC``, ``EDQUOT``), a read-only or failing
+    disk (``EROFS``, ``EIO``): nothing half-written is kept, and the run continues with
+    ``--resume`` once there is room."""
+
+
+#: errno values that mean "the storage failed", not "the program is wrong".
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+# The same, as the text libraries (tensorstore under orbax, TFDS) wrap them in.
+_STORAGE_TEXTS = tuple(os.strerror(e) for e in sorted(STORAGE_ERRNOS))
+
+
+def storage_cause(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain (causes, contexts, groups) that is a storage
+    failure (an ``OSError`` with one of :data:`STORAGE_ERRNOS`, or a library error whose
+    text says so), or ``None``."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StorageError):
+            return e
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            return e
+        if not isinstance(e, TrmError) and any(t in str(e) for t in _STORAGE_TEXTS):
+            return e
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+def _free(path: str) -> str:
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return f"{shutil.disk_usage(path or '.').free / 2**20:.1f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def as_storage_error(exc: BaseException, where: str | os.PathLike | None = None
+                     ) -> StorageError | None:
+    """A one-line :class:`StorageError` for a storage failure in ``exc``'s chain (naming
+    the file, the errno's meaning and the free space), or ``None`` when there is none."""
+    cause = storage_cause(exc)
+    if cause is None:
+        return None
+    if isinstance(cause, StorageError):
+        return cause
+    path = getattr(cause, "filename", None) or where
+    what = (os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno
+            else next(t for t in _STORAGE_TEXTS if t in str(cause)))
+    place = f" writing {path}" if path else ""
+    err = StorageError(f"{what}{place} ({_free(os.fspath(path)) if path else 'free space unknown'});"
+                       " free some space (or fix the disk), then run the same command again, "
+                       "plus --resume once its run folder exists")
+    err.errno = getattr(cause, "errno", None)
+    return err
+
+
+@contextlib.contextmanager
+def storage_errors(where: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turns a storage failure raised in the block (however deep in a library) into a
+    one-line :class:`StorageError`; any other error passes unchanged."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        err = as_storage_error(exc, where)
+        if err is None:
+            raise
+        raise err from None
+
+
 class DistributedError(TrmError, RuntimeError):
     """A multi-process run cannot start: the processes did not all connect in time, were
     started with different settings, or one of them stopped with an error before compute."""
@@ -127,4 +208,5 @@ def about(field: str) -> Iterator[None]:
         raise
 
 
-ERRORS = (ConfigError, DatasetUnavailableError, NonFiniteError, CheckpointError, RunFolderError)
+ERRORS = (ConfigError, DatasetUnavailableError, NonFiniteError, CheckpointError, RunFolderError,
+          StorageError)

@@ -21,7 +21,9 @@ its last checkpoint, so an interrupted run resumes to the same numbers.
 from __future__ import annotations
 
 import math
+import sys
 import time
+import warnings
 from typing import Any, Callable
 
 from trm_jax.errors import ConfigError
@@ -127,7 +129,11 @@ class RunFolderHooks(Hooks):
             self.run.truncate_metrics(lambda r: r.get("phase") != phase)
             return None
         ckpt = self._ckpt(phase)
-        state, meta = ckpt.restore(make_like())
+        with warnings.catch_warnings(record=True) as caught:  # shown here, one line each
+            warnings.simplefilter("always")
+            state, meta = ckpt.restore(make_like())
+        for warning in caught:
+            print(f"warning: {' '.join(str(warning.message).split())}", file=sys.stderr, flush=True)
         done = int(meta.get("restored_step", meta.get("step", meta.get("epoch", 0))))
         # Records logged after the checkpoint are logged again when the phase goes on.
         self.run.truncate_metrics(

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from trm_jax import distributed
+from trm_jax import distributed, errors
 from trm_jax.errors import RunExistsError, RunFolderError, RunNotFoundError  # noqa: F401  (re-exported)
 
 RESULT_KEYS = ("experiment", "dataset", "seeds", "beneficial_test_accuracy", "attacks",
@@ -39,8 +39,11 @@ METRICS_FILE = "metrics.jsonl"
 MARKER_FILE = ".trm_jax_run"
 #: Files the experiments' write probe makes and removes at once (one left by a kill is ours).
 PROBE_PREFIX = ".trm_jax_probe_"
-#: Version of the run-folder layout recorded in the marker.
-RUN_FORMAT = 1
+#: Version of the run-folder layout recorded in the marker (2: nested paths are listed, and
+#: every checkpoint folder keeps a manifest of orbax's files).
+RUN_FORMAT = 2
+#: The top-level folder of every run's orbax checkpoints (``checkpoints/<phase>``).
+CHECKPOINTS = "checkpoints"
 # Run folders written before the marker existed: recognised by a config.json naming an
 # experiment, and overwritten only when every entry is one of the names those versions wrote.
 _LEGACY_NAMES = ("config.json", "metrics.jsonl", "results.json", "results.md", "model.json",
@@ -145,31 +148,74 @@ def is_run(path: str | os.PathLike) -> bool:
 
 
 def foreign_entries(path: str | os.PathLike) -> list[pathlib.Path]:
-    """What in run folder ``path`` the project did not write (``[]``: all of it is ours).
+    """What in run folder ``path`` the project did not write, at any depth (``[]``: all
+    of it is ours).
 
-    A top-level entry is ours when the marker lists it (a ``NAME.tmp`` when it lists
-    ``NAME``); a listed folder that is itself a run folder (``compare``'s methods/<m>) is
-    checked the same way. Folders without a marker from older versions: the names those
-    versions wrote. A folder that is not a run at all: every entry.
+    An entry is ours when the marker lists its path (``NAME.tmp`` too when it lists
+    ``NAME``); inside a listed folder each entry is checked the same way, a folder that is
+    itself a run folder (``compare``'s ``methods/<m>``) by its own marker, and
+    ``checkpoints/<phase>`` file by file against its checkpoint manifest
+    (:func:`trm_jax.checkpoint.foreign_files`). Runs from before nested listing (marker
+    format 1, or no marker) are judged by the names those versions wrote below the top.
+    A folder that is not a run at all: every entry.
     """
+    from trm_jax import checkpoint
+
     path = pathlib.Path(path)
     marker = _read_marker(path)
-    foreign = []
-    for child in sorted(path.iterdir()):
-        name = child.name
-        if name in (LOCK_FILE, MARKER_FILE, MARKER_FILE + ".tmp") or name.startswith(PROBE_PREFIX):
-            continue
-        if marker is not None:
-            ours = name in marker["files"] or (name.endswith(".tmp") and name[:-4] in marker["files"])
-        else:
-            ours = _is_legacy_run(path) and (name in _LEGACY_NAMES or name.endswith(_LEGACY_SUFFIXES))
-        if not ours:
-            foreign.append(child)
-        elif child.is_dir() and not child.is_symlink():
-            for sub in sorted(child.iterdir()):
-                if sub.is_dir() and (sub / MARKER_FILE).exists():
-                    foreign += foreign_entries(sub)
-    return foreign
+    legacy = marker is None or marker.get("format", 1) < 2
+    listed = set(marker["files"]) if marker is not None else set()
+    is_run_folder = marker is not None or _is_legacy_run(path)
+
+    def ours(rel: str) -> bool:
+        if not is_run_folder:
+            return False
+        if marker is None:
+            return "/" not in rel and (rel in _LEGACY_NAMES or rel.endswith(_LEGACY_SUFFIXES))
+        return rel in listed or (rel.endswith(".tmp") and rel[:-4] in listed)
+
+    def walk(folder: pathlib.Path, rel: str) -> list[pathlib.Path]:
+        out = []
+        for child in sorted(folder.iterdir()):
+            sub = f"{rel}/{child.name}" if rel else child.name
+            if not rel and (child.name in (LOCK_FILE, MARKER_FILE, MARKER_FILE + ".tmp")
+                            or child.name.startswith(PROBE_PREFIX)):
+                continue
+            real_dir = child.is_dir() and not child.is_symlink()
+            if rel == CHECKPOINTS and real_dir:  # orbax's folders: their own manifests
+                if not legacy and not (child / checkpoint.MANIFEST).exists() and any(child.iterdir()):
+                    out.append(child)
+                else:
+                    out += checkpoint.foreign_files(child)
+            elif ours(sub) or (rel and legacy and _legacy_nested(rel, child)):
+                if real_dir:
+                    out += walk(child, sub)
+            elif rel and real_dir and (child / MARKER_FILE).exists():
+                out += foreign_entries(child)  # a run folder inside ours (methods/<m>)
+            else:
+                out.append(child)
+        return out
+
+    return walk(path, "") if is_run_folder else sorted(path.iterdir())
+
+
+def discard(path: str | os.PathLike) -> bool:
+    """Deletes the run folder ``path`` that this process has just made (a run that failed
+    before it began), unless something in it is not the project's: then it stays whole.
+    Returns whether it was deleted."""
+    path = pathlib.Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    leftovers = {c.name for c in path.iterdir()} <= {LOCK_FILE, MARKER_FILE, MARKER_FILE + ".tmp"}
+    if not leftovers and (not is_run(path) or foreign_entries(path)):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def _legacy_nested(rel: str, child: pathlib.Path) -> bool:
+    """What versions without nested listing wrote below the top: the search's records."""
+    return rel == "variants" and child.suffix in (".json", ".tmp") and child.is_file()
 
 
 def write_probe(folder: str | os.PathLike) -> OSError | None:
@@ -277,17 +323,25 @@ class RunDir:
         if not distributed.is_writer():
             return cls.follower(path)
         run_folder = check_workdir(path, overwrite=overwrite, resume=resume)
+        fresh = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise RunFolderError(f"cannot create run folder {path} ({err.strerror or err}); "
-                                 "choose a writable --workdir") from None
+            raise errors.as_storage_error(err, path) or RunFolderError(
+                f"cannot create run folder {path} ({err.strerror or err}); choose a writable "
+                "--workdir") from None
         run = cls(path)
-        run._lock()
+        try:
+            run._lock()
+        except BaseException:
+            if fresh:
+                discard(path)
+            raise
         try:
             if run_folder and resume:
                 run._repair_metrics()
             elif run_folder:  # overwrite: emptied only now, so a live writer is never deleted under
+                check_workdir(path, overwrite=True)  # again: a file may have come since
                 for child in path.iterdir():
                     if child.name == LOCK_FILE:
                         continue
@@ -304,8 +358,13 @@ class RunDir:
                                          (LOCK_FILE, MARKER_FILE, *foreign)))
             else:
                 run._write_marker()
-        except BaseException:
+        except BaseException as exc:
             run.close()
+            if fresh:  # made a moment ago (a full disk at the marker, say): leave nothing
+                discard(path)
+            storage = errors.as_storage_error(exc, path) if isinstance(exc, Exception) else None
+            if storage is not None:
+                raise storage from None
             raise
         return run
 
@@ -369,14 +428,19 @@ class RunDir:
     def file(self, name: str) -> pathlib.Path:
         """``<run>/name``, listed in the folder's marker first: every file or folder the
         project writes into a run folder goes through here (or the writers below), so
-        :func:`foreign_entries` can tell it from the user's."""
-        top = pathlib.PurePath(name).parts[0]
-        if top not in self._listed and self._writer:
+        :func:`foreign_entries` can tell it from the user's. A nested ``name``
+        (``variants/a.json``) lists its folders and itself."""
+        parts = pathlib.PurePath(name).parts
+        if not parts or ".." in parts or pathlib.PurePath(name).is_absolute():
+            raise RunFolderError(f"{name!r} is not a path inside the run folder {self.path}")
+        names = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        new = [n for n in names if n not in self._listed]
+        if new and self._writer:
             with _THREADS:
                 marker = _read_marker(self.path)
-                if marker is not None and top not in marker["files"]:
-                    self._write_marker(sorted({*marker["files"], top}))
-                self._listed.add(top)
+                if marker is not None and not set(new) <= set(marker["files"]):
+                    self._write_marker(sorted({*marker["files"], *new}))
+                self._listed.update(new)
         return self.path / name
 
     def _lock(self) -> None:
@@ -429,7 +493,7 @@ class RunDir:
     @property
     def checkpoint_dir(self) -> pathlib.Path:
         """``<run>/checkpoints``: the orbax checkpoints (listed in the marker like any file)."""
-        return self.file("checkpoints")
+        return self.file(CHECKPOINTS)
 
     def write_json(self, name: str, value: Any) -> pathlib.Path:
         """Writes atomically (temp file + rename): a crash never leaves half a file."""

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import pathlib
 import shutil
 import time
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -32,6 +33,7 @@ import numpy as np
 
 
 from trm_jax import datasets as _datasets
+from trm_jax import errors
 
 #: The dataset table (one entry per dataset: :mod:`trm_jax.datasets`).
 DATASETS = _datasets.DATASETS
@@ -417,13 +419,39 @@ def _offline_builder(dataset: str) -> Any:
 
 
 def _prepare(builder_class: Any, data_dir: str | None) -> Any:
-    with quiet_tfds():
-        builder = builder_class(data_dir=data_dir or default_data_dir(), file_format="array_record")
-        # TFDS prints "Downloading and preparing dataset Unknown size ..." (termcolor, to
-        # stdout): nothing is downloaded here, so that line only misleads.
-        with contextlib.redirect_stdout(io.StringIO()):
-            builder.download_and_prepare()
+    """Prepares ``builder_class`` in ``data_dir``. A failure (a full disk, say) removes what
+    this call made there (and only that): no half-prepared dataset folder is left to be
+    mistaken for a prepared one.
+
+    Raises:
+      StorageError: the disk is full or failing (one line: the path, the free space).
+    """
+    root = pathlib.Path(os.path.expanduser(data_dir or default_data_dir()))
+    made = [root, root / builder_class.name]  # the folders a preparation may create
+    before = {folder: set(os.listdir(folder)) if folder.is_dir() else None for folder in made}
+    try:
+        with quiet_tfds(), errors.storage_errors(root):
+            builder = builder_class(data_dir=str(root), file_format="array_record")
+            # TFDS prints "Downloading and preparing dataset Unknown size ..." (termcolor, to
+            # stdout): nothing is downloaded here, so that line only misleads.
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder.download_and_prepare()
+    except BaseException:
+        for folder in reversed(made):
+            if before[folder] is None:
+                shutil.rmtree(folder, ignore_errors=True) if folder != root else _rmdir(folder)
+            elif folder.is_dir():
+                for name in set(os.listdir(folder)) - before[folder]:
+                    shutil.rmtree(folder / name, ignore_errors=True)
+        raise
     return builder
+
+
+def _rmdir(folder: pathlib.Path) -> None:
+    try:
+        folder.rmdir()  # only when empty: the data dir may hold other datasets by now
+    except OSError:
+        pass
 
 
 def prepare_offline(dataset: str, data_dir: str | None = None) -> Any:
