@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if out_path.exists() and not config.overwrite:
         raise errors.RunFolderError(f"{out_path} exists; pass --overwrite to replace it or "
                                     "choose another --output")
+    for path in (out_path, out_path.with_suffix(".png")):  # --overwrite replaces only ours
+        if path.exists() and path in runs.foreign_entries(run.path):
+            raise errors.RunFolderError(f"--overwrite refused for {path}: trm_jax did not write "
+                                        "it; nothing was replaced. Choose another --output")
     stored = run.config()
     if "dataset" not in stored:
         raise errors.RunFolderError(f"{run.path}/config.json names no dataset; cannot tell which "

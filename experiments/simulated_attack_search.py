@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             done.mkdir(exist_ok=True)
 
         def cached(tag: str, compute) -> dict[str, Any]:
-            path = done / f"{tag}.json"
+            path = run.file(f"variants/{tag}.json")  # listed as the project's
             if config.run.resume and path.is_file():
                 print(f"[search] {tag}: reusing {path}", flush=True)
                 return json.loads(path.read_text())

@@ -102,6 +102,18 @@ def test_overwrite_of_a_whole_run_of_ours_still_works(finished_run, tmp_path, di
     assert code == 0 and (folder / "results.json").is_file()
 
 
+def test_attack_overwrite_replaces_only_its_own_output(finished_run, tmp_path, capsys, no_compute):
+    from experiments import attack
+
+    folder = tmp_path / "run"
+    shutil.copytree(finished_run, folder, symlinks=True)
+    (folder / "mine.json").write_text("my analysis")
+    code, err = run_cli(attack, ["--run", str(folder), "--output", "mine.json", "--overwrite"],
+                        capsys)
+    assert_one_line(code, err, "--overwrite refused", "mine.json", "nothing was replaced")
+    assert (folder / "mine.json").read_text() == "my analysis"
+
+
 def test_a_symlink_placed_in_a_checkpoint_is_foreign_and_its_target_survives(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     with checkpoint.Checkpointer(ckpt_dir) as ckpt:
