@@ -202,6 +202,56 @@ def test_a_run_from_before_nested_listing_is_judged_by_its_names(tmp_path):
     assert runs.foreign_entries(folder) == [folder / "checkpoints/meta/notes.txt"]
 
 
+# ------------------------------------------------------------ SIGKILL inside a save
+
+KILL_AT = """
+import os, signal, sys
+from trm_jax import checkpoint
+
+phase, step, moment = sys.argv[1], sys.argv[2], sys.argv[3]
+note, save = checkpoint.Checkpointer._note, checkpoint.Checkpointer.save
+
+def here(self):
+    return os.path.basename(self.directory) == phase
+
+def killing_note(self, event):
+    if here(self) and event.get(moment) == step:  # 'writing': orbax has not begun;
+        os.kill(os.getpid(), signal.SIGKILL)      # 'wrote': orbax is done, not yet noted
+    note(self, event)
+
+def killing_save(self, s, *args, **kwargs):
+    save(self, s, *args, **kwargs)
+    if here(self) and moment == "saved" and str(s) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.Checkpointer._note, checkpoint.Checkpointer.save = killing_note, killing_save
+from experiments import _cli, reverse_maml
+sys.exit(_cli.main(reverse_maml.main, sys.argv[4:]))
+"""
+# (phase, its last step): every checkpoint folder of a Reverse-MAML run.
+PHASES = [("reference", "2"), ("meta", "2"), ("head", "1"), ("model", "0")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["writing", "wrote", "saved"])
+@pytest.mark.parametrize("phase,step", PHASES)
+def test_sigkill_inside_each_phases_save_resumes_to_the_same_numbers(
+        finished_run, digits_data_dir, tmp_path, capsys, phase, step, moment):
+    """SIGKILL before orbax writes a step (claimed), after orbax wrote it (not yet in the
+    manifest), and after the save: --resume finishes with the numbers of the uninterrupted
+    run, and the folder holds nothing foreign (so --overwrite would still work)."""
+    folder = tmp_path / "run"
+    args = digits(digits_data_dir, folder, *TINY_RM, "--meta-checkpoint-every", "1")
+    done = subprocess.run([sys.executable, "-c", KILL_AT, phase, step, moment, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert not (folder / "results.json").exists()
+    assert runs.foreign_entries(folder) == []
+    assert _cli.main(reverse_maml.main, [*args, "--resume"]) == 0
+    assert numbers(folder) == numbers(finished_run)
+    assert runs.foreign_entries(folder) == []
+
+
 # ------------------------------------------------------------ a full or failing disk
 
 
