@@ -97,13 +97,6 @@ def test_a_bad_skd_budget_of_compare_fails_before_any_method_trains(epochs, digi
     assert seconds < 5 and not (tmp_path / "w").exists()
 
 
-def test_every_skd_budget_is_checked_against_the_data(digits_data_dir, tmp_path, capsys,
-                                                      no_compute):
-    code, err = run_cli(compare, digits(digits_data_dir, tmp_path / "w", "--skd.teacher.batch-size",
-                                        "5000"), capsys)
-    assert_one_line(code, err, "--skd.teacher.batch-size=5000 exceeds")
-
-
 # ----------------------------------------------------------------------------- resume
 
 
