@@ -32,7 +32,8 @@ import jax
 import numpy as np
 import tyro
 
-from trm_jax import checkpoint, compilation, data, datasets, distributed, errors, runs, sharding
+from trm_jax import (checkpoint, compilation, data, datasets, distributed, errors, resources, runs,
+                     sharding)
 from trm_jax.distributed import DistributedConfig
 from trm_jax.models import MODELS
 from trm_jax.hooks import RunFolderHooks
@@ -106,8 +107,18 @@ class RunOptions:
     """JAX's persistent compilation cache ($TRM_JAX_CACHE_DIR, default ~/.cache/trm_jax/jax;
     also off with TRM_JAX_NO_COMPILE_CACHE=1): a second run loads its programs instead of
     compiling them"""
+    force_resources: bool = False
+    """run even when the pre-flight estimate (trm_jax.resources) says the run needs more
+    memory than is available or more than 1e7 optimizer steps in one phase"""
+    allow_topology_change: bool = False
+    """--resume on another number of processes or devices than the run started on (the
+    numbers may then differ in float rounding, ~1e-7; results.json records the change)"""
 
     def __post_init__(self) -> None:
+        # `~` is the user's home wherever a path is taken (tyro passes it through verbatim)
+        for name in ("workdir", "data_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))
         for name in ("checkpoint_every", "meta_checkpoint_every"):
             if getattr(self, name) < 1:
                 raise errors.ConfigError(f"--{name.replace('_', '-')} must be >= 1, "
@@ -132,7 +143,57 @@ class Experiment:
     run: Annotated[RunOptions, FLAT] = RunOptions()
 
 
-RUN_FIELDS = ("run",)  # config fields that may change on --resume
+RUN_FIELDS = ("run", "topology")  # config fields that may change on --resume
+
+
+def topology() -> dict[str, int]:
+    """The processes and devices this run computes on (config.json's ``topology``): the
+    numbers depend on it in float rounding (the seed axis is split over the devices)."""
+    return {"processes": jax.process_count(), "devices": jax.device_count()}
+
+
+def check_resume(config: Any) -> dict[str, Any] | None:
+    """``--resume`` of ``--workdir``: the stored run's dataset and topology against this
+    command's, before any data is prepared (a resume with another ``--dataset`` prepared
+    that dataset, then failed on the settings' diff).
+
+    Returns:
+      ``{"from": stored, "to": now}`` when the topology changed and
+      ``--allow-topology-change`` accepts it; else ``None``.
+
+    Raises:
+      RunFolderError: another dataset, or another topology without ``--allow-topology-change``.
+    """
+    run = config.run
+    path = pathlib.Path(run.workdir or "") / "config.json"
+    if not (run.resume and run.workdir and path.is_file()):
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # the run folder's own checks say what is wrong with it
+    if not isinstance(stored, dict):
+        return None
+    dataset = getattr(config, "dataset", None)
+    if dataset is not None and stored.get("dataset") not in (None, dataset):
+        raise errors.RunFolderError(
+            f"--resume: {run.workdir} is a run on --dataset {stored['dataset']}, not --dataset "
+            f"{dataset}; resume with --dataset {stored['dataset']} or start a new --workdir")
+    now = topology()
+    before = stored.get("topology")
+    if not isinstance(before, dict):  # a run from before topologies were recorded: its processes
+        processes = ((stored.get("run") or {}).get("distributed") or {}).get("num_processes")
+        before = {"processes": processes or 1}
+    changed = {k: (v, now[k]) for k, v in before.items() if k in now and v != now[k]}
+    if not changed:
+        return None
+    said = ", ".join(f"{v[0]} {k} then, {v[1]} now" for k, v in changed.items())
+    if not run.allow_topology_change:
+        raise errors.RunFolderError(
+            f"--resume: {run.workdir} was computed on another topology ({said}); its numbers would "
+            "differ in float rounding (~1e-7). Resume on the original processes and devices, or "
+            "pass --allow-topology-change to accept that (results.json records it)")
+    return {"from": before, "to": now}
 
 
 def peek_dataset(argv: list[str], default: str) -> str:
@@ -196,6 +257,7 @@ def parse(config_cls: type[C], defaults: Callable[[str], C], argv: list[str] | N
                 and config.seeds >= 1:
             sharding.check_seeds(config.seeds)
         check_run_options(config.run)
+        check_resume(config)
     return config
 
 
@@ -398,6 +460,34 @@ def check_suite(suite: Any, protocol: data.ProtocolData, field: str = "attack") 
         suite.check(protocol)
 
 
+def check_resources(config: Any, protocol: data.ProtocolData, *, model: Any = None,
+                    suites: tuple[tuple[str, Any], ...] = (), seeds: int | None = None,
+                    run: RunOptions | None = None) -> resources.Estimate | None:
+    """The pre-flight estimate of the run's peak memory and steps (:mod:`trm_jax.resources`):
+    refuses (one line naming the flags, the estimate and what is available) a run that would
+    not fit or would not end, before any compute; ``--force-resources`` skips it.
+
+    ``model``: the architecture (default: ``--model`` or the dataset's preset); ``suites``:
+    attack suites besides the ``SuiteConfig`` fields of ``config`` (compare's --full-grid)."""
+    run = run or config.run
+    if run.force_resources:
+        return None
+    seeds = config.seeds if seeds is None else seeds
+    model = model or model_override(config.dataset, getattr(config, "model", None), protocol) \
+        or datasets.model_for(config.dataset, protocol.pretrain.beneficial.num_classes,
+                              protocol.image_shape)
+    pretrain, finetune = protocol.pretrain, protocol.finetune
+    arrays = [a for a in jax.tree.leaves(protocol) if isinstance(a, np.ndarray)]
+    est = resources.estimate(config, model=model, seeds=seeds, suites=suites,
+                             train_examples=len(pretrain.beneficial) + len(pretrain.malicious),
+                             attack_examples=len(finetune.malicious),
+                             attack_epochs=datasets.get(protocol.spec.dataset).attack_epochs,
+                             data_bytes=sum(a.nbytes for a in arrays), devices=jax.device_count())
+    flags = flag_names(type(config))
+    resources.check(est, seeds=seeds, flag=lambda path: flags.get(path, path))
+    return est
+
+
 def load_protocol(dataset: str, options: ProtocolOptions, run: RunOptions) -> data.ProtocolData:
     return data.load_protocol(protocol_spec(dataset, options), data_dir=run.data_dir,
                               download=None if run.download else False)  # None: probe, then download
@@ -423,7 +513,9 @@ class Run:
         self.started = time.perf_counter()
         workdir = pathlib.Path(options.workdir or runs.default_workdir(name))
         fresh = not workdir.exists()
-        resolved = runs.to_jsonable({"experiment": name, **dataclasses.asdict(config)})
+        resolved = runs.to_jsonable({"experiment": name, **dataclasses.asdict(config),
+                                     "topology": topology()})
+        self.topology_change = check_resume(config) if hasattr(config, "run") else None
         # Several processes, before compute: the same settings everywhere (all but the
         # process id), and process 0's run folder (its default has process 0's timestamp).
         same = json.loads(json.dumps(resolved))
@@ -503,7 +595,8 @@ class Run:
         # Every process of the run (an interrupted one until its last record, then each resume).
         total, processes = self.dir.wall_seconds()
         results = {**results, "compilation": compiled, "wall_seconds": max(total, wall),
-                   "processes": processes}
+                   "processes": processes,
+                   **({"topology_change": self.topology_change} if self.topology_change else {})}
         self.dir.write_results(results)
         return json.loads(json.dumps(runs.to_jsonable(results)))
 

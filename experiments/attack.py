@@ -14,6 +14,7 @@ summary. --reference RUN also attacks an unprotected reference run the same way.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import time
 from typing import Annotated, Any
@@ -44,8 +45,14 @@ class Config:
     """file name inside the run folder"""
     overwrite: bool = False
     """replace an existing output file"""
+    force_resources: bool = False
+    """run even when the pre-flight estimate (trm_jax.resources) says the attack needs more
+    memory than is available or more than 1e7 optimizer steps"""
 
     def __post_init__(self) -> None:
+        for name in ("run", "reference", "data_dir"):  # `~` is the home folder, as in a shell
+            if getattr(self, name):
+                object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))
         if not self.output.endswith(".json") or pathlib.Path(self.output).name != self.output:
             raise errors.ConfigError(f"--output must be a plain file name ending in .json, "
                                      f"got {self.output!r}")
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_dir = config.data_dir or (stored.get("run") or {}).get("data_dir")
     protocol = _cli.load_protocol(stored["dataset"], options, _cli.RunOptions(data_dir=data_dir))
     _cli.check_suite(config.attack, protocol)
+    _cli.check_resources(config, protocol, model=protected.model, seeds=len(seeds),
+                         run=_cli.RunOptions(force_resources=config.force_resources))
     result = evaluation.evaluate(protected, protocol, config.attack, reference=reference,
                                  verbose=True)
     report = attacks.to_json(result)

@@ -69,6 +69,11 @@ class Config(_cli.Experiment):
         if bad or not self.methods:
             raise errors.ConfigError(f"--methods {list(self.methods)}: unknown {bad}; "
                                      f"allowed: {list(ENTRIES)}")
+        bad = [e for e in self.skd_teacher_epochs if not isinstance(e, int) or isinstance(e, bool)
+               or e < 1]
+        if bad:
+            raise errors.ConfigError(f"skd_teacher_epochs must be integers >= 1 (teacher epochs), "
+                                     f"got {list(self.skd_teacher_epochs)}", field="skd_teacher_epochs")
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
             raise errors.ConfigError(f"workers must be an integer >= 0 (0: automatic), got "
                                      f"{self.workers!r}", field="workers")
@@ -83,6 +88,17 @@ class Config(_cli.Experiment):
 def defaults(dataset: str) -> Config:
     return Config(dataset=dataset, **{m: config_for(m, dataset)
                                       for m in ("reference", "unsir", "skd", "reverse_maml")})
+
+
+def entry_configs(config: Config, entry: str) -> list[Any]:
+    """The method configs an entry trains, in order: one per --skd-teacher-epochs budget for
+    skd (each checked before any method trains: a bad budget failed only after the others
+    had trained), else the entry's config."""
+    cfg = config.method_config(entry)
+    if entry != "skd":
+        return [cfg]
+    return [dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, epochs=epochs))
+            for epochs in config.skd_teacher_epochs or (cfg.teacher.epochs,)]
 
 
 def run_entry(entry: str, config: Config, protocol, keys, seeds, parent: _cli.Run
@@ -113,13 +129,9 @@ def run_entry(entry: str, config: Config, protocol, keys, seeds, parent: _cli.Ru
                                checkpoint_seconds=config.run.checkpoint_seconds)
         start = time.perf_counter()
         try:
-            budgets = (config.skd_teacher_epochs or (config.skd.teacher.epochs,)) if entry == "skd" \
-                else (None,)
             ablation = []
-            for epochs in budgets:
-                cfg = config.method_config(entry)
-                if epochs is not None:
-                    cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, epochs=epochs))
+            for cfg in entry_configs(config, entry):
+                epochs = cfg.teacher.epochs if entry == "skd" else None
                 num_classes = (protocol.pretrain.beneficial.num_classes
                                + protocol.pretrain.malicious.num_classes) if method == "unsir" else None
                 model = _cli.model_override(config.dataset, config.model, protocol, num_classes)
@@ -152,8 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     suite = evaluation.FULL_SUITE if config.full_grid else config.attack
     _cli.check_suite(suite, protocol)
     for entry in config.methods:  # every method's settings, before any compute
-        _cli.check_method(entry.removesuffix("_fo"), ENTRIES[entry][0], config.method_config(entry),
-                          protocol)
+        for cfg in entry_configs(config, entry):
+            _cli.check_method(entry.removesuffix("_fo"), ENTRIES[entry][0], cfg, protocol)
+    _cli.check_resources(config, protocol, suites=(("attack", suite),) if config.full_grid else ())
     with _cli.Run(NAME, config, config.run) as run:
         sweeps, summaries, failed, scratch = run_all(config, protocol, keys, seeds, run, suite)
         table, entries, beneficial = [], {}, {}

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     fewshot.check_tasks(config.meta, good_pool, bad_pool, test_pools)  # before any compute
     size = config.data.image_size
     model = models.conv4(config.meta.ways, (size, size, 1), config.width, config.norm)
+    _cli.check_resources(config, protocol, model=model)
     with _cli.Run(NAME, config, config.run) as run:
         print(fewshot.describe_provenance(loaded.provenance), flush=True)
 

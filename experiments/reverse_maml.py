@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     if config.with_reference:
         _cli.check_method("reference", "reference", config.reference, protocol)
     _cli.check_suite(config.attack, protocol)
+    _cli.check_resources(config, protocol, model=model)
     with _cli.Run(NAME, config, config.run) as run:
         with run.phase('reverse_maml'):
             protected = methods.protect(NAME, config.method, protocol, keys, hooks=run.hooks, model=model)

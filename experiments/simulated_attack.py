@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = _cli.model_override(config.dataset, config.model, protocol)
     _cli.check_method("method", NAME, config.method, protocol)
     _cli.check_suite(config.attack, protocol)
+    _cli.check_resources(config, protocol, model=model)
     with _cli.Run(NAME, config, config.run) as run:
         with run.phase("reference"):  # the unprotected model: the goals' beneficial baseline
             reference = simulated_attack.start_model(

@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     suite = config.attack
     _cli.check_suite(suite, validation)  # the search attacks on validation, the pick on test
     _cli.check_suite(suite, protocol)
+    _cli.check_resources(config, protocol, model=model, seeds=max(config.seeds, config.search_seeds))
     with _cli.Run(NAME, config, config.run) as run:
         done = run.file("variants")
         if run.writer:  # process 0 of a multi-process run writes the records

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         _cli.check_method("method", NAME, dataclasses.replace(config.method, teacher=dataclasses.replace(
             config.method.teacher, epochs=epochs)), protocol)
     _cli.check_suite(config.attack, protocol)
+    _cli.check_resources(config, protocol, model=model)
     with _cli.Run(NAME, config, config.run) as run:
         if run.resume:  # the ablation records are written again below
             run.dir.truncate_metrics(lambda r: r.get("phase") != "ablation")

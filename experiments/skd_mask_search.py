@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import time
 
@@ -135,9 +136,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--grid", nargs="*", default=list(GRID))
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--output", default="skd_mask_search.md")
-    parser.add_argument("--records", default=None,
+    parser.add_argument("--data-dir", default=None, type=os.path.expanduser)
+    parser.add_argument("--output", default="skd_mask_search.md", type=os.path.expanduser)
+    parser.add_argument("--records", default=None, type=os.path.expanduser,
                         help="only write the table and the trade-off figure of these records")
     parser.add_argument("--unprotected", type=float, default=None,
                         help="with --records: the unprotected reference's beneficial accuracy")

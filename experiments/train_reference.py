@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     protocol = _cli.load_protocol(config.dataset, config.protocol, config.run)
     model = _cli.model_override(config.dataset, config.model, protocol)
     _cli.check_method("method", "reference", config.method, protocol)
+    _cli.check_resources(config, protocol, model=model)
     with _cli.Run(NAME, config, config.run) as run:
         with run.phase('reference'):
             protected = methods.protect("reference", config.method, protocol, keys, hooks=run.hooks,

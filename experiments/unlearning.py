@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = protocol.pretrain.beneficial.num_classes + protocol.pretrain.malicious.num_classes
     model = _cli.model_override(config.dataset, config.model, protocol, num_classes)
     _cli.check_method("method", "unsir", config.method, protocol)
+    _cli.check_resources(config, protocol, model=model)
     with _cli.Run(NAME, config, config.run) as run:
         if run.resume:  # the per-stage records are written again
             run.dir.truncate_metrics(lambda r: r.get("phase") != "stages")

@@ -197,6 +197,7 @@ def evaluate(protected: Protected, protocol: data.ProtocolData,
     plan = config.plan(protocol.finetune.malicious.num_classes,
                        epochs * max(budgets.steps_multipliers))
     adata = attack.attack_data(protocol)
+    budgets = budgets.resolve(protocol.finetune.malicious.labels)  # as run_plan records them
     for stack in (protected.params, ref_params):  # every check before any compute
         if stack is not None:
             attack.check_all(protected.model, stack, protected.keys, plan, adata)

@@ -119,6 +119,23 @@ class Budgets(NamedTuple):
             raise ConfigError(f"steps_multipliers must be distinct integers >= 1, got {steps}")
         return Budgets(data, steps)
 
+    def resolve(self, labels: np.ndarray) -> "Budgets":
+        """The budgets as they are used on the fine-tuning ``labels``: a data budget of at
+        least the largest class's count takes every example of every class, i.e. all the
+        data, and becomes ``None`` ("all", run as "all": the same examples in the same order);
+        one that repeats an earlier budget this way is dropped.
+
+        Why "all" and not a refusal: a researcher who asks for 1000 per class of a split
+        with 59 expects all of them (a sweep over datasets of different sizes stays
+        runnable), but must not read "1000" in the results as the budget that was used.
+        A budget between the smallest and the largest class's count keeps its number: it
+        does cap the larger classes."""
+        counts = np.bincount(np.asarray(labels)) if np.size(labels) else np.zeros(1, int)
+        whole = int(counts.max())
+        data = tuple(dict.fromkeys(None if d is not None and d >= whole else d
+                                   for d in self.data_per_class))
+        return Budgets(data, tuple(self.steps_multipliers))
+
     @property
     def data_keys(self) -> tuple[str, ...]:
         """``("5", "20", "all")``: the data budgets' names in reports (:func:`budget_key`)."""

@@ -86,6 +86,7 @@ def run_plan(model: models.Model, params: Params, keys: jax.Array, plan: Plan,
     optimizers = tuple(dict.fromkeys(c.optimizer for c, _ in plan.values()))
     lrs = tuple(sorted({lr for _, ls in plan.values() for lr in ls},
                        key=lambda lr: _first_position(plan, lr)))
+    budgets = budgets.resolve(np.asarray(data.finetune_labels))  # what is used is recorded
     datas = [data_budget(data, d) for d in budgets.data_per_class]
     e_max = epochs * max(budgets.steps_multipliers)
     shape = (len(attacks), len(optimizers), len(lrs), int(keys.shape[0]), len(datas))
