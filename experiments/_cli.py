@@ -113,6 +113,10 @@ class RunOptions:
     allow_topology_change: bool = False
     """--resume on another number of processes or devices than the run started on (the
     numbers may then differ in float rounding, ~1e-7; results.json records the change)"""
+    verbose: bool = False
+    """also show the underlying reports of a failure that the one-line message summarises
+    (orbax's abandoned reads of a corrupt checkpoint, JAX's C++ dump when a process of a
+    multi-process run is lost); the same as TRM_JAX_VERBOSE=1"""
 
     def __post_init__(self) -> None:
         # `~` is the user's home wherever a path is taken (tyro passes it through verbatim)
@@ -250,6 +254,8 @@ def parse(config_cls: type[C], defaults: Callable[[str], C], argv: list[str] | N
             raise err from None
         raise errors.ConfigError(one_line(text)) from None
     if isinstance(getattr(config, "run", None), RunOptions):
+        if config.run.verbose:  # read where the reports are filtered (checkpoint, native_stderr)
+            os.environ["TRM_JAX_VERBOSE"] = "1"
         # Several processes: they connect now (before any JAX computation), and their
         # devices must divide the seeds; then the same checks as alone.
         distributed.initialize(config.run.distributed)
