@@ -32,8 +32,8 @@ import jax
 import numpy as np
 import tyro
 
-from trm_jax import (checkpoint, compilation, data, datasets, distributed, errors, resources, runs,
-                     sharding)
+from trm_jax import (checkpoint, compilation, data, datasets, distributed, errors, native_stderr,
+                     resources, runs, sharding)
 from trm_jax.distributed import DistributedConfig
 from trm_jax.models import MODELS
 from trm_jax.hooks import RunFolderHooks
@@ -437,6 +437,7 @@ def _leave(error: str | None, code: int) -> None:
     if distributed.stuck():  # JAX still waits to connect, in a thread that cannot be stopped
         sys.stdout.flush()
         sys.stderr.flush()
+        native_stderr.finish()
         os._exit(code)
     if error is not None:
         distributed.report_failure(error)

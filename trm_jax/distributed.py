@@ -278,6 +278,8 @@ def _watch(me: int, count: int, heartbeat_timeout: int) -> None:
     import sys
     import time
 
+    from trm_jax import native_stderr
+
     limit = max(heartbeat_timeout / 2, heartbeat_timeout - _GRACE)
     period = max(0.2, min(2.0, limit / 5))
     client, beat = _client(), 0
@@ -303,6 +305,7 @@ def _watch(me: int, count: int, heartbeat_timeout: int) -> None:
                   "(killed, or out of memory?), so this one stops too; start every process "
                   "again with the same command plus --resume", file=sys.stderr, flush=True)
             sys.stdout.flush()
+            native_stderr.finish()
             os._exit(2)
         time.sleep(period)
 

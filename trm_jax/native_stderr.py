@@ -68,16 +68,25 @@ def install(process: int | None) -> None:
     os.dup2(write, 2)
     os.close(write)
     os.close(original)
+    _CHILD.append(child)
+    atexit.register(finish)
 
-    def done() -> None:  # an orderly exit: let the child write what is left, then go
-        try:
-            sys.stderr.flush()
-            os.close(2)
-            child.wait(timeout=5)
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            pass
 
-    atexit.register(done)
+# The filter process of this process's stderr, once installed.
+_CHILD: list[subprocess.Popen] = []
+
+
+def finish() -> None:
+    """Before this process exits (also by ``os._exit``): stderr is closed, and the filter
+    is given a moment to write what is left, so a line is never lost to the exit."""
+    if not _CHILD:
+        return
+    try:
+        sys.stderr.flush()
+        os.close(2)
+        _CHILD.pop().wait(timeout=5)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
 
 
 def main() -> None:
