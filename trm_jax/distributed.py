@@ -22,7 +22,7 @@ adds what a run needs around it:
   checkpoint shards (orbax).
 
 A process that dies later (killed, out of memory) is noticed by the others within
-``heartbeat_timeout`` seconds: a watch thread (:func:`_watch`) ends each of them with one
+``heartbeat_timeout`` seconds: a watch thread ends each of them with one
 line and exit code 2 a little before JAX's own check would abort it with a C++ stack dump,
 and the run continues with ``--resume`` from the last checkpoint.
 """
