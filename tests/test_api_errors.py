@@ -38,17 +38,21 @@ def test_seed_keys_of_a_count_and_of_a_list():
                                   data(jax.vmap(jax.random.key)(np.array([4, 7]))))
 
 
-def test_suite_config_takes_one_name_as_a_tuple_of_one():
+def test_suite_config_takes_one_name_as_a_tuple_of_one_but_not_a_bare_number():
     assert SuiteConfig(attacks="linear_probe").attacks == ("linear_probe",)
     assert SuiteConfig(attacks="all").suite == "all"
-    assert SuiteConfig(learning_rates=0.1).learning_rates == (0.1,)
     assert SuiteConfig(data_per_class=[5, None]).data_per_class == (5, None)
+    for name, value in (("learning_rates", 0.1), ("steps_multipliers", 4), ("data_per_class", 5),
+                        ("scratch_learning_rates", 0.1), ("optimizers", 1)):
+        with pytest.raises(errors.ConfigError, match=f"{name} must be a tuple .* got {value} ") as err:
+            SuiteConfig(**{name: value})
+        assert err.value.field == name and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("kwargs, field, message", [
     (dict(attacks="linera_probe"), "attacks", "unknown attack(s) ['linera_probe']"),
-    (dict(attacks=("linear_probe", 3)), "attacks", "must be names (strings), got [3]"),
-    (dict(batch_size=0), "batch_size", "attack batch_size must be an integer >= 1, got 0"),
+    (dict(attacks=("linear_probe", 3)), "attacks", "each a string, got ('linear_probe', 3)"),
+    (dict(batch_size=0), "batch_size", "batch_size must be an integer >= 1, got 0"),
     (dict(epochs=True), "epochs", "got True"),
     (dict(learning_rates=(0.1, math.inf)), "learning_rates", "finite and > 0"),
     (dict(scratch_learning_rates=(-1.0,)), "scratch_learning_rates", "finite and > 0"),
