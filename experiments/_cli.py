@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import pathlib
 import re
@@ -33,7 +32,8 @@ import jax
 import numpy as np
 import tyro
 
-from trm_jax import checkpoint, compilation, data, datasets, distributed, errors, runs, sharding
+from trm_jax import (checkpoint, compilation, data, datasets, distributed, errors, runs, sharding,
+                     validate)
 from trm_jax.distributed import DistributedConfig
 from trm_jax.models import MODELS
 from trm_jax.hooks import RunFolderHooks
@@ -73,6 +73,14 @@ class ProtocolOptions:
     test_size: Annotated[int | None, default_is("the whole test split")] = None
     """T: test[:T] scores every model"""
 
+    DOMAINS = {"beneficial_classes": validate.Tuple(validate.Int(0), none=True),
+               "malicious_classes": validate.Tuple(validate.Int(0), none=True),
+               "pretrain_size": validate.Int(1, none=True),
+               "finetune_size": validate.Int(1, none=True), "test_size": validate.Int(1, none=True)}
+
+    def __post_init__(self) -> None:  # the dataset's own bounds: data.validate_spec
+        validate.check_fields(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
@@ -108,14 +116,15 @@ class RunOptions:
     also off with TRM_JAX_NO_COMPILE_CACHE=1): a second run loads its programs instead of
     compiling them"""
 
+    DOMAINS = {"workdir": validate.Str(none=True), "resume": validate.Bool(),
+               "overwrite": validate.Bool(), "progress": validate.Bool(),
+               "checkpoint_every": validate.COUNT, "meta_checkpoint_every": validate.COUNT,
+               "checkpoint_seconds": validate.NONNEGATIVE, "data_dir": validate.Str(none=True),
+               "download": validate.Bool(), "distributed": validate.Instance(DistributedConfig),
+               "compile_cache": validate.Bool()}
+
     def __post_init__(self) -> None:
-        for name in ("checkpoint_every", "meta_checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise errors.ConfigError(f"--{name.replace('_', '-')} must be >= 1, "
-                                         f"got {getattr(self, name)}")
-        if not (math.isfinite(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
-            raise errors.ConfigError(f"--checkpoint-seconds must be finite and >= 0, "
-                                     f"got {self.checkpoint_seconds}")
+        validate.check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +140,13 @@ class Experiment:
     """the architecture (lenet: the paper's CNN; conv4: MAML's 4-layer CNN)"""
     protocol: Annotated[ProtocolOptions, FLAT] = ProtocolOptions()
     run: Annotated[RunOptions, FLAT] = RunOptions()
+
+    DOMAINS = {"dataset": validate.Str(), "seeds": validate.COUNT,
+               "model": validate.Choice(tuple(MODELS), none=True),
+               "protocol": validate.Instance(ProtocolOptions), "run": validate.Instance(RunOptions)}
+
+    def __post_init__(self) -> None:  # a subclass adds its fields: {**Experiment.DOMAINS, ...}
+        validate.check_fields(self)
 
 
 RUN_FIELDS = ("run",)  # config fields that may change on --resume

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import jax
 
 from experiments import _cli
-from trm_jax import attacks, checkpoint, errors, evaluation, methods, runs
+from trm_jax import attacks, checkpoint, errors, evaluation, methods, runs, validate
 from trm_jax.evaluation import SuiteConfig
 
 NAME = "attack"
@@ -45,7 +45,13 @@ class Config:
     overwrite: bool = False
     """replace an existing output file"""
 
+    DOMAINS = {"run": validate.Str(), "attack": validate.Instance(SuiteConfig),
+               "seeds": validate.Int(1, none=True), "reference": validate.Str(none=True),
+               "data_dir": validate.Str(none=True), "output": validate.Str(),
+               "overwrite": validate.Bool()}
+
     def __post_init__(self) -> None:
+        validate.check_fields(self)
         if not self.output.endswith(".json") or pathlib.Path(self.output).name != self.output:
             raise errors.ConfigError(f"--output must be a plain file name ending in .json, "
                                      f"got {self.output!r}")
