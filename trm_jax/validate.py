@@ -210,7 +210,9 @@ def check(field: str, value: Any, domain: Domain) -> Any:
         if isinstance(domain, Choice) and not domain.none:  # check_choice's wording
             raise ConfigError(f"unknown {field} {value!r}; allowed: {tuple(domain.allowed)}",
                               field=field)
-        shown = f"{value!r} ({type(value).__name__})" if isinstance(domain, Tuple) else _shown(value)
+        bare = isinstance(domain, Tuple) and not isinstance(value, (tuple, list))
+        shown = f"{value!r} ({type(value).__name__})" if bare else repr(value) if isinstance(
+            domain, Tuple) else _shown(value)
         raise ConfigError(f"{field} must be {domain.describe()}, got {shown}{why}", field=field)
     return tuple(value) if isinstance(value, list) else value
 
