@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import io
 import json
-import math
 import os
 import pathlib
 import re
@@ -33,7 +32,7 @@ import numpy as np
 import tyro
 
 from trm_jax import (checkpoint, compilation, data, datasets, distributed, errors, native_stderr,
-                     resources, runs, sharding)
+                     resources, runs, sharding, validate)
 from trm_jax.distributed import DistributedConfig
 from trm_jax.models import MODELS
 from trm_jax.hooks import RunFolderHooks
@@ -72,6 +71,14 @@ class ProtocolOptions:
     """M: train[N:N+M] is the fine-tuning split (the attacker's data)"""
     test_size: Annotated[int | None, default_is("the whole test split")] = None
     """T: test[:T] scores every model"""
+
+    DOMAINS = {"beneficial_classes": validate.Tuple(validate.Int(0), none=True),
+               "malicious_classes": validate.Tuple(validate.Int(0), none=True),
+               "pretrain_size": validate.Int(1, none=True),
+               "finetune_size": validate.Int(1, none=True), "test_size": validate.Int(1, none=True)}
+
+    def __post_init__(self) -> None:  # the dataset's own bounds: data.validate_spec
+        validate.check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,18 +125,20 @@ class RunOptions:
     (orbax's abandoned reads of a corrupt checkpoint, JAX's C++ dump when a process of a
     multi-process run is lost); the same as TRM_JAX_VERBOSE=1"""
 
+    DOMAINS = {"workdir": validate.Str(none=True), "resume": validate.Bool(),
+               "overwrite": validate.Bool(), "progress": validate.Bool(),
+               "checkpoint_every": validate.COUNT, "meta_checkpoint_every": validate.COUNT,
+               "checkpoint_seconds": validate.NONNEGATIVE, "data_dir": validate.Str(none=True),
+               "download": validate.Bool(), "distributed": validate.Instance(DistributedConfig),
+               "compile_cache": validate.Bool(), "force_resources": validate.Bool(),
+               "allow_topology_change": validate.Bool(), "verbose": validate.Bool()}
+
     def __post_init__(self) -> None:
         # `~` is the user's home wherever a path is taken (tyro passes it through verbatim)
         for name in ("workdir", "data_dir"):
-            if getattr(self, name) is not None:
+            if isinstance(getattr(self, name), str):
                 object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))
-        for name in ("checkpoint_every", "meta_checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise errors.ConfigError(f"--{name.replace('_', '-')} must be >= 1, "
-                                         f"got {getattr(self, name)}")
-        if not (math.isfinite(self.checkpoint_seconds) and self.checkpoint_seconds >= 0):
-            raise errors.ConfigError(f"--checkpoint-seconds must be finite and >= 0, "
-                                     f"got {self.checkpoint_seconds}")
+        validate.check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +154,13 @@ class Experiment:
     """the architecture (lenet: the paper's CNN; conv4: MAML's 4-layer CNN)"""
     protocol: Annotated[ProtocolOptions, FLAT] = ProtocolOptions()
     run: Annotated[RunOptions, FLAT] = RunOptions()
+
+    DOMAINS = {"dataset": validate.Str(), "seeds": validate.COUNT,
+               "model": validate.Choice(tuple(MODELS), none=True),
+               "protocol": validate.Instance(ProtocolOptions), "run": validate.Instance(RunOptions)}
+
+    def __post_init__(self) -> None:  # a subclass adds its fields: {**Experiment.DOMAINS, ...}
+        validate.check_fields(self)
 
 
 RUN_FIELDS = ("run", "topology")  # config fields that may change on --resume

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import jax
 
 from experiments import _cli
-from trm_jax import attacks, checkpoint, errors, evaluation, methods, runs
+from trm_jax import attacks, checkpoint, errors, evaluation, methods, runs, validate
 from trm_jax.evaluation import SuiteConfig
 
 NAME = "attack"
@@ -49,10 +49,16 @@ class Config:
     """run even when the pre-flight estimate (trm_jax.resources) says the attack needs more
     memory than is available or more than 1e7 optimizer steps"""
 
+    DOMAINS = {"run": validate.Str(), "attack": validate.Instance(SuiteConfig),
+               "seeds": validate.Int(1, none=True), "reference": validate.Str(none=True),
+               "data_dir": validate.Str(none=True), "output": validate.Str(),
+               "overwrite": validate.Bool(), "force_resources": validate.Bool()}
+
     def __post_init__(self) -> None:
         for name in ("run", "reference", "data_dir"):  # `~` is the home folder, as in a shell
-            if getattr(self, name):
+            if isinstance(getattr(self, name), str) and getattr(self, name):
                 object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))
+        validate.check_fields(self)
         if not self.output.endswith(".json") or pathlib.Path(self.output).name != self.output:
             raise errors.ConfigError(f"--output must be a plain file name ending in .json, "
                                      f"got {self.output!r}")

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from experiments import _cli
 from trm_jax import (attacks, checkpoint, compilation, config_for, datasets, errors, evaluation,
-                     methods, plots, runs)
+                     methods, plots, runs, validate)
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.hooks import RunFolderHooks
 from trm_jax.methods.reference import ReferenceConfig
@@ -64,19 +64,17 @@ class Config(_cli.Experiment):
     """methods trained at once (threads; 0: 2 in a single-process run, else 1). One method's
     compiling leaves a core idle that another's training uses; the numbers do not depend on it"""
 
+    DOMAINS = {**_cli.Experiment.DOMAINS, "methods": validate.Tuple(validate.Str()),
+               "skd_teacher_epochs": validate.Tuple(validate.COUNT, min_len=0, distinct=True),
+               "attack": validate.Instance(SuiteConfig), "full_grid": validate.Bool(),
+               "force": validate.Bool(), "workers": validate.Int(0)}  # workers 0: automatic
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         bad = [m for m in self.methods if m not in ENTRIES]
         if bad or not self.methods:
             raise errors.ConfigError(f"--methods {list(self.methods)}: unknown {bad}; "
                                      f"allowed: {list(ENTRIES)}")
-        bad = [e for e in self.skd_teacher_epochs if not isinstance(e, int) or isinstance(e, bool)
-               or e < 1]
-        if bad:
-            raise errors.ConfigError(f"skd_teacher_epochs must be integers >= 1 (teacher epochs), "
-                                     f"got {list(self.skd_teacher_epochs)}", field="skd_teacher_epochs")
-        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
-            raise errors.ConfigError(f"workers must be an integer >= 0 (0: automatic), got "
-                                     f"{self.workers!r}", field="workers")
 
     def method_config(self, entry: str) -> Any:
         if entry == "reverse_maml_fo":

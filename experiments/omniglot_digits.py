@@ -30,8 +30,7 @@ import dataclasses
 from typing import Annotated, Literal
 
 from experiments import _cli
-from trm_jax import attacks, config_for, evaluation, fewshot, models
-from trm_jax.errors import ConfigError
+from trm_jax import attacks, config_for, evaluation, fewshot, models, validate
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.meta import MetaConfig
 from trm_jax.methods import reverse_maml
@@ -68,11 +67,15 @@ class Config:
     attack: SuiteConfig = SuiteConfig()
     run: Annotated[_cli.RunOptions, _cli.FLAT] = _cli.RunOptions()
 
+    DOMAINS = {"dataset": validate.Str(), "seeds": validate.COUNT,
+               "data": validate.Instance(fewshot.DataConfig), "meta": validate.Instance(MetaConfig),
+               "meta_steps": validate.COUNT, "outer_lr": validate.POSITIVE,
+               "log_every": validate.COUNT, "width": validate.COUNT, "norm": validate.Choice(("none", "layer")),
+               "eval_tasks": validate.COUNT, "eval_batch": validate.COUNT,
+               "attack": validate.Instance(SuiteConfig), "run": validate.Instance(_cli.RunOptions)}
+
     def __post_init__(self) -> None:
-        for name in ("width", "eval_tasks", "eval_batch"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, "
-                                  f"got {getattr(self, name)!r}")
+        validate.check_fields(self)
         self.method()  # validates meta_steps, outer_lr, log_every
 
     def method(self) -> ReverseMAMLConfig:

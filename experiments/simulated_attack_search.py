@@ -24,7 +24,7 @@ import json
 from typing import Annotated, Any
 
 from experiments import _cli
-from trm_jax import attacks, config_for, data, evaluation, plots, runs
+from trm_jax import attacks, config_for, data, errors, evaluation, plots, runs, validate
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods import simulated_attack
 from trm_jax.methods.simulated_attack import SimulatedAttackConfig
@@ -53,6 +53,17 @@ class Config(_cli.Experiment):
     """seeds of the validation search"""
     attack: SuiteConfig = evaluation.COMPARE_SUITE
     """the attack suite and budgets (default: compare's)"""
+
+    DOMAINS = {**_cli.Experiment.DOMAINS, "grid": validate.Tuple(validate.Str()),
+               "ablations": validate.Tuple(validate.Str(), min_len=0),
+               "search_seeds": validate.COUNT, "attack": validate.Instance(SuiteConfig)}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("grid", "ablations"):  # every change names a field and fits its domain
+            for variant in getattr(self, name):
+                with errors.about(name):
+                    _cli.variant_config(self.method, variant)
 
 
 def defaults(dataset: str) -> Config:

@@ -27,7 +27,7 @@ from typing import Annotated
 
 
 from experiments import _cli
-from trm_jax import attacks, config_for, errors, evaluation, methods, plots
+from trm_jax import attacks, config_for, evaluation, methods, plots, validate
 from trm_jax.evaluation import SuiteConfig
 from trm_jax.methods.skd import HONESTY_KEYS, SUMMARY_KEYS, SKDMethodConfig
 
@@ -43,11 +43,9 @@ class Config(_cli.Experiment):
     """teacher budgets of the ablation (the last one is attacked); default: teacher.epochs"""
     attack: SuiteConfig = SuiteConfig()
 
-    def __post_init__(self) -> None:
-        budgets = self.teacher_epochs
-        if any(e < 1 for e in budgets) or len(set(budgets)) != len(budgets):
-            raise errors.ConfigError(f"--teacher-epochs must be distinct integers >= 1, "
-                                     f"got {list(budgets)}")
+    DOMAINS = {**_cli.Experiment.DOMAINS, "method": validate.Instance(SKDMethodConfig),
+               "teacher_epochs": validate.Tuple(validate.COUNT, min_len=0, distinct=True),
+               "attack": validate.Instance(SuiteConfig)}
 
     def budgets(self) -> tuple[int, ...]:
         return self.teacher_epochs or (self.method.teacher.epochs,)

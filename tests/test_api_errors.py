@@ -38,17 +38,21 @@ def test_seed_keys_of_a_count_and_of_a_list():
                                   data(jax.vmap(jax.random.key)(np.array([4, 7]))))
 
 
-def test_suite_config_takes_one_name_as_a_tuple_of_one():
+def test_suite_config_takes_one_name_as_a_tuple_of_one_but_not_a_bare_number():
     assert SuiteConfig(attacks="linear_probe").attacks == ("linear_probe",)
     assert SuiteConfig(attacks="all").suite == "all"
-    assert SuiteConfig(learning_rates=0.1).learning_rates == (0.1,)
     assert SuiteConfig(data_per_class=[5, None]).data_per_class == (5, None)
+    for name, value in (("learning_rates", 0.1), ("steps_multipliers", 4), ("data_per_class", 5),
+                        ("scratch_learning_rates", 0.1), ("optimizers", 1)):
+        with pytest.raises(errors.ConfigError, match=f"{name} must be a tuple .* got {value} ") as err:
+            SuiteConfig(**{name: value})
+        assert err.value.field == name and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("kwargs, field, message", [
     (dict(attacks="linera_probe"), "attacks", "unknown attack(s) ['linera_probe']"),
-    (dict(attacks=("linear_probe", 3)), "attacks", "must be names (strings), got [3]"),
-    (dict(batch_size=0), "batch_size", "attack batch_size must be an integer >= 1, got 0"),
+    (dict(attacks=("linear_probe", 3)), "attacks", "each a string, got ('linear_probe', 3)"),
+    (dict(batch_size=0), "batch_size", "batch_size must be an integer >= 1, got 0"),
     (dict(epochs=True), "epochs", "got True"),
     (dict(learning_rates=(0.1, math.inf)), "learning_rates", "finite and > 0"),
     (dict(scratch_learning_rates=(-1.0,)), "scratch_learning_rates", "finite and > 0"),
@@ -137,3 +141,41 @@ def test_method_check_validates_the_config_against_the_data(digits_protocol):
     assert err.value.field == "head.batch_size"
     with pytest.raises(errors.ConfigError, match="needs a ReferenceConfig, got SKDMethodConfig"):
         trm_jax.methods.check("reference", config, digits_protocol)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(learning_rate="0.1"), "learning_rate must be finite and > 0, got '0.1' (str)"),
+    (dict(learning_rate=None), "learning_rate must be finite and > 0, got None (NoneType)"),
+    (dict(learning_rate=1e308), "(beyond float32's range"),
+    (dict(epochs=True), "epochs must be an integer >= 0, got True (bool)"),
+    (dict(epochs=2**63), "(beyond int64)"),
+    (dict(batch_size=2.0), "batch_size must be an integer >= 1, got 2.0"),
+    (dict(b1=1.0), "b1 must be finite and in [0, 1), got 1.0"),
+    (dict(momentum=math.nan), "momentum must be finite and in [0, 1), got nan"),
+    (dict(optimizer="lion"), "unknown optimizer 'lion'"),
+])
+def test_train_config_fields_are_typed_and_bounded(kwargs, message):
+    """Raw TypeErrors (a str or None learning rate), a bool accepted as an epoch count, Adam's
+    b1 >= 1 and a NaN momentum (silently diverging) before: each is one ConfigError now."""
+    with pytest.raises(errors.ConfigError) as err:
+        trm_jax.train.TrainConfig(**kwargs)
+    assert message in str(err.value) and err.value.field == next(iter(kwargs))
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: trm_jax.simulated_attack.AttackerSpace(b2=1.0), "b2"),
+    (lambda: trm_jax.simulated_attack.AttackerSpace(momentum=-0.1), "momentum"),
+    (lambda: trm_jax.simulated_attack.AttackerSpace(eps_root=0.0), "eps_root"),
+    (lambda: trm_jax.simulated_attack.AttackerSpace(learning_rates=0.1), "learning_rates"),
+    (lambda: trm_jax.attacks.AttackConfig(b1=1.5), "b1"),
+    (lambda: trm_jax.methods.reverse_maml.ReverseMAMLConfig(meta=None), "meta"),
+    (lambda: trm_jax.methods.reverse_maml.ReverseMAMLConfig(meta_steps=2**63), "meta_steps"),
+    (lambda: trm_jax.methods.skd.SKDMethodConfig(skd=None), "skd"),
+    (lambda: trm_jax.unlearning.UnsirConfig(noise="x"), "noise"),
+    (lambda: trm_jax.meta.MetaConfig(remat="yes"), "remat"),
+    (lambda: trm_jax.skd.SKDConfig(widths=4), "widths"),
+])
+def test_every_optimizer_and_method_config_checks_its_fields(make, field):
+    with pytest.raises(errors.ConfigError) as err:
+        make()
+    assert err.value.field == field and "\n" not in str(err.value)

@@ -172,9 +172,19 @@ def test_a_run_folder_is_removed_when_opening_it_fails_after_it_was_made(tmp_pat
     (reverse_maml, ["--inner-steps", "10"],
      "Unrecognized options: --inner-steps, 10; perhaps you meant --meta.inner-steps"),
     (reverse_maml, ["--attack.learning-rates", "0.1", "inf"],
-     "--attack.learning-rates: learning rates must be finite and > 0"),
+     "--attack.learning-rates must be a tuple of >= 1 values, each finite and > 0 (or None), "
+     "got (0.1, inf)"),
     (train_reference, ["--dataset", "cifar10"], "--dataset given 2 times (['digits', 'cifar10'])"),
     (compare, ["--checkpoint-seconds", "-1"], "--checkpoint-seconds must be finite and >= 0, got -1.0"),
+    # Each error names its own flag (the budgets and the optimizers were blamed on
+    # --attack.data-per-class and --attack.attacks; head.trainable was not a flag).
+    (reverse_maml, ["--attack.steps-multipliers", "0"], "--attack.steps-multipliers must be"),
+    (reverse_maml, ["--attack.optimizers", "lion"], "--attack.optimizers must be"),
+    (reverse_maml, ["--head.trainable", "all"], "--head.trainable must be ('head',)"),
+    (reverse_maml, ["--head.b1", "2"], "--head.b1 must be finite and in [0, 1), got 2.0"),
+    (reverse_maml, ["--head.momentum", "nan"], "--head.momentum must be finite and in [0, 1)"),
+    (reverse_maml, ["--meta-steps", str(2**63)], "--meta-steps must be an integer >= 1, got "
+                                                 "9223372036854775808 (beyond int64)"),
 ])
 def test_bad_settings_fail_before_compute_naming_the_flag(module, args, message, digits_data_dir,
                                                           tmp_path, capsys, no_compute):

@@ -172,7 +172,7 @@ def test_init_student_fresh_differs_from_the_teacher_init_and_teacher_copies():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(malicious_target=float("nan")), "malicious_target must be a finite number < 0"),
+    (dict(malicious_target=float("nan")), "malicious_target must be finite and < 0"),
     (dict(malicious_target=0.0), r"malicious_target .* got 0.0"),
     (dict(malicious_target="low"), r"got 'low'"),
     (dict(student_init="random"), r"unknown student_init 'random'; allowed: \('fresh', 'teacher'\)"),
@@ -195,7 +195,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match=r"beneficial_images have shape \(4, 4, 1\) per image, "
                                          r"the model expects \(8, 8, 1\)"):
         skd.distillation_data(MODEL, teachers, images[:, :4, :4], images)
-    with pytest.raises(ValueError, match="malicious_target must be a finite number < 0"):
+    with pytest.raises(ValueError, match="malicious_target must be finite and < 0"):
         skd.distillation_data(MODEL, teachers, images, images, float("inf"))
     one_teacher = jax.tree.map(lambda x: x[0], teachers)
     with pytest.raises(ValueError, match=r"teacher_features must be a stack \[S, ...\] of lenet"):

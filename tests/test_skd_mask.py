@@ -154,10 +154,10 @@ def test_masking_term_hinge_and_channel_fraction():
     (dict(objective="joint"), r"unknown objective 'joint'; allowed: \('regress', 'end_to_end'\)"),
     (dict(mask_loss="l1", objective="end_to_end"), r"unknown mask_loss 'l1'"),
     (dict(mask_fraction=0.5), r"mask_fraction=0.5 needs objective='end_to_end'"),
-    (dict(mask_fraction=0.0, objective="end_to_end"), r"mask_fraction must be in \(0, 1\]"),
+    (dict(mask_fraction=0.0, objective="end_to_end"), r"mask_fraction must be finite and in \(0, 1\]"),
     (dict(logits_weight=1.0), "belong to objective='end_to_end', not 'regress'"),
-    (dict(mask_weight=-1.0, objective="end_to_end"), "mask_weight must be a finite number >= 0"),
-    (dict(widths=(6, 16)), r"widths must be 4 integers >= 1"),
+    (dict(mask_weight=-1.0, objective="end_to_end"), "mask_weight must be finite and >= 0"),
+    (dict(widths=(6, 16)), r"widths must be a tuple of 4 values, each an integer >= 1"),
 ])
 def test_bad_mask_settings_are_clear_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):

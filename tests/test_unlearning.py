@@ -145,11 +145,11 @@ def test_impair_lowers_malicious_and_repair_restores_beneficial(digits_setup, di
 # ------------------------------------------------------------------ bad inputs
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(learning_rate=0.0), "noise learning_rate must be > 0, got 0.0"),
-    (dict(learning_rate=-0.1), "noise learning_rate must be > 0, got -0.1"),
-    (dict(steps=0), "noise steps must be >= 1, got 0"),
-    (dict(l2_weight=-1.0), "noise l2_weight must be >= 0"),
-    (dict(batch_size=0), "noise batch_size must be >= 1"),
+    (dict(learning_rate=0.0), "learning_rate must be finite and > 0, got 0.0"),
+    (dict(learning_rate=-0.1), "learning_rate must be finite and > 0, got -0.1"),
+    (dict(steps=0), "steps must be an integer >= 1, got 0"),
+    (dict(l2_weight=-1.0), "l2_weight must be finite and >= 0"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
 ])
 def test_bad_noise_config_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -159,9 +159,9 @@ def test_bad_noise_config_is_a_clear_error(kwargs, message):
 def test_bad_stage_configs_are_clear_errors():
     with pytest.raises(ValueError, match="learning_rate must be finite and > 0, got 0"):
         dataclasses.replace(SMALL.impair, learning_rate=0.0)
-    with pytest.raises(ValueError, match="noise_copies must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="noise_copies must be an integer >= 1, got 0"):
         dataclasses.replace(SMALL, noise_copies=0)
-    with pytest.raises(ValueError, match="retain_per_class must be >= 1 or None"):
+    with pytest.raises(ValueError, match="retain_per_class must be an integer >= 1 or None"):
         dataclasses.replace(SMALL, retain_per_class=0)
     with pytest.raises(ValueError, match="impair epochs must be >= 1, got 0"):
         dataclasses.replace(SMALL, impair=dataclasses.replace(SMALL.impair, epochs=0))

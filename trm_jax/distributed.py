@@ -61,8 +61,8 @@ class DistributedConfig:
 
     def __post_init__(self) -> None:
         for name in ("timeout", "heartbeat_timeout"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"distributed.{name} must be an integer >= 1 (seconds), got "
+            if not isinstance(getattr(self, name), int) or not 1 <= getattr(self, name) <= 2**63 - 1:
+                raise ConfigError(f"distributed.{name} must be an integer in 1..2**63-1 (seconds), got "
                                   f"{getattr(self, name)!r}", field=name)
         given = [n for n in ("num_processes", "process_id") if getattr(self, n) is not None]
         if self.coordinator is None:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from trm_jax import attacks as attack
-from trm_jax import data, plots
+from trm_jax import data, plots, train, validate
 from trm_jax.attacks import Report, SweepResult
 from trm_jax.errors import ConfigError, about
 from trm_jax.typing import Params, Protected
@@ -69,40 +69,26 @@ class SuiteConfig:
     scratch_learning_rates: tuple[float, ...] | None = None
     scratch_optimizers: tuple[str, ...] | None = None
 
+    DOMAINS = {"attacks": validate.Tuple(validate.Str()),
+               "learning_rates": validate.Tuple(validate.POSITIVE, none=True),
+               "optimizers": validate.Tuple(validate.Choice(train.OPTIMIZERS), distinct=True,
+                                            none=True),
+               "epochs": validate.Int(1, none=True), "batch_size": validate.COUNT,
+               "scratch": validate.Bool(), "batching": validate.Choice(attack.BATCHINGS),
+               "data_per_class": validate.Tuple(validate.Int(1, none=True), distinct=True),
+               "steps_multipliers": validate.Tuple(validate.COUNT, distinct=True),
+               "scratch_learning_rates": validate.Tuple(validate.POSITIVE, none=True),
+               "scratch_optimizers": validate.Tuple(validate.Choice(train.OPTIMIZERS), none=True)}
+
     def __post_init__(self) -> None:
-        # One name or number where a tuple is meant (SuiteConfig(attacks="linear_probe")) is
-        # taken as a tuple of one, never iterated letter by letter.
-        for name in ("attacks", "optimizers", "scratch_optimizers", "learning_rates",
-                     "scratch_learning_rates", "data_per_class", "steps_multipliers"):
-            value = getattr(self, name)
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                object.__setattr__(self, name, (value,))
-            elif value is not None and not isinstance(value, (tuple, list)):
-                raise ConfigError(f"{name} must be a tuple, got {value!r}", field=name)
-            elif isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        for name in ("attacks", "optimizers", "scratch_optimizers"):
-            bad = [v for v in getattr(self, name) or () if not isinstance(v, str)]
-            if bad:
-                raise ConfigError(f"{name} must be names (strings), got {bad}", field=name)
-        for name, low in (("epochs", 1), ("batch_size", 1)):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < low):
-                raise ConfigError(f"attack {name} must be an integer >= {low}, got {value!r}",
-                                  field=name)
-        if self.batching not in attack.BATCHINGS:
-            raise ConfigError(f"unknown batching {self.batching!r}; allowed: {attack.BATCHINGS}",
-                              field="batching")
-        for name in ("learning_rates", "scratch_learning_rates"):
-            if getattr(self, name) is not None:
-                with about(name):
-                    attack.validate_learning_rates(getattr(self, name))
+        # One attack name where a tuple is meant (SuiteConfig(attacks="all")) is a tuple of
+        # one, never iterated letter by letter; a bare number is refused (which budget?).
+        if isinstance(self.attacks, str):
+            object.__setattr__(self, "attacks", (self.attacks,))
+        validate.check_fields(self)
         with about("attacks"):
-            self.plan(num_classes=2, epochs=self.epochs or 8)  # validates names, optimizers
-        with about("data_per_class"):
-            self.budgets  # validates the budgets
-        attack.validate_learning_rates(self.scratch_grid[0])
+            self.plan(num_classes=2, epochs=self.epochs or 8)  # validates the names
+        self.budgets  # noqa: B018  (validates the budgets)
 
     def check(self, protocol: data.ProtocolData) -> None:
         """Validates the suite against the data of ``protocol`` (no compute): every attack

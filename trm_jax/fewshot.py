@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from trm_jax import compilation, data, meta, runs, sharding, streams, tasks
+from trm_jax import validate
 from trm_jax.errors import ConfigError, DatasetUnavailableError
 from trm_jax.typing import Params, PRNGKey
 
@@ -85,25 +86,18 @@ class DataConfig:
     mock_malicious: bool = False
     mock_examples: int = 3000
 
+    DOMAINS = {"malicious": validate.Choice(MALICIOUS), "image_size": validate.COUNT,
+               "resize_method": validate.Choice(data.RESIZE_METHODS),
+               "invert_beneficial": validate.Bool(),
+               "malicious_classes": validate.Tuple(validate.Int(0, 9), 2, distinct=True),
+               "malicious_pretrain_size": validate.Int(1, none=True),
+               "malicious_finetune_size": validate.Int(1, none=True),
+               "malicious_test_size": validate.Int(1, none=True),
+               "mock_beneficial": validate.Bool(), "mock_malicious": validate.Bool(),
+               "mock_examples": validate.COUNT}
+
     def __post_init__(self) -> None:
-        if self.malicious not in MALICIOUS:
-            raise ConfigError(f"malicious must be one of {MALICIOUS}, got {self.malicious!r}")
-        if self.resize_method not in data.RESIZE_METHODS:
-            raise ConfigError(f"resize_method must be one of {data.RESIZE_METHODS}, "
-                              f"got {self.resize_method!r}")
-        if not (isinstance(self.image_size, int) and self.image_size >= 1):
-            raise ConfigError(f"image_size must be an int >= 1, got {self.image_size!r}")
-        classes = tuple(self.malicious_classes)
-        bad = [c for c in classes if not 0 <= c <= 9]
-        if len(classes) < 2 or len(set(classes)) != len(classes) or bad:
-            raise ConfigError(f"malicious_classes={classes}: need >= 2 distinct digits in 0..9"
-                              + (f" (out of range: {bad})" if bad else ""))
-        for name in ("malicious_pretrain_size", "malicious_finetune_size", "malicious_test_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1 or None (default), got {value}")
-        if self.mock_examples < 1:
-            raise ConfigError(f"mock_examples must be >= 1, got {self.mock_examples}")
+        validate.check_fields(self)  # malicious_classes: >= 2 distinct digits in 0..9
 
 
 class FewShotData(NamedTuple):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from trm_jax.tasks import LABEL_MODES, ClassPool, LabelMode, Task, check_task_shape, sample_tasks
+from trm_jax import validate
 from trm_jax.errors import ConfigError
 
 from trm_jax.typing import Params  # noqa: E402
@@ -471,36 +472,26 @@ class MetaConfig:
     label_mode: LabelMode = "fixed"
     inner_unroll: Optional[int | bool] = None
 
+    DOMAINS = {"ways": validate.COUNT, "shots": validate.COUNT, "queries": validate.COUNT,
+               "good_tasks": validate.COUNT, "bad_tasks": validate.Int(0),
+               "inner_lr": validate.POSITIVE, "inner_steps": validate.Int(0),
+               "adapt": validate.Choice(ADAPT_MODES), "head_init": validate.Choice(HEAD_INITS),
+               "meta_grad": validate.Choice(META_GRADS), "remat": validate.Bool(),
+               "bad_term": validate.Choice(tuple(BAD_TERMS)), "lam": validate.NONNEGATIVE,
+               "loss_cap": validate.Float(0, open_lo=True, none=True),
+               "task_batching": validate.Choice(TASK_BATCHINGS),
+               "label_mode": validate.Choice(LABEL_MODES)}
+
     def __post_init__(self) -> None:
-        choices = {"adapt": ADAPT_MODES, "head_init": HEAD_INITS, "meta_grad": META_GRADS,
-                   "bad_term": tuple(BAD_TERMS), "task_batching": TASK_BATCHINGS,
-                   "label_mode": LABEL_MODES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"MetaConfig.{name} must be one of {allowed}, "
-                                  f"got {getattr(self, name)!r}", field=name)
-        for name, low in (("ways", 1), ("shots", 1), ("queries", 1), ("good_tasks", 1),
-                          ("bad_tasks", 0), ("inner_steps", 0)):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < low:
-                raise ConfigError(f"MetaConfig.{name} must be an int >= {low}, "
-                                  f"got {getattr(self, name)!r}", field=name)
-        if not (self.inner_unroll is None or isinstance(self.inner_unroll, bool)
-                or (isinstance(self.inner_unroll, int) and self.inner_unroll >= 1)):
-            raise ConfigError(f"MetaConfig.inner_unroll must be None, a bool or an int >= 1, "
-                              f"got {self.inner_unroll!r}", field="inner_unroll")
-        if not (math.isfinite(self.inner_lr) and self.inner_lr > 0):
-            raise ConfigError(f"MetaConfig.inner_lr must be finite and > 0, got {self.inner_lr!r}",
-                              field="inner_lr")
-        if not (math.isfinite(self.lam) and self.lam >= 0):
-            raise ConfigError(f"MetaConfig.lam must be finite and >= 0, got {self.lam!r}",
-                              field="lam")
-        if self.loss_cap is not None and not (math.isfinite(self.loss_cap) and self.loss_cap > 0):
-            raise ConfigError(f"MetaConfig.loss_cap must be None or finite and > 0, got "
-                              f"{self.loss_cap!r}", field="loss_cap")
+        validate.check_fields(self)
+        unroll = self.inner_unroll
+        if not (unroll is None or isinstance(unroll, bool) or validate.COUNT.ok(unroll)):
+            raise ConfigError(f"inner_unroll must be None, a bool or an integer >= 1, got "
+                              f"{unroll!r}", field="inner_unroll")
         if self.meta_grad == "reptile" and self.adapt != "all":
-            raise ConfigError("MetaConfig.meta_grad='reptile' needs adapt='all': Reptile moves "
+            raise ConfigError("meta_grad='reptile' needs adapt='all': Reptile moves "
                              "params towards adapted params, and with adapt='head' the features "
-                             "never adapt, so they would get no meta-gradient")
+                             "never adapt, so they would get no meta-gradient", field="meta_grad")
 
 
 def task_logits(params: Params, task: Task, key: chex.PRNGKey, config: MetaConfig,

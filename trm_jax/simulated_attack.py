@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import meta, models
+from trm_jax import meta, models, validate
 from trm_jax.errors import ConfigError
 from trm_jax.tasks import Task
 from trm_jax.typing import Params
@@ -99,41 +99,32 @@ class AttackerSpace:
     b2: float = 0.999
     eps_root: float = 1e-12
 
+    #: b1, b2, momentum in [0, 1) (optax's decays); eps_root > 0: Adam's sqrt(v) has an
+    #: infinite derivative at v = 0 (the module docstring).
+    DOMAINS = {"optimizers": validate.Tuple(validate.Choice(OPTIMIZERS)),
+               "learning_rates": validate.Tuple(validate.POSITIVE, 2, 2),
+               "steps": validate.COUNT, "top_layers": validate.Tuple(validate.Int(0)),
+               "reinit_probability": validate.Float(0, 1),
+               "data_per_class": validate.Tuple(validate.COUNT), "momentum": validate.DECAY,
+               "b1": validate.DECAY, "b2": validate.DECAY, "eps_root": validate.POSITIVE}
+
     def __post_init__(self) -> None:
-        bad = [o for o in self.optimizers if o not in OPTIMIZERS]
-        if not self.optimizers or bad:
-            raise ConfigError(f"AttackerSpace.optimizers must be a non-empty subset of "
-                              f"{OPTIMIZERS}, got {self.optimizers!r}")
+        validate.check_fields(self)
         low, high = self.learning_rates
-        if not (0 < low <= high and math.isfinite(high)):
-            raise ConfigError(f"AttackerSpace.learning_rates must be (low, high) with "
-                              f"0 < low <= high < inf, got {self.learning_rates!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"AttackerSpace.steps must be an int >= 1, got {self.steps!r}")
-        if not self.top_layers or any(not isinstance(k, int) or k < 0 for k in self.top_layers):
-            raise ConfigError(f"AttackerSpace.top_layers must be non-empty ints >= 0, "
-                              f"got {self.top_layers!r}")
-        if not 0 <= self.reinit_probability <= 1:
-            raise ConfigError(f"AttackerSpace.reinit_probability must be in [0, 1], "
-                              f"got {self.reinit_probability!r}")
-        if not self.data_per_class or any(not isinstance(n, int) or n < 1
-                                          for n in self.data_per_class):
-            raise ConfigError(f"AttackerSpace.data_per_class must be non-empty ints >= 1, "
-                              f"got {self.data_per_class!r}")
-        if not self.eps_root > 0:
-            raise ConfigError(f"AttackerSpace.eps_root must be > 0 (Adam's sqrt(v) has an "
-                              f"infinite derivative at v = 0), got {self.eps_root!r}")
+        if not low <= high:
+            raise ConfigError(f"learning_rates must be (low, high) with low <= high, got "
+                              f"{self.learning_rates!r}", field="learning_rates")
 
     def check(self, model: models.Model, shots: int) -> None:
         """Raises :class:`ConfigError` when the space does not fit ``model`` or the support."""
         num_layers = len(layer_names(model))
         if max(self.top_layers) > num_layers:
-            raise ConfigError(f"AttackerSpace.top_layers={self.top_layers} exceeds the "
+            raise ConfigError(f"top_layers={self.top_layers} exceeds the "
                               f"{num_layers} features layers of {model.name}; allowed: "
-                              f"0..{num_layers}")
+                              f"0..{num_layers}", field="top_layers")
         if max(self.data_per_class) > shots:
-            raise ConfigError(f"AttackerSpace.data_per_class={self.data_per_class} exceeds the "
-                              f"support's {shots} examples per class")
+            raise ConfigError(f"data_per_class={self.data_per_class} exceeds the "
+                              f"support's {shots} examples per class", field="data_per_class")
 
 
 class Attacker(NamedTuple):

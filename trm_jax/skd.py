@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import compilation, models, streams, train
-from trm_jax.errors import ConfigError, check_choice
+from trm_jax import compilation, models, streams, train, validate
+from trm_jax.errors import ConfigError
 from trm_jax.typing import Params
 STUDENT_INITS = ("fresh", "teacher")
 DEFAULT_MALICIOUS_TARGET = -100.0
@@ -98,47 +98,31 @@ class SKDConfig:
     logits_weight: float = 0.0
     widths: tuple[int, ...] | None = None
 
+    DOMAINS = {"malicious_target": validate.Float(hi=0, open_hi=True),
+               "student_init": validate.Choice(STUDENT_INITS),
+               "mask_layer": validate.Str(none=True), "objective": validate.Choice(OBJECTIVES),
+               "mask_fraction": validate.Float(0, 1, open_lo=True),
+               "mask_weight": validate.NONNEGATIVE, "mask_loss": validate.Choice(MASK_LOSSES),
+               "logits_weight": validate.NONNEGATIVE,
+               "widths": validate.Tuple(validate.COUNT, 4, 4, none=True)}  # LeNet's 4 widths
+
     def __post_init__(self):
-        if isinstance(self.widths, list):
-            object.__setattr__(self, "widths", tuple(self.widths))
         validate_config(self)
 
 
 def validate_config(config: SKDConfig) -> None:
-    """Raises ``ValueError`` naming the bad value and what is allowed."""
-    try:
-        target = float(config.malicious_target)
-    except (TypeError, ValueError):
-        target = math.nan
-    if not math.isfinite(target) or not target < 0:
-        raise ConfigError(f"malicious_target must be a finite number < 0 (the paper uses "
-                         f"{DEFAULT_MALICIOUS_TARGET}), got {config.malicious_target!r}")
-    if config.student_init not in STUDENT_INITS:
-        raise ConfigError(f"unknown student_init {config.student_init!r}; allowed: {STUDENT_INITS}")
-    check_choice("objective", config.objective, OBJECTIVES)
-    check_choice("mask_loss", config.mask_loss, MASK_LOSSES)
-    if config.mask_layer is not None and not isinstance(config.mask_layer, str):
-        raise ConfigError(f"mask_layer must be a layer name or None, got {config.mask_layer!r}",
-                          field="mask_layer")
+    """Raises :class:`ConfigError` naming the bad field, its value and what is allowed
+    (malicious_target < 0: a target >= 0 would not switch the ReLU off; the paper uses
+    -100)."""
+    validate.check_fields(config)
     fraction = config.mask_fraction
-    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-        raise ConfigError(f"mask_fraction must be in (0, 1], got {fraction!r}", field="mask_fraction")
     if fraction < 1 and config.objective != "end_to_end":
         raise ConfigError(f"mask_fraction={fraction} needs objective='end_to_end' (the regression "
                           "has a target for every channel)", field="mask_fraction")
-    for name in ("mask_weight", "logits_weight"):
-        value = getattr(config, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}", field=name)
     if config.objective != "end_to_end" and (config.logits_weight or config.mask_weight != 1.0
                                              or config.mask_loss != "mse"):
         raise ConfigError("mask_weight, mask_loss and logits_weight belong to objective="
                           f"'end_to_end', not {config.objective!r}", field="objective")
-    widths = config.widths
-    if widths is not None and (len(widths) != 4 or not all(
-            isinstance(w, int) and w >= 1 for w in widths)):
-        raise ConfigError(f"widths must be 4 integers >= 1 (LeNet's conv1, conv2, fc1, fc2) or "
-                          f"None, got {widths!r}", field="widths")
 
 
 # ----------------------------------------------------------------------------- layers

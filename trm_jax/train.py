@@ -50,6 +50,7 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 number of optimizer steps taken
 
 
+from trm_jax import validate  # noqa: E402
 from trm_jax.errors import ConfigError, NonFiniteError, check_choice  # noqa: E402,F401
 
 
@@ -79,22 +80,21 @@ class TrainConfig:
     trainable: str | tuple[str, ...] = "all"
     strategy: Strategy = "auto"
 
+    #: Every field's domain (:mod:`trm_jax.validate`); b1 and momentum in [0, 1): optax's
+    #: moment decays (1 or more never forgets, so the steps grow without bound).
+    DOMAINS = {"epochs": validate.Int(0), "batch_size": validate.COUNT,
+               "learning_rate": validate.POSITIVE, "optimizer": validate.Choice(OPTIMIZERS),
+               "b1": validate.DECAY, "momentum": validate.DECAY,
+               "trainable": validate.Str(), "strategy": validate.Choice(STRATEGIES)}
+
     def __post_init__(self):
         validate_config(self)
 
 
 def validate_config(config: TrainConfig) -> None:
-    """Raises ``ValueError`` naming the bad value and what is allowed."""
-    if not isinstance(config.epochs, int) or config.epochs < 0:
-        raise ConfigError(f"epochs must be an integer >= 0, got {config.epochs!r}", field="epochs")
-    if not isinstance(config.batch_size, int) or config.batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {config.batch_size!r}",
-                          field="batch_size")
-    if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
-        raise ConfigError(f"learning_rate must be finite and > 0, got {config.learning_rate}",
-                          field="learning_rate")
-    check_choice("optimizer", config.optimizer, OPTIMIZERS)
-    check_choice("strategy", config.strategy, STRATEGIES)
+    """Raises :class:`ConfigError` naming the bad field, its value and what is allowed."""
+    trainable = validate.Str() if isinstance(config.trainable, str) else validate.Tuple(validate.Str())
+    validate.check_fields(config, {**TrainConfig.DOMAINS, "trainable": trainable})  # or prefixes
 
 
 def make_optimizer(name: str, learning_rate: float | jax.Array, *, b1: float = 0.9,

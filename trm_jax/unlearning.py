@@ -43,14 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import compilation, models, sharding, streams, train
+from trm_jax import compilation, models, sharding, streams, train, validate
 from trm_jax.errors import ConfigError, NonFiniteError
 from trm_jax.typing import ApplyFn, Params
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +69,12 @@ class NoiseConfig:
     batch_size: int = 256
     init_scale: float = 1.0
 
+    DOMAINS = {"steps": validate.COUNT, "learning_rate": validate.POSITIVE,
+               "l2_weight": validate.NONNEGATIVE, "batch_size": validate.COUNT,
+               "init_scale": validate.NONNEGATIVE}
+
     def __post_init__(self):
-        _check(self.steps >= 1, f"noise steps must be >= 1, got {self.steps}")
-        _check(self.learning_rate > 0, f"noise learning_rate must be > 0, got {self.learning_rate}")
-        _check(self.l2_weight >= 0, f"noise l2_weight must be >= 0, got {self.l2_weight}")
-        _check(self.batch_size >= 1, f"noise batch_size must be >= 1, got {self.batch_size}")
-        _check(self.init_scale >= 0, f"noise init_scale must be >= 0, got {self.init_scale}")
+        validate.check_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,15 +101,21 @@ class UnsirConfig:
     repair: train.TrainConfig = train.TrainConfig(epochs=1, batch_size=256, learning_rate=0.01,
                                                   optimizer="adam")
 
+    DOMAINS = {"noise": validate.Instance(NoiseConfig), "noise_copies": validate.COUNT,
+               "retain_per_class": validate.Int(1, none=True),
+               "impair": validate.Instance(train.TrainConfig),
+               "repair": validate.Instance(train.TrainConfig)}
+
     def __post_init__(self):
-        _check(self.noise_copies >= 1, f"noise_copies must be >= 1, got {self.noise_copies}")
-        _check(self.retain_per_class is None or self.retain_per_class >= 1,
-               f"retain_per_class must be >= 1 or None (all), got {self.retain_per_class}")
-        _check(self.impair.epochs >= 1, f"impair epochs must be >= 1, got {self.impair.epochs}")
+        validate.check_fields(self)
+        if self.impair.epochs < 1:
+            raise ConfigError(f"impair epochs must be >= 1, got {self.impair.epochs}",
+                              field="impair.epochs")
         for name in ("impair", "repair"):
-            stage = getattr(self, name)
-            _check(stage.trainable == "all", f"{name} trains the whole model (trainable='all'), "
-                   f"got trainable={stage.trainable!r}")
+            if getattr(self, name).trainable != "all":
+                raise ConfigError(f"{name} trains the whole model (trainable='all'), got "
+                                  f"trainable={getattr(self, name).trainable!r}",
+                                  field=f"{name}.trainable")
 
 
 PAPER_CONFIG = UnsirConfig()

@@ -113,10 +113,12 @@ class Budgets(NamedTuple):
         steps = tuple(self.steps_multipliers)
         if not data or len(set(data)) != len(data) or any(
                 d is not None and (not isinstance(d, (int, np.integer)) or d < 1) for d in data):
-            raise ConfigError(f"data_per_class must be distinct integers >= 1 or None (all), got {data}")
+            raise ConfigError(f"data_per_class must be distinct integers >= 1 or None (all), got {data}",
+                              field="data_per_class")
         if not steps or len(set(steps)) != len(steps) or any(
                 not isinstance(m, (int, np.integer)) or m < 1 for m in steps):
-            raise ConfigError(f"steps_multipliers must be distinct integers >= 1, got {steps}")
+            raise ConfigError(f"steps_multipliers must be distinct integers >= 1, got {steps}",
+                              field="steps_multipliers")
         return Budgets(data, steps)
 
     def resolve(self, labels: np.ndarray) -> "Budgets":

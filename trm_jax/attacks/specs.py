@@ -26,7 +26,7 @@ from typing import Iterable, Sequence, Union
 
 import numpy as np
 
-from trm_jax import models, train
+from trm_jax import models, train, validate
 from trm_jax.errors import ConfigError
 
 
@@ -245,6 +245,11 @@ class AttackConfig:
     eval_batch_size: int = 1024
     precompute_features: bool = True
 
+    DOMAINS = {"attack": validate.Str(), "num_classes": validate.Int(2),
+               "optimizer": validate.Choice(train.OPTIMIZERS), "epochs": validate.COUNT,
+               "batch_size": validate.COUNT, "b1": validate.DECAY, "momentum": validate.DECAY,
+               "eval_batch_size": validate.COUNT, "precompute_features": validate.Bool()}
+
     def __post_init__(self):
         validate_config(self)
 
@@ -260,6 +265,7 @@ class AttackConfig:
 
 def validate_config(config: AttackConfig) -> None:
     """Raises :class:`~trm_jax.errors.ConfigError` naming the bad value and what is allowed."""
+    validate.check_fields(config)
     if config.attack not in ATTACK_SPECS:
         raise ConfigError(f"unknown attack {config.attack!r}; allowed: {tuple(ATTACK_SPECS)}")
     if config.optimizer not in train.OPTIMIZERS:

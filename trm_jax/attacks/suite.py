@@ -49,7 +49,7 @@ def attack_plan(attacks: str | Sequence[str] = ("linear_probe",), *,
     bad = [o for o in optimizers if o not in train.OPTIMIZERS]
     if bad or not optimizers or len(set(optimizers)) != len(optimizers):
         raise ConfigError(f"bad optimizer list {list(optimizers)}; allowed (each once): "
-                          f"{train.OPTIMIZERS}")
+                          f"{train.OPTIMIZERS}", field="optimizers")
     plan = {}
     for a in names:
         lrs = specs.validate_learning_rates(

@@ -13,7 +13,8 @@ import dataclasses
 
 import jax
 
-from trm_jax import data, models, train
+from trm_jax import data, models, train, validate
+from trm_jax.train import TrainConfig
 from trm_jax.hooks import Hooks
 from trm_jax.methods._phases import (accuracy_on, beneficial_model, check_batch, check_keys,
                                      device_subset, train_phase)
@@ -32,6 +33,11 @@ class ReferenceConfig:
     """
 
     train: train.TrainConfig = train.TrainConfig(epochs=20, batch_size=64, learning_rate=1e-3)
+
+    DOMAINS = {"train": validate.Instance(TrainConfig)}  # (the field hides the module here)
+
+    def __post_init__(self) -> None:
+        validate.check_fields(self)
 
 
 def default_config(entry) -> ReferenceConfig:

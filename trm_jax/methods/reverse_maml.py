@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import numpy as np
 import optax
 
-from trm_jax import data, meta, models, tasks, train
+from trm_jax import data, meta, models, tasks, train, validate
 from trm_jax.errors import ConfigError
+from trm_jax.meta import MetaConfig
 from trm_jax.hooks import Hooks
 from trm_jax.methods._phases import (accuracy_on, beneficial_model, check_batch, check_keys,
                                      device_subset, outer_loop, train_phase)
@@ -68,19 +68,15 @@ class ReverseMAMLConfig:
     log_every: int = 10
     head: train.TrainConfig = train.TrainConfig(epochs=20, trainable=("head",))
 
+    DOMAINS = {"meta": validate.Instance(MetaConfig), "meta_steps": validate.COUNT,
+               "outer_lr": validate.POSITIVE, "log_every": validate.COUNT,
+               "head": validate.Instance(train.TrainConfig)}
+
     def __post_init__(self) -> None:
-        if not isinstance(self.meta_steps, int) or self.meta_steps < 1:
-            raise ConfigError(f"meta_steps must be an integer >= 1, got {self.meta_steps!r}",
-                              field="meta_steps")
-        if not (math.isfinite(self.outer_lr) and self.outer_lr > 0):
-            raise ConfigError(f"outer_lr must be finite and > 0, got {self.outer_lr!r}",
-                              field="outer_lr")
-        if not isinstance(self.log_every, int) or self.log_every < 1:
-            raise ConfigError(f"log_every must be an integer >= 1, got {self.log_every!r}",
-                              field="log_every")
+        validate.check_fields(self)
         if self.head.trainable != ("head",):
             raise ConfigError(f"head.trainable must be ('head',) (a head-only phase), got "
-                              f"{self.head.trainable!r}")
+                              f"{self.head.trainable!r}", field="head.trainable")
 
 
 def default_config(entry) -> ReverseMAMLConfig:

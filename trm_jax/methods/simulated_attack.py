@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Literal
 
 import jax
@@ -37,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trm_jax import data, meta, models, tasks, train
+from trm_jax import data, meta, models, tasks, train, validate
 from trm_jax import simulated_attack as sa
-from trm_jax.errors import ConfigError
+from trm_jax.errors import ConfigError, about
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference, skd
 from trm_jax.methods._phases import (accuracy_on, beneficial_model, check_batch, check_keys,
@@ -105,26 +104,20 @@ class SimulatedAttackConfig:
     start_skd: skd.SKDMethodConfig = skd.SKDMethodConfig()
     task_batching: meta.TaskBatching = "auto"
 
+    DOMAINS = {"attacker": validate.Instance(sa.AttackerSpace),
+               "bad_term": validate.Choice(tuple(meta.BAD_TERMS)),
+               "weighting": validate.Choice(sa.STEP_WEIGHTINGS), "lam": validate.NONNEGATIVE,
+               "anchor": validate.NONNEGATIVE, "meta_grad": validate.Choice(sa.META_GRADS),
+               "remat": validate.Bool(), "bad_tasks": validate.COUNT, "shots": validate.COUNT,
+               "queries": validate.COUNT, "batch_size": validate.COUNT,
+               "meta_steps": validate.COUNT, "outer_lr": validate.POSITIVE,
+               "alternate_every": validate.Int(0), "log_every": validate.COUNT,
+               "start": validate.Choice(STARTS), "start_train": validate.Instance(train.TrainConfig),
+               "start_skd": validate.Instance(skd.SKDMethodConfig),
+               "task_batching": validate.Choice(meta.TASK_BATCHINGS)}
+
     def __post_init__(self) -> None:
-        if self.bad_term not in meta.BAD_TERMS:
-            raise ConfigError(f"bad_term must be one of {tuple(meta.BAD_TERMS)}, "
-                              f"got {self.bad_term!r}")
-        sa.step_weights(self.weighting, 1)  # validates the name
-        if self.meta_grad not in sa.META_GRADS:
-            raise ConfigError(f"meta_grad must be one of {sa.META_GRADS}, got {self.meta_grad!r}")
-        if self.start not in STARTS:
-            raise ConfigError(f"start must be one of {STARTS}, got {self.start!r}")
-        for name, value in (("lam", self.lam), ("anchor", self.anchor)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
-        if not (math.isfinite(self.outer_lr) and self.outer_lr > 0):
-            raise ConfigError(f"outer_lr must be finite and > 0, got {self.outer_lr!r}")
-        for name, low in (("bad_tasks", 1), ("shots", 1), ("queries", 1), ("batch_size", 1),
-                          ("meta_steps", 1), ("alternate_every", 0), ("log_every", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        meta.resolve_task_batching(self.task_batching)
+        validate.check_fields(self)
 
 
 def default_config(entry) -> SimulatedAttackConfig:
@@ -140,10 +133,12 @@ def check(config: SimulatedAttackConfig, protocol: data.ProtocolData,
     pre = protocol.pretrain
     pool = _malicious_pool(protocol)
     tasks.check_task_shape(pool, pool.num_classes, config.shots, config.queries, "malicious pool")
-    config.attacker.check(model, config.shots)
+    with about("attacker"):
+        config.attacker.check(model, config.shots)
     if config.batch_size > len(pre.beneficial):
         raise ConfigError(f"batch_size={config.batch_size} exceeds the {len(pre.beneficial)} "
-                          f"beneficial pre-training examples; allowed: 1..{len(pre.beneficial)}")
+                          f"beneficial pre-training examples; allowed: 1..{len(pre.beneficial)}",
+                          field="batch_size")
     if config.start == "reference":
         check_batch(config.start_train, pre.beneficial, "start_train")
     else:

@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trm_jax import compilation, data, models, sharding, skd, streams, train
+from trm_jax import compilation, data, models, sharding, skd, streams, train, validate
 from trm_jax.errors import ConfigError, about
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference
+from trm_jax.skd import SKDConfig
 from trm_jax.methods._phases import (accuracy_on, beneficial_model, check_batch, check_keys,
                                      device_subset, train_phase)
 from trm_jax.typing import Protected, PRNGKey
@@ -70,11 +71,18 @@ class SKDMethodConfig:
     head: train.TrainConfig = train.TrainConfig(epochs=20, trainable=("head",))
     skd: skd.SKDConfig = skd.SKDConfig()
 
+    DOMAINS = {"teacher": validate.Instance(train.TrainConfig),
+               "distill": validate.Instance(train.TrainConfig),
+               "head": validate.Instance(train.TrainConfig), "skd": validate.Instance(SKDConfig)}
+
     def __post_init__(self) -> None:
+        validate.check_fields(self)
         if self.teacher.epochs < 1:
-            raise ConfigError(f"teacher.epochs must be >= 1, got {self.teacher.epochs}")
+            raise ConfigError(f"teacher.epochs must be >= 1, got {self.teacher.epochs}",
+                              field="teacher.epochs")
         if self.head.trainable != ("head",):
-            raise ConfigError(f"head.trainable must be ('head',), got {self.head.trainable!r}")
+            raise ConfigError(f"head.trainable must be ('head',), got {self.head.trainable!r}",
+                              field="head.trainable")
 
 
 def default_config(entry) -> SKDMethodConfig:

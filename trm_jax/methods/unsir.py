@@ -19,7 +19,7 @@ import dataclasses
 
 import jax
 
-from trm_jax import data, models, sharding, train, unlearning
+from trm_jax import data, models, sharding, train, unlearning, validate
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods._phases import (beneficial_model, check_keys, device_subset, train_phase)
@@ -41,6 +41,12 @@ class UnsirMethodConfig:
 
     original: train.TrainConfig = train.TrainConfig(epochs=20)
     unsir: unlearning.UnsirConfig = unlearning.PAPER_CONFIG
+
+    DOMAINS = {"original": validate.Instance(train.TrainConfig),
+               "unsir": validate.Instance(unlearning.UnsirConfig)}
+
+    def __post_init__(self) -> None:
+        validate.check_fields(self)
 
 
 def default_config(entry) -> UnsirMethodConfig:
