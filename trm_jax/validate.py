@@ -169,9 +169,10 @@ class Tuple:
             not self.distinct or len(set(value)) == len(value))
 
     def describe(self) -> str:
-        n = (f"{self.min_len}" if self.max_len == self.min_len else
-             f"{self.min_len}..{self.max_len}" if self.max_len else f">= {self.min_len}")
-        return (f"a tuple of {n} {'distinct ' if self.distinct else ''}values, each "
+        n = (f"{self.min_len} " if self.max_len == self.min_len else
+             f"{self.min_len}..{self.max_len} " if self.max_len else
+             "" if self.min_len == 0 else f">= {self.min_len} ")
+        return (f"a tuple of {n}{'distinct ' if self.distinct else ''}values, each "
                 f"{self.item.describe()}" + (" (or None)" if self.none else ""))
 
     def outside(self) -> list[Any]:
