@@ -117,6 +117,51 @@ def test_entry_points_check_their_arguments(call, message, digits_protocol, monk
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("change, reference, message", [
+    (lambda x: x[..., :1] if x.ndim > 1 else x, None,
+     "protected.params does not match the model 'lenet' for 2 seeds: leaf ['features']['conv1']['bias'] "
+     "has shape (2, 1), expected (2, 6)"),
+    (lambda x: x[:1], None, "has shape (1, 6), expected (2, 6)"),             # one seed short
+    (lambda x: x.at[(1,) + (0,) * (x.ndim - 1)].set(float("nan")), None,
+     "protected.params holds NaN/Inf (leaf ['features']['conv1']['bias'])"),
+    (lambda x: x, "ref", "reference must be a model's [S, ...] params stack"),
+    (lambda x: x, {"features": 1.0}, "reference must be a model's [S, ...] params stack"),
+    (lambda x: x, "nan-stack", "reference holds NaN/Inf"),
+])
+def test_evaluate_refuses_params_that_do_not_fit_or_are_not_finite(change, reference, message,
+                                                                   digits_protocol):
+    import jax
+
+    from trm_jax import models
+
+    keys = trm_jax.seed_keys(2)
+    model = models.lenet(5, digits_protocol.image_shape, padding="SAME")
+    params = model.init_seeds(keys)
+    if reference == "nan-stack":
+        reference = jax.tree.map(lambda x: x * float("nan"), params)
+    protected = trm_jax.Protected("reference", model, jax.tree.map(change, params), keys, {})
+    suite = SuiteConfig(attacks=("linear_probe",), learning_rates=(0.1,), epochs=1)
+    with pytest.raises(errors.ConfigError) as err:
+        trm_jax.evaluate(protected, digits_protocol, suite, reference=reference)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"spec": None}, "spec must be a trm_jax.data.ProtocolSpec (trm_jax.data.preset(name)), got NoneType"),
+    ({"spec": "digits"}, "spec must be a trm_jax.data.ProtocolSpec"),
+    ({"data_dir": 3}, "data_dir must be a folder path or None, got int 3"),
+    ({"download": "yes"}, "download must be True, False or None"),
+    ({"download": 1}, "download must be True, False or None"),
+])
+def test_load_protocol_checks_its_arguments(kwargs, message, digits_data_dir):
+    from trm_jax import data
+
+    args = {"spec": data.preset("digits"), "data_dir": digits_data_dir, **kwargs}
+    with pytest.raises(errors.ConfigError) as err:
+        data.load_protocol(**args)
+    assert message in str(err.value)
+
+
 def test_a_model_whose_head_does_not_fit_the_classes_is_refused(digits_protocol, monkeypatch):
     from trm_jax import models, train
 

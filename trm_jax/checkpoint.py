@@ -73,7 +73,8 @@ def _to_storable(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
-def _all_finite(tree: Any) -> bool:
+def all_finite(tree: Any) -> bool:
+    """Whether every float leaf of ``tree`` is finite (global arrays checked on their devices)."""
     leaves = [x for x in jax.tree_util.tree_leaves(tree)
               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     # A global array (several processes) is checked on the devices: its shards are not all here.
@@ -151,7 +152,7 @@ class Checkpointer:
             so the last checkpoint stays the last good state).
           CheckpointError: orbax did not write the checkpoint.
         """
-        if not _all_finite(state):
+        if not all_finite(state):
             raise NonFiniteError(
                 f"refusing to checkpoint step {step}: the state holds NaN/Inf; the last good "
                 f"checkpoint is {self.describe_latest()}", None, step)

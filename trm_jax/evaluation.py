@@ -19,10 +19,11 @@ import dataclasses
 import textwrap
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from trm_jax import attacks as attack
-from trm_jax import data, plots, train, validate
+from trm_jax import checkpoint, data, plots, train, validate
 from trm_jax.attacks import Report, SweepResult
 from trm_jax.errors import ConfigError, about
 from trm_jax.typing import Params, Protected
@@ -147,6 +148,35 @@ class SuiteConfig:
         return self.epochs or attack.default_epochs(protocol)
 
 
+def check_params(model: Any, params: Params, keys: jax.Array, what: str) -> None:
+    """``params`` must be ``model``'s ``[S, ...]`` stack for the ``S`` seed ``keys``: the same
+    tree, every leaf's shape, finite values (NaN params would attack to meaningless curves).
+
+    Raises:
+      ConfigError: naming ``what``, the first leaf at fault and what was expected.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    if params is None or not leaves or not all(
+            isinstance(x, (jax.Array, np.ndarray)) for _, x in leaves):
+        raise ConfigError(f"{what} must be a model's [S, ...] params stack (a pytree of arrays; "
+                          f"or a Protected for a reference), got {type(params).__name__} "
+                          f"{params!r:.60}", field=what)
+    expected = jax.eval_shape(model.init_seeds, keys)
+    want = {jax.tree_util.keystr(p): x.shape for p, x in
+            jax.tree_util.tree_flatten_with_path(expected)[0]}
+    have = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in leaves}
+    for name in sorted(set(want) | set(have)):
+        if want.get(name) != have.get(name):
+            raise ConfigError(
+                f"{what} does not match the model {model.name!r} for {keys.shape[0]} seeds: "
+                f"leaf {name} has shape {have.get(name, 'none: it is missing')}, expected "
+                f"{want.get(name, 'no such leaf')}", field=what)
+    for name, x in leaves:
+        if not checkpoint.all_finite(x):
+            raise ConfigError(f"{what} holds NaN/Inf (leaf {jax.tree_util.keystr(name)}); "
+                              "attack a model with finite parameters", field=what)
+
+
 def evaluate(protected: Protected, protocol: data.ProtocolData,
              config: SuiteConfig = SuiteConfig(), *, scratch: SweepResult | None = None,
              reference: Protected | Params | None = None, verbose: bool = False) -> SweepResult:
@@ -178,6 +208,11 @@ def evaluate(protected: Protected, protocol: data.ProtocolData,
         raise ConfigError(f"protocol must be a trm_jax.data.ProtocolData (load_protocol), got "
                           f"{type(protocol).__name__}")
     config.check(protocol)
+    check_params(protected.model, protected.params, protected.keys, "protected.params")
+    if isinstance(reference, Protected):
+        check_params(reference.model, reference.params, reference.keys, "reference.params")
+    elif reference is not None:
+        check_params(protected.model, reference, protected.keys, "reference")
     ref_params = reference.params if isinstance(reference, Protected) else reference
     epochs, budgets = config.epochs_for(protocol), config.budgets
     plan = config.plan(protocol.finetune.malicious.num_classes,

@@ -356,6 +356,15 @@ def load_protocol(spec: ProtocolSpec, data_dir: str | None = None,
       ValueError: bad classes or split sizes (before any loading where possible).
       DatasetUnavailableError: the dataset is not prepared and cannot be downloaded.
     """
+    if not isinstance(spec, ProtocolSpec):
+        raise ConfigError(f"spec must be a trm_jax.data.ProtocolSpec (trm_jax.data.preset(name)), "
+                          f"got {type(spec).__name__} {spec!r:.60}", field="spec")
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise ConfigError(f"data_dir must be a folder path or None, got {type(data_dir).__name__} "
+                          f"{data_dir!r:.60}", field="data_dir")
+    if not (download is None or isinstance(download, bool)):
+        raise ConfigError(f"download must be True, False or None (probe, then download), got "
+                          f"{download!r:.60}", field="download")
     validate_spec(spec)
     info = dataset_info(spec.dataset)
     train = load_split(spec.dataset, info.train_split, data_dir, download)
