@@ -67,7 +67,9 @@ def test_the_readmes_runs_are_not_refused(module, dataset, seeds, digits_data_di
                         ["--dataset", dataset, "--seeds", str(seeds), "--data-dir", data_dir,
                          "--workdir", str(tmp_path / "w")], prog="p", description="")
     est = _cli.check_resources(config, _cli.load_protocol(dataset, config.protocol, config.run))
-    assert est.peak < 4 * 2**30 and max(p.steps for p in est.phases) < 10_000  # an 8 GB laptop
+    # What the run adds to the process (the test process's own size varies with the session):
+    # well within an 8 GB laptop's memory.
+    assert est.peak - est.base_bytes < 4 * 2**30 and max(p.steps for p in est.phases) < 10_000
 
 
 def test_the_estimate_scales_with_seeds_and_refuses_only_beyond_what_is_available():
