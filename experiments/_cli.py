@@ -268,7 +268,7 @@ def parse(config_cls: type[C], defaults: Callable[[str], C], argv: list[str] | N
             err, path = seen[-1], where.group(1).replace("-", "_")
             err.field = path if err.field is None else f"{path}.{err.field}"
             raise err from None
-        raise errors.ConfigError(one_line(text)) from None
+        raise switch_misuse(config_cls, argv, text) or errors.ConfigError(one_line(text)) from None
     if isinstance(getattr(config, "run", None), RunOptions):
         if config.run.verbose:  # read where the reports are filtered (checkpoint, native_stderr)
             os.environ["TRM_JAX_VERBOSE"] = "1"
@@ -322,10 +322,37 @@ def one_line(text: str) -> str:
     return re.sub(r"\s+", " ", line).strip()
 
 
+def switch_misuse(config_cls: type, argv: list[str], text: str) -> errors.ConfigError | None:
+    """tyro's "Unrecognized options: abc" for ``--progress abc`` or ``--progress=abc`` names
+    no flag: the error that does (a switch takes no value), or ``None`` when it was not that."""
+    unknown = re.search(r"Unrecognized options?: (.+)", text)
+    if not unknown:
+        return None
+    switches = switch_flags(config_cls)
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            value = argv[i + 1]
+        if flag in switches and value and value in unknown.group(1):
+            return errors.ConfigError(f"{flag} is a switch ({flag} / --no-{flag[2:]}) and takes no "
+                                      f"value, got {value!r}")
+    return None
+
+
+def switch_flags(config_cls: type) -> set[str]:
+    """The flags of ``config_cls`` that are on/off switches (``bool`` fields)."""
+    return {flag for flag, hint in _leaves(config_cls).values() if hint is bool}
+
+
 def flag_names(config_cls: type) -> dict[str, str]:
     """Every leaf setting of an experiment config class: dotted field path -> its flag
     (``"method.meta.inner_lr"`` -> ``"--meta.inner-lr"``; :data:`FLAT` fields add no prefix)."""
-    out: dict[str, str] = {}
+    return {path: flag for path, (flag, _) in _leaves(config_cls).items()}
+
+
+def _leaves(config_cls: type) -> dict[str, tuple[str, Any]]:
+    """Dotted field path -> (its flag, its type) for every leaf setting of ``config_cls``."""
+    out: dict[str, tuple[str, Any]] = {}
 
     def walk(cls: type, path: tuple[str, ...], flag: tuple[str, ...]) -> None:
         hints = typing.get_type_hints(cls, include_extras=True)
@@ -338,7 +365,7 @@ def flag_names(config_cls: type) -> dict[str, str]:
             if dataclasses.is_dataclass(hint):
                 walk(hint, sub_path, sub_flag)
             else:
-                out[".".join(sub_path)] = "--" + ".".join(sub_flag).replace("_", "-")
+                out[".".join(sub_path)] = ("--" + ".".join(sub_flag).replace("_", "-"), hint)
 
     walk(config_cls, (), ())
     return out

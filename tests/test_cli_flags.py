@@ -12,7 +12,10 @@ test unless it is listed below with the reason it has none.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
+import pathlib
 import time
 import typing
 from typing import Annotated, Any
@@ -37,9 +40,6 @@ UNBOUNDED = {
     "reference": "attack --reference: a path, opened as a run folder",
     "coordinator": "HOST:PORT or 'auto': parsed and dialled only in a multi-process run",
     "dataset": "its own pre-parse check (peek_dataset; test_cli_safety: unknown, given twice)",
-    "trainable": "parameter path prefixes, checked against the model's parameters "
-                 "(trainable_mask); its head-only phases refuse anything but 'head'",
-    "mask_layer": "a layer name of the model chosen later (--model), checked by methods.check",
 }
 #: Domains of fields whose class declares none (its checks are hand-written).
 EXTRA = {
@@ -47,9 +47,6 @@ EXTRA = {
     "timeout": validate.Int(1), "heartbeat_timeout": validate.Int(1),  # DistributedConfig
     "num_processes": validate.Int(1, none=True), "process_id": validate.Int(0, none=True),
 }
-#: Cases refused only by the resource pre-flight of the faults-cli branch (counts that fit
-#: int64 but would run for years): none here, every huge value (10**30) is beyond int64.
-PREFLIGHT_ON_FAULTS_CLI: set[tuple[str, str, str]] = set()
 
 
 def leaves(config_cls: type) -> list[tuple[str, type, str, Any]]:
@@ -95,8 +92,9 @@ def generate() -> tuple[list[Any], dict[str, str]]:
         flags = _cli.flag_names(module.Config)
         for path, owner, name, hint in leaves(module.Config):
             flag = flags[path]
-            if hint is bool:
-                skipped[f"{module.__name__} {flag}"] = "a switch (--x / --no-x) takes no value"
+            if hint is bool:  # a switch: its bad input is a value given to it
+                params.append(pytest.param(module, flag, "value to a switch", ["abc"],
+                                           id=f"{module.__name__.split('.')[-1]}{flag}-value"))
                 continue
             if name in UNBOUNDED:
                 skipped[f"{module.__name__} {flag}"] = UNBOUNDED[name]
@@ -111,9 +109,7 @@ def generate() -> tuple[list[Any], dict[str, str]]:
                 cases = cases[:1]      # name is what differs, one case checks it (CI time)
             seen.add((owner, name))
             for kind, argv in cases:
-                marks = ([pytest.mark.xfail(strict=False, reason="pre-flight on faults-cli")]
-                         if (module.__name__, flag, kind) in PREFLIGHT_ON_FAULTS_CLI else [])
-                params.append(pytest.param(module, flag, kind, argv, marks=marks,
+                params.append(pytest.param(module, flag, kind, argv,
                                            id=f"{module.__name__.split('.')[-1]}{flag}-{kind}"))
     return params, skipped
 
@@ -137,6 +133,8 @@ def test_a_bad_value_of_every_flag_is_one_line_naming_it(module, flag, kind, arg
                                                          tmp_path, capsys, no_compute):
     assert argv is not None, f"{flag} of {module.__name__}: no domain declared (DOMAINS)"
     workdir = tmp_path / "w"
+    data_before = _BEFORE.setdefault(digits_data_dir, checksums(digits_data_dir))
+    cwd_before = sorted(os.listdir())
     start = time.perf_counter()
     code = _cli.main(module.main, [*base_args(module, digits_data_dir, workdir), flag, *argv])
     TIMES.append(time.perf_counter() - start)
@@ -145,6 +143,16 @@ def test_a_bad_value_of_every_flag_is_one_line_naming_it(module, flag, kind, arg
     assert "Traceback" not in err and flag in err, err
     assert TIMES[-1] < MAX_SECONDS, f"{TIMES[-1]:.1f}s to refuse {flag} {argv}"
     assert not workdir.exists()
+    # Nothing outside the run folder changed: the data dir (checksums) and the current folder.
+    assert checksums(digits_data_dir) == data_before and sorted(os.listdir()) == cwd_before
+
+
+def checksums(folder: str) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(pathlib.Path(folder).rglob("*")) if p.is_file()}
+
+
+_BEFORE: dict[str, dict[str, str]] = {}  # the data dir's checksums before the first case
 
 
 def test_the_table_covers_every_flag():
@@ -156,7 +164,7 @@ def test_the_table_covers_every_flag():
     assert len(covered) + len(skipped) == total and not covered & skipped
     assert all(c.values[3] is not None for c in CASES), "flags without a domain"
     print(f"\n{total} flags of {len(MODULES)} experiments: {len(covered)} flags in "
-          f"{len(CASES)} cases, {len(skipped)} without a bad value (switches, paths); "
+          f"{len(CASES)} cases, {len(skipped)} without a generated bad value (paths, --dataset, the coordinator: test_cli_safety); "
           f"slowest refusal {max(TIMES, default=math.nan):.3f}s")
 
 

@@ -30,7 +30,8 @@ from trm_jax import datasets
 from trm_jax.errors import ConfigError
 from trm_jax.hooks import Hooks
 from trm_jax.methods import reference, reverse_maml, simulated_attack, skd, unsir
-from trm_jax.methods._phases import check_keys, dataset_config, replace_path, seed_keys, train_phase
+from trm_jax.methods._phases import (beneficial_model, check_keys, check_trainable,
+                                     dataset_config, replace_path, seed_keys, train_phase)
 from trm_jax.typing import Protected
 
 #: name -> module with ``NAME``, a config class, ``default_config(entry)`` and ``protect``.
@@ -69,14 +70,16 @@ def config_for(name: str, dataset: str) -> Any:
     return dataset_config(method(name), datasets.get(dataset))
 
 
-def check(name: str, config: Any, protocol) -> None:
-    """Validates ``config`` against the data of ``protocol`` (no compute): call it before
-    opening a run folder; ``protect`` calls it too."""
+def check(name: str, config: Any, protocol, model=None) -> None:
+    """Validates ``config`` against the data of ``protocol`` and the model (``model``, or the
+    dataset's preset) without computing: call it before opening a run folder; ``protect``
+    calls it too."""
     module = method(name)
     if not isinstance(config, CONFIGS[name]):
         raise ConfigError(f"method {name!r} needs a {CONFIGS[name].__name__}, got "
                           f"{type(config).__name__}")
     module.check(config, protocol)
+    check_trainable(config, model or beneficial_model(protocol))  # paths: any head size
 
 
 def protect(name: str, config: Any, protocol, keys, *, hooks: Hooks | None = None,
@@ -96,7 +99,7 @@ def protect(name: str, config: Any, protocol, keys, *, hooks: Hooks | None = Non
     if model is not None and not isinstance(model, models.Model):
         raise ConfigError(f"model must be a trm_jax.models.Model or None, got {type(model).__name__}")
     check_keys(keys)
-    check(name, config, protocol)
+    check(name, config, protocol, model)
     return method(name).protect(config, protocol, keys, hooks=hooks, model=model)
 
 

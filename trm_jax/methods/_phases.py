@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from trm_jax import compilation, data, models, train
-from trm_jax.errors import ConfigError, NonFiniteError
+from trm_jax.errors import ConfigError, NonFiniteError, about
 from trm_jax.hooks import NO_HOOKS, Hooks
 from trm_jax.typing import ApplyFn, Params, PRNGKey, Protected  # noqa: F401 (Protected: re-exported)
 
@@ -78,6 +78,28 @@ def check_keys(keys: PRNGKey) -> int:
                           f"jax.vmap(jax.random.key)(seeds)), got {getattr(keys, 'dtype', type(keys))} "
                           f"{getattr(keys, 'shape', '')}")
     return int(keys.shape[0])
+
+
+def check_trainable(config: Any, model: models.Model) -> None:
+    """Every phase's ``trainable`` prefixes in ``config`` (at any depth), checked against
+    ``model``'s parameter paths before any compute (before: when that phase started, after
+    the earlier phases had trained). A phase that trains a part of the model (SKD's student)
+    is checked against the whole model: a typo is caught here, the rest at the phase.
+
+    Raises:
+      ConfigError: naming the setting (``teacher.trainable``) and the parameter paths.
+    """
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, train.TrainConfig) and value.trainable != "all":
+            with about(f"{path}.trainable" if path else "trainable"):
+                train.trainable_mask(shapes, value.trainable)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for field in dataclasses.fields(value):
+                walk(getattr(value, field.name), f"{path}.{field.name}" if path else field.name)
+
+    walk(config, "")
 
 
 def check_batch(config: train.TrainConfig, subset: data.Subset, phase: str) -> None:

@@ -141,8 +141,11 @@ def check(config: SimulatedAttackConfig, protocol: data.ProtocolData,
                           field="batch_size")
     if config.start == "reference":
         check_batch(config.start_train, pre.beneficial, "start_train")
-    else:
-        skd.check(config.start_skd, protocol)
+    with about("start_skd"):
+        if config.start == "skd":
+            skd.check(config.start_skd, protocol)
+        else:  # not used, yet a misspelt layer is a mistake to say (no data needed to see it)
+            skd.check_mask_layer(config.start_skd, protocol)
 
 
 def _malicious_pool(protocol: data.ProtocolData) -> tasks.ClassPool:

@@ -105,10 +105,15 @@ def skd_model(config: SKDMethodConfig, protocol: data.ProtocolData,
                         **options)
 
 
-def check(config: SKDMethodConfig, protocol: data.ProtocolData) -> None:
-    """Raises :class:`ConfigError` when the settings do not fit the data."""
+def check_mask_layer(config: SKDMethodConfig, protocol: data.ProtocolData) -> None:
+    """``skd.mask_layer`` must be a features layer of the model (:func:`skd_model`)."""
     with about("skd"):
         skd.resolve_mask_layer(skd_model(config, protocol), config.skd.mask_layer)
+
+
+def check(config: SKDMethodConfig, protocol: data.ProtocolData) -> None:
+    """Raises :class:`ConfigError` when the settings do not fit the data."""
+    check_mask_layer(config, protocol)
     pre = protocol.pretrain
     check_batch(config.teacher, pre.beneficial, "teacher")
     check_batch(config.head, pre.beneficial, "head")
