@@ -70,7 +70,8 @@ class Config:
     DOMAINS = {"dataset": validate.Str(), "seeds": validate.COUNT,
                "data": validate.Instance(fewshot.DataConfig), "meta": validate.Instance(MetaConfig),
                "meta_steps": validate.COUNT, "outer_lr": validate.POSITIVE,
-               "log_every": validate.COUNT, "width": validate.COUNT, "norm": validate.Choice(("none", "layer")),
+               "log_every": validate.COUNT, "width": validate.COUNT,
+               "norm": validate.Choice(("none", "layer")),
                "eval_tasks": validate.COUNT, "eval_batch": validate.COUNT,
                "attack": validate.Instance(SuiteConfig), "run": validate.Instance(_cli.RunOptions)}
 

@@ -147,7 +147,8 @@ def test_evaluate_refuses_params_that_do_not_fit_or_are_not_finite(change, refer
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"spec": None}, "spec must be a trm_jax.data.ProtocolSpec (trm_jax.data.preset(name)), got NoneType"),
+    ({"spec": None},
+     "spec must be a trm_jax.data.ProtocolSpec (trm_jax.data.preset(name)), got NoneType"),
     ({"spec": "digits"}, "spec must be a trm_jax.data.ProtocolSpec"),
     ({"data_dir": 3}, "data_dir must be a folder path or None, got int 3"),
     ({"download": "yes"}, "download must be True, False or None"),

@@ -3,9 +3,9 @@
 The cases are generated, not written: for each experiment's config class, every leaf flag
 (``_cli.flag_names``) and the domain its config declares for it (``DOMAINS``,
 :mod:`trm_jax.validate`) give a value just outside the domain, a huge one (``10**30``,
-``1e308``: beyond int64 / float32) and a wrong type (``abc``); a setting met again in
-another experiment (``--attack.*``, ``--seeds``) gets one case there, under its own flag. Each must be refused before
-any compute (conftest's ``no_compute``), in one line ``error: ...`` that names the flag,
+``1e308``: beyond int64 / float32) and a wrong type (``abc``); a switch, a value given to
+it; a setting met again in another experiment (``--attack.*``, ``--seeds``) gets one case
+there, under its own flag. Each must be refused before any compute (conftest's ``no_compute``), in one line ``error: ...`` that names the flag,
 within :data:`MAX_SECONDS`, leaving no run folder. A flag with no declared domain fails the
 test unless it is listed below with the reason it has none.
 """
@@ -164,7 +164,8 @@ def test_the_table_covers_every_flag():
     assert len(covered) + len(skipped) == total and not covered & skipped
     assert all(c.values[3] is not None for c in CASES), "flags without a domain"
     print(f"\n{total} flags of {len(MODULES)} experiments: {len(covered)} flags in "
-          f"{len(CASES)} cases, {len(skipped)} without a generated bad value (paths, --dataset, the coordinator: test_cli_safety); "
+          f"{len(CASES)} cases, {len(skipped)} without a generated bad value (paths, --dataset, "
+          "the coordinator: test_cli_safety); "
           f"slowest refusal {max(TIMES, default=math.nan):.3f}s")
 
 

@@ -122,7 +122,8 @@ class Checkpointer:
         """Appends one event to the folder's manifest (process 0 only: one writer)."""
         if not _is_writer():
             return
-        with open(os.path.join(self.directory, MANIFEST), "a") as f:  # one line, one write: a kill cuts at most the last line
+        # One line, one write: a kill cuts at most the last line.
+        with open(os.path.join(self.directory, MANIFEST), "a") as f:
             f.write(json.dumps(event) + "\n")
 
     @_serialized

@@ -54,7 +54,8 @@ class Int:
         return (value is None and self.none) or (_integer(value) and self.lo <= value <= self.hi)
 
     def describe(self) -> str:
-        text = f"an integer >= {self.lo}" if self.hi == INT64_MAX else f"an integer in {self.lo}..{self.hi}"
+        text = (f"an integer >= {self.lo}" if self.hi == INT64_MAX
+                else f"an integer in {self.lo}..{self.hi}")
         return text + (" or None" if self.none else "")
 
     def outside(self) -> list[Any]:
