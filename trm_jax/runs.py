@@ -1,4 +1,4 @@
-"""Run folders: one shape for every experiment (see DESIGN.md).
+"""Run folders: one shape for every experiment (docs/protocol.md, "What a run writes").
 
 ``runs/<name>-<timestamp>/`` holds ``config.json`` (every setting, resolved),
 ``metrics.jsonl`` (one JSON object per logged step/epoch), ``results.json``,
@@ -6,11 +6,13 @@ figures (``*.png``) and ``checkpoints/`` (orbax). Existing folders are never
 overwritten silently, and nothing the project did not write is ever deleted.
 
 A run folder is recognised by its marker, ``.trm_jax_run`` (JSON: the format
-version and every top-level name the project wrote there), which
+version and every path the project wrote there, nested ones included), which
 :meth:`RunDir.create` writes before anything else; each file or folder is added
 to it *before* it is written (:meth:`RunDir.file`), so even a run killed
-mid-write leaves nothing unlisted. ``overwrite`` replaces only such a folder,
-and only while every entry in it is listed; ``resume`` continues only a run.
+mid-write leaves nothing unlisted. orbax's files under ``checkpoints/<phase>`` are
+listed by that folder's own manifest (:mod:`trm_jax.checkpoint`). ``overwrite``
+replaces only such a folder, and only while everything in it, at any depth, is the
+project's (:func:`foreign_entries`); ``resume`` continues only a run.
 """
 from __future__ import annotations
 
@@ -206,8 +208,9 @@ def discard(path: str | os.PathLike) -> bool:
     path = pathlib.Path(path)
     if not path.is_dir() or path.is_symlink():
         return False
-    leftovers = {c.name for c in path.iterdir()} <= {LOCK_FILE, MARKER_FILE, MARKER_FILE + ".tmp"}
-    if not leftovers and (not is_run(path) or foreign_entries(path)):
+    bookkeeping_only = {c.name for c in path.iterdir()} <= {LOCK_FILE, MARKER_FILE,
+                                                              MARKER_FILE + ".tmp"}
+    if not bookkeeping_only and (not is_run(path) or foreign_entries(path)):
         return False
     shutil.rmtree(path, ignore_errors=True)
     return True
