@@ -512,13 +512,16 @@ def check_suite(suite: Any, protocol: data.ProtocolData, field: str = "attack") 
 
 def check_resources(config: Any, protocol: data.ProtocolData, *, model: Any = None,
                     suites: tuple[tuple[str, Any], ...] = (), seeds: int | None = None,
-                    run: RunOptions | None = None) -> resources.Estimate | None:
+                    run: RunOptions | None = None, aliases: dict[str, str] | None = None
+                    ) -> resources.Estimate | None:
     """The pre-flight estimate of the run's peak memory and steps (:mod:`trm_jax.resources`):
     refuses (one line naming the flags, the estimate and what is available) a run that would
     not fit or would not end, before any compute; ``--force-resources`` skips it.
 
     ``model``: the architecture (default: ``--model`` or the dataset's preset); ``suites``:
-    attack suites besides the ``SuiteConfig`` fields of ``config`` (compare's --full-grid)."""
+    attack suites besides the ``SuiteConfig`` fields of ``config`` (compare's --full-grid);
+    ``aliases``: setting path -> the flag that set it, where another flag than its own did
+    (an ablation's budgets)."""
     run = run or config.run
     if run.force_resources:
         return None
@@ -533,7 +536,7 @@ def check_resources(config: Any, protocol: data.ProtocolData, *, model: Any = No
                              attack_examples=len(finetune.malicious),
                              attack_epochs=datasets.get(protocol.spec.dataset).attack_epochs,
                              data_bytes=sum(a.nbytes for a in arrays), devices=jax.device_count())
-    flags = flag_names(type(config))
+    flags = {**flag_names(type(config)), **(aliases or {})}
     resources.check(est, seeds=seeds, flag=lambda path: flags.get(path, path))
     return est
 

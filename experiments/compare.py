@@ -164,7 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
     for entry in config.methods:  # every method's settings, before any compute
         for cfg in entry_configs(config, entry):
             _cli.check_method(entry.removesuffix("_fo"), ENTRIES[entry][0], cfg, protocol)
-    _cli.check_resources(config, protocol, suites=(("attack", suite),) if config.full_grid else ())
+    extra = (("attack", suite),) if config.full_grid else ()
+    _cli.check_resources(config, protocol, suites=extra)
+    if config.skd_teacher_epochs and "skd" in config.methods:  # the ablation's longest teacher
+        skd = config.skd
+        longest = dataclasses.replace(config, skd=dataclasses.replace(skd, teacher=dataclasses.replace(
+            skd.teacher, epochs=max(config.skd_teacher_epochs))))
+        _cli.check_resources(longest, protocol, suites=extra,
+                             aliases={"skd.teacher.epochs": "--skd-teacher-epochs"})
     with _cli.Run(NAME, config, config.run) as run:
         sweeps, summaries, failed, scratch = run_all(config, protocol, keys, seeds, run, suite)
         table, entries, beneficial = [], {}, {}

@@ -77,7 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
         _cli.check_method("method", NAME, dataclasses.replace(config.method, teacher=dataclasses.replace(
             config.method.teacher, epochs=epochs)), protocol)
     _cli.check_suite(config.attack, protocol)
-    _cli.check_resources(config, protocol, model=model)
+    longest = dataclasses.replace(config, method=dataclasses.replace(config.method, teacher=(
+        dataclasses.replace(config.method.teacher, epochs=max(config.budgets())))))
+    _cli.check_resources(longest, protocol, model=model,  # the ablation's longest teacher
+                         aliases={"method.teacher.epochs": "--teacher-epochs"}
+                         if config.teacher_epochs else None)
     with _cli.Run(NAME, config, config.run) as run:
         if run.resume:  # the ablation records are written again below
             run.dir.truncate_metrics(lambda r: r.get("phase") != "ablation")

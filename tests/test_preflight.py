@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import _cli, attack, compare, reverse_maml, train_reference
+from experiments import (_cli, attack, compare, reverse_maml, simulated_attack, skd,
+                         train_reference, unlearning)
 from trm_jax import attacks, data, datasets, evaluation, methods, resources, runs
 from trm_jax.evaluation import SuiteConfig
 
@@ -39,7 +40,13 @@ def timed(module, args, capsys):
      ["--attack.steps-multipliers 1000000000", "optimizer steps", "bound 1e+07"]),
     (compare, ["--attack.epochs", "10000000"], ["--attack.epochs 10000000", "bound 1e+07"]),
     (train_reference, ["--train.epochs", "100000000"], ["--train.epochs 100000000", "steps"]),
+    # The ablations' budgets, UNSIR's noise and the simulated attack's meta-steps.
+    (compare, ["--skd-teacher-epochs", "5", "100000000"], ["--skd-teacher-epochs 100000000"]),
+    (skd, ["--teacher-epochs", "5", "100000000"], ["--teacher-epochs 100000000", "bound"]),
+    (unlearning, ["--unsir.noise.steps", "100000000"], ["--unsir.noise.steps 100000000"]),
+    (simulated_attack, ["--meta-steps", "100000000"], ["--meta-steps 100000000", "bound"]),
 ])
+@pytest.mark.timeout(300)  # a regression would otherwise train for years
 def test_a_run_that_cannot_fit_or_end_is_refused_in_seconds(module, args, parts, digits_data_dir,
                                                             tmp_path, capsys, no_compute):
     """Before: --seeds 100000 reached 9 GB in 30 s; the attack's steps were felt only after

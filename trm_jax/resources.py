@@ -202,7 +202,7 @@ def estimate(config: Any, *, model: Any, seeds: int, train_examples: int,
       model: the architecture (:class:`trm_jax.models.Model`); its parameter and
         activation sizes scale everything.
     """
-    from trm_jax import evaluation
+    from trm_jax import evaluation, unlearning
     from trm_jax import meta as meta_lib
     from trm_jax import train as train_lib
 
@@ -230,6 +230,12 @@ def estimate(config: Any, *, model: Any, seeds: int, train_examples: int,
             phases.append(Phase(_at(path, "meta"), held, steps,
                                 ((_at(path, "meta_steps"), cfg.meta_steps),
                                  (_at(path, "meta.inner_steps"), meta.inner_steps))))
+        elif isinstance(getattr(cfg, "meta_steps", None), int):  # the simulated attack's own
+            # loop: its steps are bounded; its memory counted as one training state (a floor)
+            phases.append(Phase(_at(path, "meta"), per_device * STATE_COPIES * params,
+                                cfg.meta_steps, ((_at(path, "meta_steps"), cfg.meta_steps),)))
+        if isinstance(cfg, unlearning.NoiseConfig):  # UNSIR's noise: Adam steps on noise images
+            phases.append(Phase(path, 0, cfg.steps, ((_at(path, "steps"), cfg.steps),)))
     found = tuple((p, c) for p, c in _configs(config) if isinstance(c, evaluation.SuiteConfig))
     for path, suite in found + tuple(suites):
         lrs = len(suite.learning_rates or (1,) * 4)
