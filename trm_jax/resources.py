@@ -194,7 +194,9 @@ def estimate(config: Any, *, model: Any, seeds: int, train_examples: int,
 
     Walks ``config`` for the settings that make a phase: every ``TrainConfig`` (a supervised
     phase of ``train_examples`` examples), every config with ``meta`` and ``meta_steps``
-    (meta-training), and each ``(path, SuiteConfig)`` of ``suites`` (the attack suite on
+    (meta-training; one with ``meta_steps`` alone, the simulated attack, by its steps),
+    UNSIR's ``NoiseConfig`` (its steps), and each ``(path, SuiteConfig)`` of ``suites``
+    (the attack suite on
     ``attack_examples`` malicious fine-tuning examples for ``attack_epochs``, its default
     epochs). Seeds are split over ``devices`` (the seed axis is sharded).
 
