@@ -196,9 +196,8 @@ def estimate(config: Any, *, model: Any, seeds: int, train_examples: int,
     phase of ``train_examples`` examples), every config with ``meta`` and ``meta_steps``
     (meta-training; one with ``meta_steps`` alone, the simulated attack, by its steps),
     UNSIR's ``NoiseConfig`` (its steps), and each ``(path, SuiteConfig)`` of ``suites``
-    (the attack suite on
-    ``attack_examples`` malicious fine-tuning examples for ``attack_epochs``, its default
-    epochs). Seeds are split over ``devices`` (the seed axis is sharded).
+    (the attack suite on ``attack_examples`` malicious fine-tuning examples for
+    ``attack_epochs``, its default epochs). Seeds are split over ``devices`` (the seed axis is sharded).
 
     Args:
       model: the architecture (:class:`trm_jax.models.Model`); its parameter and
