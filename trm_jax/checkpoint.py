@@ -177,8 +177,9 @@ class Checkpointer:
     def _check_space(self, state: Any) -> None:
         """Refuses a save the disk cannot hold, before orbax starts writing (a full disk
         mid-save leaves a temporary folder and a long traceback)."""
-        need = _OVERHEAD_BYTES + sum(int(np.prod(np.shape(x))) * jnp.result_type(x).itemsize
-                                     for x in jax.tree_util.tree_leaves(_to_storable(state)))
+        from trm_jax import resources
+
+        need = _OVERHEAD_BYTES + resources.tree_bytes(_to_storable(state))
         free = shutil.disk_usage(self.directory).free
         if free < need:
             raise errors.StorageError(
