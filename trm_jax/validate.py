@@ -229,17 +229,6 @@ def check_fields(config: Any, domains: Mapping[str, Domain] | None = None) -> No
             object.__setattr__(config, name, checked)
 
 
-def check_int(field: str, value: Any, lo: int = 0, hi: int = INT64_MAX, *, none: bool = False) -> Any:
-    """:func:`check` of one integer setting (a function argument rather than a config field)."""
-    return check(field, value, Int(lo, hi, none))
-
-
-def check_float(field: str, value: Any, lo: float = -FLOAT32_MAX, hi: float = FLOAT32_MAX, *,
-                open_lo: bool = False, open_hi: bool = False, none: bool = False) -> Any:
-    """:func:`check` of one real-valued setting."""
-    return check(field, value, Float(lo, hi, open_lo, open_hi, none))
-
-
 #: Shared domains (the same setting means the same thing everywhere).
 POSITIVE = Float(0, open_lo=True)          # learning rates, step sizes
 NONNEGATIVE = Float(0)                     # loss weights
